@@ -1,0 +1,250 @@
+"""Spatial core of the engine: grids, resampling, velocity-field integration, composition.
+
+Conventions
+-----------
+* Volumes are tensors of shape ``(B, C, X, Y, Z)``, indexed like the NIfTI array (``X`` is the
+  first voxel axis).
+* A *grid* is a :class:`~synthmorph_app.io.images.Geometry`: a shape and a 4x4 voxel-to-RAS
+  matrix. Coordinates are voxel indices of a grid, or RAS millimetres.
+* Voxel displacement fields are ``(B, 3, X, Y, Z)`` in voxel units of the grid they live on;
+  world fields are the same in RAS mm.
+* Sampling uses ``align_corners=True`` semantics: voxel index ``i`` is the centre of voxel ``i``.
+
+voxelmorph (``vxm.integrate_vec``, ``vxm.spatial_transform``) integrates and warps fields that
+live on one grid in voxel units. We wrap it and add what it lacks: sampling between two grids of
+different shapes and orientations through RAS matrices (:func:`sample_grid`), which every
+world-space operation needs.
+
+The network space
+-----------------
+:func:`network_grid` is the grid the networks see, as in ``mri_synthmorph``: an isotropic grid
+in LIA orientation (first axis towards Left, second Inferior, third Anterior) of ``shape`` voxels
+of ``voxel_size`` mm, centred on the centre of the image's field of view. Our default models use
+2 mm and 128^3 (a 256 mm cube), half the resolution of the official 1 mm, 256^3 space.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import voxelmorph as vxm
+
+from ..io.images import Geometry
+from ..io.transforms import Transform
+
+#: Direction cosines of LIA: columns are the world directions of the voxel axes.
+LIA = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+
+
+def fov_center(geometry: Geometry) -> np.ndarray:
+    """RAS position (mm) of the centre of a grid's field of view."""
+    centre = (np.asarray(geometry.shape, dtype=float) - 1) / 2
+    return geometry.affine[:3, :3] @ centre + geometry.affine[:3, 3]
+
+
+def network_grid(
+    geometry: Geometry, voxel_size: float = 2.0, shape: int | tuple = 128, center=None
+) -> Geometry:
+    """The isotropic LIA grid of ``shape`` voxels of ``voxel_size`` mm centred on the FOV.
+
+    ``center`` (RAS mm) overrides the centre of ``geometry``'s field of view.
+    """
+    shape = (shape,) * 3 if np.isscalar(shape) else tuple(int(s) for s in shape)
+    center = fov_center(geometry) if center is None else np.asarray(center, dtype=float)
+    affine = np.eye(4)
+    affine[:3, :3] = LIA * float(voxel_size)
+    affine[:3, 3] = center - affine[:3, :3] @ ((np.asarray(shape, dtype=float) - 1) / 2)
+    return Geometry(shape, affine)
+
+
+def as_tensor(x, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A float32 tensor on ``device`` from an array or tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
+
+
+def volume_tensor(data: np.ndarray, device=None) -> torch.Tensor:
+    """A ``(1, 1, X, Y, Z)`` float32 tensor from a 3D array."""
+    if data.ndim != 3:
+        raise ValueError(f'expected a 3D array, got shape {data.shape}')
+    return as_tensor(data, device)[None, None]
+
+
+def identity_coords(shape, device=None) -> torch.Tensor:
+    """Voxel coordinates ``(3, X, Y, Z)`` of a grid of ``shape``."""
+    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing='ij'))
+
+
+def affine_coords(matrix, shape, device=None) -> torch.Tensor:
+    """``matrix`` (4x4, voxel of the output grid to voxel of the input) applied to a grid.
+
+    Returns voxel coordinates ``(3, *shape)`` in the input grid.
+    """
+    m = as_tensor(matrix, device)
+    grid = identity_coords(shape, device).reshape(3, -1)
+    return (m[:3, :3] @ grid + m[:3, 3:]).reshape(3, *shape)
+
+
+def sample_grid(
+    volume: torch.Tensor, coords: torch.Tensor, mode: str = 'linear', padding: str = 'zeros'
+) -> torch.Tensor:
+    """Sample ``volume`` (B, C, X, Y, Z) at voxel ``coords`` (3, ...) or (B, 3, ...).
+
+    The output has the spatial shape of ``coords``, which may differ from the volume's: this is
+    the two-grid sampling that ``vxm.spatial_transform`` (one grid) does not offer.
+    ``mode`` is ``'linear'`` or ``'nearest'``; ``padding`` is a ``grid_sample`` padding mode.
+    """
+    if volume.ndim != 5:
+        raise ValueError(f'volume must be (B, C, X, Y, Z), got shape {tuple(volume.shape)}')
+    if coords.ndim == 4:
+        coords = coords[None]
+    if coords.ndim != 5 or coords.shape[1] != 3:
+        raise ValueError(f'coords must be (3, X, Y, Z) or (B, 3, X, Y, Z), got {coords.shape}')
+    sizes = torch.tensor(volume.shape[2:], dtype=coords.dtype, device=coords.device)
+    scale = (2.0 / (sizes - 1).clamp(min=1)).view(1, 3, 1, 1, 1)
+    norm = coords * scale - 1.0
+    grid = norm.permute(0, 2, 3, 4, 1).flip(-1)  # grid_sample wants (z, y, x) order
+    if grid.shape[0] != volume.shape[0]:
+        grid = grid.expand(volume.shape[0], *grid.shape[1:])
+    mode = 'bilinear' if mode == 'linear' else mode
+    return F.grid_sample(volume, grid.to(volume.dtype), mode=mode, padding_mode=padding,
+                         align_corners=True)
+
+
+def resample_linear(
+    volume: torch.Tensor,
+    source: Geometry,
+    target: Geometry,
+    matrix: np.ndarray | None = None,
+    mode: str = 'linear',
+    padding: str = 'zeros',
+) -> torch.Tensor:
+    """Resample ``volume`` on grid ``source`` onto grid ``target`` through a world affine.
+
+    ``matrix`` maps RAS points of the target space to RAS points of the source space (the
+    pulling direction); None means identity (pure regridding).
+    """
+    world = np.eye(4) if matrix is None else np.asarray(matrix, dtype=float)
+    vox = np.linalg.inv(source.affine) @ world @ target.affine
+    return sample_grid(volume, affine_coords(vox, target.shape, volume.device), mode, padding)
+
+
+def field_world_to_voxel(field: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    """Convert a RAS mm displacement (B, 3, ...) into voxel units of a grid with ``affine``."""
+    inv = as_tensor(np.linalg.inv(affine)[:3, :3], field.device)
+    return torch.einsum('ij,bj...->bi...', inv, field)
+
+
+def field_voxel_to_world(field: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    """Convert a voxel displacement (B, 3, ...) on a grid with ``affine`` to RAS mm."""
+    lin = as_tensor(np.asarray(affine)[:3, :3], field.device)
+    return torch.einsum('ij,bj...->bi...', lin, field)
+
+
+def integrate_svf(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Exponentiate a stationary velocity field by scaling and squaring.
+
+    ``velocity`` is ``(B, 3, X, Y, Z)`` in voxel units of its grid; the result is the
+    displacement of ``exp(velocity)`` in the same units. ``exp(-v)`` is its inverse. Uses
+    ``vxm.integrate_vec`` with border padding, so the field does not collapse at the edges.
+    """
+    if velocity.ndim != 5 or velocity.shape[1] != 3:
+        raise ValueError(f'velocity must be (B, 3, X, Y, Z), got {tuple(velocity.shape)}')
+    if steps < 0:
+        raise ValueError(f'integration steps must be >= 0, got {steps}')
+    transformer = partial(
+        vxm.nn.functional.spatial_transform, non_spatial_dims=(0, 1), padding_mode='border'
+    )
+    return vxm.integrate_vec(velocity, steps, non_spatial_dims=(0,), transformer=transformer)
+
+
+def resize_field(field: torch.Tensor, shape) -> torch.Tensor:
+    """Resize a voxel displacement field (B, 3, ...) to ``shape``, rescaling its vectors.
+
+    Grids share their corners (``align_corners=True``), so a vector of ``d`` voxels on ``n``
+    points becomes ``d * (m - 1) / (n - 1)`` voxels on ``m`` points, axis by axis.
+    """
+    old = torch.tensor(field.shape[2:], dtype=field.dtype, device=field.device)
+    new = torch.tensor(tuple(shape), dtype=field.dtype, device=field.device)
+    out = F.interpolate(field, size=tuple(shape), mode='trilinear', align_corners=True)
+    factor = ((new - 1) / (old - 1).clamp(min=1)).view(1, 3, 1, 1, 1)
+    return out * factor
+
+
+def warp_voxel(volume: torch.Tensor, disp: torch.Tensor, mode='linear', padding='zeros'):
+    """Warp ``volume`` by a voxel displacement on its own grid: ``out(x) = volume(x + disp)``."""
+    coords = identity_coords(disp.shape[2:], disp.device)[None] + disp
+    return sample_grid(volume, coords, mode, padding)
+
+
+def transform_coords(xfm: Transform, target: Geometry, source: Geometry, device=None):
+    """Voxel coordinates in ``source`` of every voxel of ``target`` under ``xfm``.
+
+    ``xfm`` maps target (reference) RAS to source (moving) RAS. Returns ``(3, *target.shape)``.
+    """
+    shape = target.shape
+    world = affine_coords(target.affine, shape, device)  # RAS of every target voxel
+    if xfm.field is not None:
+        fgeom = xfm.field_geometry
+        field = as_tensor(np.moveaxis(xfm.field, -1, 0), device)[None]
+        if fgeom == target:
+            disp = field[0]
+        else:
+            to_field = np.linalg.inv(fgeom.affine) @ target.affine
+            disp = sample_grid(field, affine_coords(to_field, shape, device))[0]
+        world = world + disp
+    m = as_tensor(np.linalg.inv(source.affine) @ xfm.affine, device)
+    flat = world.reshape(3, -1)
+    return (m[:3, :3] @ flat + m[:3, 3:]).reshape(3, *shape)
+
+
+def apply_transform(
+    volume: torch.Tensor,
+    source: Geometry,
+    xfm: Transform,
+    target: Geometry,
+    mode: str = 'linear',
+    fill: float = 0.0,
+) -> torch.Tensor:
+    """Resample ``volume`` (on ``source``) into ``target`` through ``xfm``.
+
+    ``mode`` is ``'linear'``, ``'nearest'`` or ``'labels'`` (each label interpolated linearly as a
+    one-hot channel, the most likely label wins: smoother than nearest, never invents labels).
+    Voxels that map outside the source get ``fill``.
+    """
+    coords = transform_coords(xfm, target, source, volume.device)
+    if mode == 'labels':
+        return _resample_labels(volume, coords, fill)
+    if mode not in ('linear', 'nearest'):
+        raise ValueError(f"mode must be 'linear', 'nearest' or 'labels', got {mode!r}")
+    out = sample_grid(volume, coords, mode)
+    if fill != 0:
+        inside = sample_grid(torch.ones_like(volume[:, :1]), coords, 'linear')
+        out = torch.where(inside > 0.5 - 1e-6, out, torch.full_like(out, fill))
+    return out
+
+
+def _resample_labels(volume: torch.Tensor, coords: torch.Tensor, fill: float) -> torch.Tensor:
+    """Label-aware resampling: argmax over linearly interpolated one-hot channels."""
+    best = torch.zeros((volume.shape[0], 1, *coords.shape[1:]), device=volume.device)
+    out = torch.full_like(best, fill)
+    for label in torch.unique(volume):
+        prob = sample_grid((volume == label).to(torch.float32), coords, 'linear')
+        take = prob > best
+        out = torch.where(take, label.to(out.dtype), out)
+        best = torch.where(take, prob, best)
+    return out
+
+
+def matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Principal square root of a 4x4 affine (``H @ H == matrix``), via its real Schur form."""
+    from scipy.linalg import sqrtm
+
+    root = np.real(sqrtm(np.asarray(matrix, dtype=float)))
+    root[3] = (0, 0, 0, 1)
+    return root
