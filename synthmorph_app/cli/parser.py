@@ -1,0 +1,179 @@
+"""Argument parsers of ``synthmorph-app register`` and ``synthmorph-app apply``.
+
+The options follow FreeSurfer's ``mri_synthmorph`` so that its users feel at home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import __version__
+
+TRANSFORM_FORMATS = """\
+transform files (the format follows the name; every file maps points of the FIXED space to the
+MOVING space, i.e. it pulls the moving image onto the fixed grid, like ANTs/ITK and
+mri_synthmorph; -T files are the same with the roles swapped):
+  .lta          FreeSurfer LTA (RAS-to-RAS; src = moving, dst = fixed as FreeSurfer expects);
+                linear only
+  .txt, .mat    ITK affine as ANTs writes it (antsApplyTransforms -t file); linear only
+  .h5           ITK composite transform [affine, displacement field] as fMRIPrep stores
+                *_xfm.h5 (antsApplyTransforms, nitransforms, fMRIPrep read it)
+  .nii.gz, .nii, .mgz
+                dense displacement field on the fixed grid, affine included; vectors in
+                ITK/ANTs convention (LPS, 5D) by default, or in mri_synthmorph's convention
+                (RAS mm) with --field-convention synthmorph
+"""
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'lambda must lie in [0, 1], got {value}')
+    return value
+
+
+def _at_least(minimum: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
+        return value
+
+    return check
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be positive, got {value}')
+    return value
+
+
+def add_register_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        'register',
+        help='register a moving image to a fixed image',
+        description=(
+            'Register MOVING to FIXED with SynthMorph networks (any MRI contrast, any '
+            'resolution, with or without skull). Joint mode runs an affine network, then a '
+            'deformable one whose smoothness you choose with -r, symmetric by construction.'
+        ),
+        epilog=TRANSFORM_FORMATS + """
+examples:
+  synthmorph-app register -o moved.nii.gz -t fwd.h5 -T inv.h5 t2w.nii.gz mni.nii.gz
+  synthmorph-app register -m affine -t aff.lta moving.mgz fixed.mgz
+  synthmorph-app register -m rigid -H -o moved_header.nii.gz moving.nii.gz fixed.nii.gz
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument('moving', help='moving image (NIfTI or MGZ, 3D)')
+    p.add_argument('fixed', help='fixed image (NIfTI or MGZ, 3D)')
+    p.add_argument('-m', '--model', dest='mode', default='joint',
+                   choices=('joint', 'deform', 'affine', 'rigid'),
+                   help='transformation model (default: joint = affine then deformable; '
+                        'deform assumes affinely aligned inputs)')
+    p.add_argument('-o', '--out-moving', metavar='FILE',
+                   help='write the moving image moved onto the fixed grid')
+    p.add_argument('-O', '--out-fixed', metavar='FILE',
+                   help='write the fixed image moved onto the moving grid (inverse)')
+    p.add_argument('-t', '--trans', metavar='FILE',
+                   help='write the forward transform (fixed -> moving points; moves MOVING '
+                        'onto FIXED); format by extension, see below')
+    p.add_argument('-T', '--inverse', metavar='FILE',
+                   help='write the inverse transform (moves FIXED onto MOVING)')
+    p.add_argument('-H', '--header-only', action='store_true',
+                   help='affine/rigid only: move -o/-O images by editing their header, '
+                        'without resampling')
+    p.add_argument('-i', '--init', metavar='FILE',
+                   help='initial linear transform (.lta/.txt/.mat/.h5) to start from')
+    p.add_argument('-M', '--mid-space', action='store_true',
+                   help='write -o/-O images in the mid-space between the inputs (affine/rigid)')
+    p.add_argument('-j', '--threads', type=_at_least(1), metavar='N',
+                   help='CPU threads (default: all cores torch sees)')
+    p.add_argument('-g', '--gpu', action='store_true', help='run on the CUDA GPU')
+    p.add_argument('-r', '--lambda', dest='lam', type=_unit_interval, default=0.5,
+                   metavar='LAMBDA',
+                   help='regularisation weight in [0, 1]: 0 sharpest, 1 smoothest (default 0.5)')
+    p.add_argument('-n', '--steps', type=_at_least(5), default=7,
+                   help='integration steps of the velocity field (default 7, at least 5)')
+    p.add_argument('-e', '--extent', type=_positive_float, default=256.0, metavar='MM',
+                   help='side of the cubic network space in mm, centred on each image '
+                        '(default 256; 192 is faster for skull-stripped brains)')
+    p.add_argument('-w', '--weights', action='append', metavar='FILE',
+                   help='model weights: a packaged name, our .pt/.json, or an official '
+                        'SynthMorph Keras .h5 (synthmorph.affine.2.h5, synthmorph.rigid.1.h5, '
+                        'synthmorph.deform.3.h5); repeat for several models. A file whose '
+                        'name says affine/rigid/deform serves that model; otherwise the order '
+                        'is affine (or rigid), then deform. Default: $SYNTHMORPH_WEIGHTS_DIR '
+                        'or the packaged models.')
+    p.add_argument('--refine', type=_at_least(0), default=0, metavar='N',
+                   help='test-time optimisation iterations after the networks (0: networks '
+                        'only)')
+    p.add_argument('--field-convention', choices=('itk', 'synthmorph'), default='itk',
+                   help='vector convention of displacement-field files (default itk: LPS, as '
+                        'ANTs reads; synthmorph: RAS mm, as mri_synthmorph apply reads)')
+    p.add_argument('-v', '--verbose', action='store_true', help='print progress and timings')
+    return p
+
+
+def add_apply_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        'apply',
+        help='apply a transform to images',
+        description='Resample images through a transform written by register (or by ANTs, '
+                    'FreeSurfer, fMRIPrep). Each IMAGE is resampled onto the grid the '
+                    'transform defines (its fixed image) and written to OUT.',
+        epilog=TRANSFORM_FORMATS + """
+examples:
+  synthmorph-app apply fwd.h5 moving.nii.gz moved.nii.gz
+  synthmorph-app apply -m nearest fwd.h5 aseg.mgz aseg_moved.mgz
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument('trans', help='transform file (fixed -> moving, see below)')
+    p.add_argument('pairs', nargs='+', metavar='IMAGE OUT',
+                   help='input image and output path; repeat for more images')
+    p.add_argument('-m', '--method', default='linear', choices=('linear', 'nearest', 'labels'),
+                   help='interpolation (default linear; labels: per-label linear, for '
+                        'segmentations)')
+    p.add_argument('-t', '--type', dest='dtype', metavar='DTYPE',
+                   help='output data type (e.g. float32, uint8; default: that of the input)')
+    p.add_argument('-f', '--fill', type=float, default=0.0,
+                   help='value of voxels that map outside the input (default 0)')
+    p.add_argument('-r', '--reference', metavar='IMAGE',
+                   help='output grid; needed only for transforms that carry no grid (.txt/.mat)')
+    p.add_argument('--field-convention', choices=('itk', 'synthmorph'), default='itk',
+                   help='vector convention of a displacement-field transform (default itk)')
+    p.add_argument('-g', '--gpu', action='store_true', help='run on the CUDA GPU')
+    p.add_argument('-v', '--verbose', action='store_true', help='print progress')
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='synthmorph-app',
+        description=(
+            'SynthMorph registration in PyTorch: any-contrast affine, rigid, deformable and '
+            'joint registration of brain MRI, from the command line.'
+        ),
+        epilog='Run "synthmorph-app COMMAND --help" for the options of each command.',
+    )
+    parser.add_argument('--version', action='version', version=f'synthmorph-app {__version__}')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    add_register_parser(sub)
+    add_apply_parser(sub)
+    return parser
+
+
+def default_weights_dir() -> str | None:
+    return os.environ.get('SYNTHMORPH_WEIGHTS_DIR')

@@ -1,0 +1,257 @@
+"""``synthmorph-app``: the command-line entry point.
+
+``main(argv)`` returns an exit code: 0 success, 1 a failure the user can fix (one clear line
+naming the file), 2 bad arguments (argparse).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import SynthMorphError
+
+LOGGER = logging.getLogger('synthmorph_app.cli')
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault('NIPYPE_NO_ET', '1')
+    from .parser import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, 'verbose', False) else logging.WARNING,
+        format='%(asctime)s %(name)s %(levelname)s: %(message)s',
+        datefmt='%H:%M:%S',
+        stream=sys.stderr,
+    )
+    logging.captureWarnings(True)
+    try:
+        if args.command == 'register':
+            return run_register(args)
+        if args.command == 'apply':
+            return run_apply(args)
+    except SynthMorphError as err:
+        print(f'synthmorph-app {args.command}: error: {err}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f'synthmorph-app {args.command}: interrupted; no output was completed.',
+              file=sys.stderr)
+        return 130
+    parser.error(f'unknown command {args.command!r}')  # pragma: no cover
+    return 2
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _device(gpu: bool) -> str:
+    return 'cuda' if gpu else 'cpu'
+
+
+def assign_weights(files: list[str] | None, mode: str) -> dict:
+    """Map ``-w`` arguments to model kinds, as ``mri_synthmorph`` does.
+
+    A file whose name contains ``affine``, ``rigid`` or ``deform`` serves that kind; the others
+    are taken in order: the linear model (affine, or rigid in rigid mode) first, then deform.
+    """
+    linear = 'rigid' if mode == 'rigid' else 'affine'
+    out: dict = {}
+    rest = []
+    for spec in files or []:
+        name = Path(spec).name.lower()
+        for kind in ('affine', 'rigid', 'deform'):
+            if kind in name:
+                out[kind] = spec
+                break
+        else:
+            rest.append(spec)
+    order = [k for k in ((linear, 'deform') if mode == 'joint' else
+                         (linear,) if mode in ('affine', 'rigid') else ('deform',))
+             if k not in out]
+    if len(rest) > len(order):
+        raise SynthMorphError(
+            f'too many -w/--weights files for mode {mode}: {", ".join(rest)} '
+            '(name them after their model, e.g. *affine*.h5 and *deform*.h5)'
+        )
+    out.update(zip(order, rest))
+    return out
+
+
+class _Outputs:
+    """Collects written files; on failure removes them, so nothing half-done remains."""
+
+    def __init__(self):
+        self.written: list[Path] = []
+
+    def add(self, path):
+        self.written.append(Path(path))
+
+    def rollback(self):
+        for path in self.written:
+            path.unlink(missing_ok=True)
+
+
+def run_register(args) -> int:
+    import numpy as np
+
+    from ..io.images import Geometry, load_image, save_image
+    from ..io.transforms import Transform, load_transform, save_transform
+
+    _set_threads(args.threads)
+    start = time.perf_counter()
+    if args.header_only and args.mode not in ('affine', 'rigid'):
+        raise SynthMorphError('-H/--header-only needs a linear mode: use -m affine or -m rigid')
+    if args.mid_space and args.mode not in ('affine', 'rigid'):
+        raise SynthMorphError('-M/--mid-space is available for -m affine and -m rigid')
+    if not any((args.out_moving, args.out_fixed, args.trans, args.inverse)):
+        LOGGER.warning('no output requested (-o, -O, -t, -T): registering without writing')
+    # Check every output name before the long work starts.
+    for path in (args.out_moving, args.out_fixed):
+        _check_image_name(path)
+    for path in (args.trans, args.inverse):
+        _check_transform_name(path, linear=args.mode in ('affine', 'rigid'))
+
+    moving = load_image(args.moving, kind='moving image')
+    fixed = load_image(args.fixed, kind='fixed image')
+    init = None
+    if args.init:
+        init = load_transform(
+            args.init, reference=Geometry.from_image(fixed), moving=Geometry.from_image(moving)
+        )
+        if not init.is_linear:
+            raise SynthMorphError(f'the initial transform <{args.init}> must be linear')
+    LOGGER.info('loaded inputs in %.2f s', time.perf_counter() - start)
+
+    from ..engine.register import header_moved_image, moved_image, register
+
+    weights = assign_weights(args.weights, args.mode)
+    result = register(
+        moving, fixed, mode=args.mode, lam=args.lam, steps=args.steps, extent=args.extent,
+        weights=weights, init=init, refine=args.refine, device=_device(args.gpu),
+    )
+    _warn_untrained(result.info)
+    outputs = _Outputs()
+    write_start = time.perf_counter()
+    try:
+        if args.trans:
+            outputs.add(save_transform(result.forward, args.trans,
+                                       field_convention=args.field_convention))
+        if args.inverse:
+            outputs.add(save_transform(result.inverse, args.inverse,
+                                       field_convention=args.field_convention))
+        if args.mid_space:
+            from ..engine.spatial import matrix_sqrt
+
+            half = matrix_sqrt(result.forward.affine)
+            fgeom = Geometry.from_image(fixed)
+            mid = Geometry(fgeom.shape, half @ fgeom.affine)
+            to_moving = Transform(affine=half, reference=mid)
+            to_fixed = Transform(affine=np.linalg.inv(half), reference=mid)
+        else:
+            to_moving, to_fixed = result.forward, result.inverse
+        if args.out_moving:
+            img = (header_moved_image(moving, to_moving) if args.header_only
+                   else moved_image(moving, to_moving, device=_device(args.gpu)))
+            outputs.add(save_image(img, args.out_moving))
+        if args.out_fixed:
+            img = (header_moved_image(fixed, to_fixed) if args.header_only
+                   else moved_image(fixed, to_fixed, device=_device(args.gpu)))
+            outputs.add(save_image(img, args.out_fixed))
+    except BaseException:
+        outputs.rollback()
+        raise
+    result.timings['write'] = time.perf_counter() - write_start
+    LOGGER.info('timings: %s', ', '.join(f'{k} {v:.2f} s' for k, v in result.timings.items()))
+    LOGGER.info('done in %.2f s', time.perf_counter() - start)
+    return 0
+
+
+def run_apply(args) -> int:
+    from ..engine.register import moved_image
+    from ..io.images import Geometry, load_image, save_image
+    from ..io.transforms import load_transform
+
+    if len(args.pairs) % 2:
+        raise SynthMorphError(
+            'apply needs pairs of IMAGE OUT; got an odd number of paths: '
+            + ' '.join(args.pairs)
+        )
+    pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
+    for _, out in pairs:
+        _check_image_name(out)
+    reference = None
+    if args.reference:
+        reference = Geometry.from_image(load_image(args.reference, kind='reference image'))
+    xfm = load_transform(args.trans, field_convention=args.field_convention,
+                         reference=reference)
+    if reference is None and xfm.reference is None and xfm.field_geometry is None:
+        raise SynthMorphError(
+            f'the transform <{args.trans}> carries no output grid: give one with -r/--reference'
+        )
+    import numpy as np
+
+    dtype = None
+    if args.dtype:
+        try:
+            dtype = np.dtype(args.dtype)
+        except TypeError:
+            raise SynthMorphError(f'unknown data type {args.dtype!r} for -t/--type') from None
+    outputs = _Outputs()
+    try:
+        for image, out in pairs:
+            LOGGER.info('resampling %s -> %s', image, out)
+            img = load_image(image, kind='input image')
+            moved = moved_image(img, xfm, reference, mode=args.method, fill=args.fill,
+                                dtype=dtype, device=_device(args.gpu))
+            outputs.add(save_image(moved, out))
+    except BaseException:
+        outputs.rollback()
+        raise
+    return 0
+
+
+def _check_image_name(path):
+    from ..io.images import IMAGE_SUFFIXES, image_suffix
+
+    if path and image_suffix(path) is None:
+        raise SynthMorphError(
+            f'cannot write the image <{path}>: use one of {", ".join(IMAGE_SUFFIXES)}'
+        )
+
+
+TRANSFORM_SUFFIXES = ('.lta', '.txt', '.mat', '.h5', '.nii.gz', '.nii', '.mgz')
+
+
+def _check_transform_name(path, linear: bool):
+    if not path:
+        return
+    name = str(path).lower()
+    if not name.endswith(TRANSFORM_SUFFIXES):
+        raise SynthMorphError(
+            f'cannot write the transform <{path}>: use one of {", ".join(TRANSFORM_SUFFIXES)}'
+        )
+    if not linear and name.endswith(('.lta', '.txt', '.mat')):
+        raise SynthMorphError(
+            f'<{path}> holds linear transforms only; a deformable result needs .h5 or a '
+            'displacement field (.nii.gz, .mgz)'
+        )
+
+
+def _warn_untrained(info: dict) -> None:
+    for kind, card in info.get('models', {}).items():
+        if card.get('trained') is False:
+            print(
+                f'WARNING: the {kind} model ({card.get("name", "?")}) has UNTRAINED random '
+                'weights: its registrations are NOT meaningful. Give trained weights with '
+                '-w/--weights (e.g. FreeSurfer 8 models/synthmorph.*.h5).',
+                file=sys.stderr,
+            )

@@ -1,0 +1,302 @@
+"""The public registration API: register two nibabel images, get world-space transforms.
+
+>>> from synthmorph_app.engine.register import register          # doctest: +SKIP
+>>> result = register(moving_img, fixed_img, mode='joint')        # doctest: +SKIP
+>>> result.forward   # Transform: fixed RAS -> moving RAS (pulls moving onto the fixed grid)
+>>> result.inverse   # Transform: moving RAS -> fixed RAS (pulls fixed onto the moving grid)
+
+How a joint registration runs (as ``mri_synthmorph``'s, in world space throughout):
+
+1. Each image is resampled into its own network grid (:func:`spatial.network_grid`: isotropic
+   LIA, centred on its field of view) and normalised to [0, 1].
+2. The affine (or rigid) network gives a voxel matrix between the two grids, turned into a RAS
+   matrix ``A`` (fixed -> moving).
+3. Both images go to a mid-space through the matrix square root ``H`` (``H @ H = A``): the
+   fixed image through ``H^-1``, the moving through ``H``. The deformable network runs on both
+   orders, ``v = (D(m, f) - D(f, m)) / 2``; the forward warp is ``exp(v)``, the inverse
+   ``exp(-v)``, so forward and inverse are consistent by construction.
+4. Optional test-time refinement (``refine > 0``) optimises ``v`` (and ``A`` first) from the
+   network's prediction.
+5. The result is stored as ``T(x) = A (x + w(x))`` with the field ``w`` on the fixed image's own
+   grid (and the inverse's on the moving image's grid), the order of an ITK composite
+   ``[affine, field]``.
+
+Nothing depends on how the inputs are stored on disk: every step works in RAS millimetres.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field as dc_field
+
+import nibabel as nb
+import numpy as np
+import torch
+
+from ..errors import SynthMorphError
+from ..io.images import Geometry
+from ..io.transforms import Transform
+from . import spatial
+from .intensity import normalize_intensity
+
+LOGGER = logging.getLogger('synthmorph_app.engine.register')
+
+MODES = ('joint', 'deform', 'affine', 'rigid')
+#: Default side of the network space in mm (``-e``): 256 mm holds any adult head.
+DEFAULT_EXTENT = 256.0
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` returns."""
+
+    forward: Transform
+    inverse: Transform
+    timings: dict = dc_field(default_factory=dict)
+    info: dict = dc_field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self):
+        self.timings = {}
+
+    @contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            LOGGER.info('%-12s %6.2f s', name, self.timings[name])
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``'auto'`` picks CUDA when available; ``'cuda'`` without a GPU is a clear error."""
+    if device in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SynthMorphError('A CUDA device was requested (-g/--device cuda) but none is available.')
+    return device
+
+
+def register(
+    moving: nb.spatialimages.SpatialImage,
+    fixed: nb.spatialimages.SpatialImage,
+    *,
+    mode: str = 'joint',
+    lam: float = 0.5,
+    steps: int = 7,
+    extent: float = DEFAULT_EXTENT,
+    weights: dict | None = None,
+    init: Transform | None = None,
+    refine: int = 0,
+    device: str | torch.device | None = 'cpu',
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (3D nibabel images, any orientation and voxel size).
+
+    Parameters
+    ----------
+    mode
+        ``'joint'`` (affine then deformable), ``'deform'`` (deformable only: inputs must already
+        be affinely aligned in world space), ``'affine'`` (12 DOF) or ``'rigid'`` (6 DOF).
+    lam
+        Regularisation weight in [0, 1] fed to the hypernetwork: 0 sharpest, 1 smoothest.
+    steps
+        Scaling-and-squaring steps integrating the velocity field (at least 5).
+    extent
+        Side of the cubic network space in mm, centred on each image's field of view.
+    weights
+        Model specifications by kind (``{'affine': 'default', 'deform': '/path/x.h5'}``); a
+        missing kind takes the packaged default. See :func:`engine.weights.load_model`.
+    init
+        A linear Transform (fixed RAS -> moving RAS) that aligns the inputs roughly; the
+        registration starts from it and the result includes it.
+    refine
+        Test-time optimisation iterations at the finest level (0: networks only).
+    device
+        ``'cpu'``, ``'cuda'`` or ``'auto'``.
+    """
+    from .weights import load_model
+
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f'the regularisation weight lambda must lie in [0, 1], got {lam}')
+    if steps < 5:
+        raise ValueError(f'integrate with at least 5 steps, got {steps}')
+    if init is not None and not init.is_linear:
+        raise ValueError('the initial transform must be linear (affine or rigid)')
+    device = resolve_device(device)
+    weights = dict(weights or {})
+    timer = _Timer()
+    fixed_geom = Geometry.from_image(fixed)
+    moving_geom = Geometry.from_image(moving)
+    info = {'mode': mode, 'lambda': float(lam), 'device': str(device), 'models': {}}
+
+    with torch.inference_mode():
+        with timer('preprocess'):
+            fixed_t = spatial.volume_tensor(np.asanyarray(fixed.dataobj, dtype=np.float32), device)
+            moving_t = spatial.volume_tensor(
+                np.asanyarray(moving.dataobj, dtype=np.float32), device
+            )
+
+        affine = np.eye(4) if init is None else init.affine.copy()
+        if mode in ('joint', 'affine', 'rigid'):
+            kind = 'rigid' if mode == 'rigid' else 'affine'
+            with timer('load models'):
+                model, card = load_model(weights.get(kind, 'default'), kind, device=device)
+            info['models'][kind] = _model_info(card)
+            vox, shape = _network_space(card, extent)
+            with timer('preprocess'):
+                fgrid = spatial.network_grid(fixed_geom, vox, shape)
+                mgrid = spatial.network_grid(moving_geom, vox, shape)
+                if init is not None:  # start from init: moving sampled through it, same grid
+                    mgrid = fgrid
+                f_net = normalize_intensity(spatial.resample_linear(fixed_t, fixed_geom, fgrid))
+                m_net = normalize_intensity(
+                    spatial.resample_linear(moving_t, moving_geom, mgrid, matrix=affine)
+                )
+            with timer('networks'):
+                mat_vox = model(m_net, f_net)[0].double().cpu().numpy()
+            found = mgrid.affine @ mat_vox @ np.linalg.inv(fgrid.affine)
+            affine = affine @ found
+
+        if refine and mode in ('affine', 'rigid'):
+            from .optimise import optimise_affine
+
+            with timer('refine'):
+                affine = optimise_affine(
+                    moving_t, moving_geom, fixed_t, fixed_geom, init=affine,
+                    rigid=mode == 'rigid',
+                )
+
+        reference, moving_ref = fixed_geom, moving_geom
+        if mode in ('affine', 'rigid'):
+            forward = Transform(affine=affine, reference=reference, moving=moving_ref)
+            result = RegistrationResult(forward, forward.linear_inverse(), timer.timings, info)
+            return result
+
+        with timer('load models'):
+            model, card = load_model(weights.get('deform', 'default'), 'deform', device=device)
+        info['models']['deform'] = _model_info(card)
+        vox, shape = _network_space(card, extent)
+        with timer('preprocess'):
+            half = spatial.matrix_sqrt(affine)
+            half_inv = np.linalg.inv(half)
+            centre = half[:3, :3] @ spatial.fov_center(fixed_geom) + half[:3, 3]
+            mid = spatial.network_grid(fixed_geom, vox, shape, center=centre)
+            f_mid = normalize_intensity(
+                spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=half_inv)
+            )
+            m_mid = normalize_intensity(
+                spatial.resample_linear(moving_t, moving_geom, mid, matrix=half)
+            )
+        with timer('networks'):
+            lam_t = torch.full((1, 1), float(lam), device=device)
+            velocity = (model(m_mid, f_mid, lam_t) - model(f_mid, m_mid, lam_t)) / 2
+            velocity = spatial.resize_field(velocity, mid.shape)  # voxel units of ``mid``
+
+        if refine:
+            from .optimise import optimise_svf
+
+            with timer('refine'):
+                with torch.inference_mode(False):
+                    velocity = optimise_svf(
+                        m_mid.clone(), f_mid.clone(), mid, init_velocity=velocity.clone(),
+                        lam=lam, steps=steps,
+                    ).detach()
+
+        with timer('resample'):
+            disp = spatial.integrate_svf(velocity, steps)
+            disp_inv = spatial.integrate_svf(-velocity, steps)
+            forward_field = _mid_field_to_grid(disp, mid, half, fixed_geom, np.linalg.inv(half))
+            inverse_field = _mid_field_to_grid(disp_inv, mid, half_inv, moving_geom, half)
+
+    forward = Transform(
+        affine=affine, field=forward_field, field_geometry=fixed_geom,
+        reference=fixed_geom, moving=moving_geom,
+    )
+    inverse = Transform(
+        affine=np.linalg.inv(affine), field=inverse_field, field_geometry=moving_geom,
+        reference=moving_geom, moving=fixed_geom,
+    )
+    return RegistrationResult(forward, inverse, timer.timings, info)
+
+
+def _mid_field_to_grid(disp, mid, to_mid, grid, lin):
+    """Express a mid-space voxel displacement as a RAS field on ``grid``.
+
+    For a point ``x`` of ``grid`` the mid-space point is ``to_mid @ x``; the displacement found
+    there (RAS mm) is mapped back by the linear part of ``lin``. Returns ``(X, Y, Z, 3)``.
+    """
+    world = spatial.field_voxel_to_world(disp, mid.affine)
+    vox = np.linalg.inv(mid.affine) @ to_mid @ grid.affine
+    coords = spatial.affine_coords(vox, grid.shape, disp.device)
+    sampled = spatial.sample_grid(world, coords, 'linear', padding='border')[0]
+    lin_t = spatial.as_tensor(lin[:3, :3], disp.device)
+    out = torch.einsum('ij,j...->i...', lin_t, sampled)
+    return out.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _network_space(card: dict, extent: float) -> tuple[float, tuple[int, int, int]]:
+    """Voxel size and shape of a model's network space for a cube of ``extent`` mm.
+
+    The voxel size comes from the model card (``space.voxel_size``, default 2 mm); the shape is
+    rounded up to a multiple of the model's size divisor (``space.divisor``, default 16).
+    """
+    space = card.get('space', {})
+    vox = float(space.get('voxel_size', 2.0))
+    div = int(space.get('divisor', 16))
+    n = int(np.ceil(float(extent) / vox / div) * div)
+    return vox, (n, n, n)
+
+
+def _model_info(card: dict) -> dict:
+    return {
+        key: card.get(key)
+        for key in ('name', 'arch', 'trained', 'sha256', 'path')
+        if card.get(key) is not None
+    }
+
+
+def moved_image(
+    image: nb.spatialimages.SpatialImage,
+    xfm: Transform,
+    reference: Geometry | None = None,
+    *,
+    mode: str = 'linear',
+    fill: float = 0.0,
+    dtype=None,
+    device: str | torch.device | None = 'cpu',
+) -> nb.Nifti1Image:
+    """Resample ``image`` (on the moving side of ``xfm``) onto ``reference``.
+
+    ``reference`` defaults to the transform's reference grid, then its field grid, then the
+    image's own grid. ``mode`` is ``'linear'``, ``'nearest'`` or ``'labels'``.
+    """
+    reference = reference or xfm.reference or xfm.field_geometry or Geometry.from_image(image)
+    device = resolve_device(device)
+    data = np.asanyarray(image.dataobj, dtype=np.float32)
+    with torch.inference_mode():
+        out = spatial.apply_transform(
+            spatial.volume_tensor(data, device), Geometry.from_image(image), xfm, reference,
+            mode=mode, fill=fill,
+        )[0, 0].cpu().numpy()
+    dtype = np.dtype(dtype) if dtype is not None else np.asanyarray(image.dataobj).dtype
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    img = nb.Nifti1Image(out.astype(dtype), reference.affine)
+    img.header.set_xyzt_units('mm')
+    return img
+
+
+def header_moved_image(image: nb.spatialimages.SpatialImage, xfm: Transform) -> nb.Nifti1Image:
+    """Move ``image`` by editing its header only (linear transforms, ``-H``): no resampling."""
+    if not xfm.is_linear:
+        raise ValueError('a header-only update needs a linear transform (affine or rigid)')
+    affine = np.linalg.inv(xfm.affine) @ image.affine
+    return nb.Nifti1Image(np.asanyarray(image.dataobj), affine)
