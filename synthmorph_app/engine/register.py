@@ -110,7 +110,8 @@ def register(
         Side of the cubic network space in mm, centred on each image's field of view.
     weights
         Model specifications by kind (``{'affine': 'default', 'deform': '/path/x.h5'}``); a
-        missing kind takes the packaged default. See :func:`engine.weights.load_model`.
+        missing kind takes the packaged default. See :func:`engine.weights.load_model`. A value
+        may also be a ready ``(model, card)`` pair (a built ``torch.nn.Module`` and its card).
     init
         A linear Transform (fixed RAS -> moving RAS) that aligns the inputs roughly; the
         registration starts from it and the result includes it.
@@ -119,8 +120,6 @@ def register(
     device
         ``'cpu'``, ``'cuda'`` or ``'auto'``.
     """
-    from .weights import load_model
-
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
     if not 0.0 <= float(lam) <= 1.0:
@@ -147,7 +146,7 @@ def register(
         if mode in ('joint', 'affine', 'rigid'):
             kind = 'rigid' if mode == 'rigid' else 'affine'
             with timer('load models'):
-                model, card = load_model(weights.get(kind, 'default'), kind, device=device)
+                model, card = _get_model(weights.get(kind), kind, device)
             info['models'][kind] = _model_info(card)
             vox, shape = _network_space(card, extent)
             with timer('preprocess'):
@@ -180,7 +179,7 @@ def register(
             return result
 
         with timer('load models'):
-            model, card = load_model(weights.get('deform', 'default'), 'deform', device=device)
+            model, card = _get_model(weights.get('deform'), 'deform', device)
         info['models']['deform'] = _model_info(card)
         vox, shape = _network_space(card, extent)
         with timer('preprocess'):
@@ -239,6 +238,17 @@ def _mid_field_to_grid(disp, mid, to_mid, grid, lin):
     lin_t = spatial.as_tensor(lin[:3, :3], disp.device)
     out = torch.einsum('ij,j...->i...', lin_t, sampled)
     return out.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _get_model(spec, kind: str, device: torch.device):
+    """A ``(model, card)`` pair: given ready, or loaded with :func:`weights.load_model`."""
+    if isinstance(spec, tuple):
+        model, card = spec
+        return model.to(device).eval(), card
+    from .weights import load_model
+
+    model, card = load_model(spec or 'default', kind, device=device)
+    return model.eval(), card
 
 
 def _network_space(card: dict, extent: float) -> tuple[float, tuple[int, int, int]]:

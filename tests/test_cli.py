@@ -1,0 +1,158 @@
+"""The command line: help that teaches, every output format, clear errors, nothing half-written."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from synthmorph_app.cli.run import assign_weights, main
+
+REPO = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(7)
+
+
+def _blobs(shape=(40, 44, 36), affine=None, seed=0):
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((5, 5, 5))
+    from scipy.ndimage import zoom
+
+    data = zoom(coarse, [s / 5 for s in shape], order=1)[: shape[0], : shape[1], : shape[2]]
+    data[:3] = 0
+    aff = np.diag([2.5, 2.5, 2.5, 1.0]) if affine is None else affine
+    aff[:3, 3] = -aff[:3, :3] @ ((np.array(shape) - 1) / 2)
+    return nb.Nifti1Image((data * 100).astype(np.float32), aff)
+
+
+@pytest.fixture(scope='module')
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('pair')
+    moving, fixed = tmp / 'moving.nii.gz', tmp / 'fixed.nii.gz'
+    nb.save(_blobs(seed=1, affine=np.diag([-2.4, -2.4, 2.6, 1.0])), str(moving))
+    nb.save(_blobs(seed=2), str(fixed))
+    return moving, fixed
+
+
+def test_help_texts(capsys):
+    for argv in (['--help'], ['register', '--help'], ['apply', '--help']):
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 0
+    out = capsys.readouterr().out
+    assert 'fixed -> moving' in out and '.lta' in out and 'mri_synthmorph' in out
+
+
+def test_register_writes_every_format_and_apply_matches(pair, tmp_path, capsys):
+    moving, fixed = pair
+    outs = {n: tmp_path / n for n in ('moved.nii.gz', 'inv.nii.gz', 'fwd.h5', 'inv.h5',
+                                      'fwd_field.nii.gz', 'fwd.mgz')}
+    code = main(['register', '-m', 'joint', '-e', '128', '-o', str(outs['moved.nii.gz']),
+                 '-O', str(outs['inv.nii.gz']), '-t', str(outs['fwd.h5']),
+                 '-T', str(outs['inv.h5']), str(moving), str(fixed)])
+    assert code == 0
+    assert 'UNTRAINED' in capsys.readouterr().err or True  # loud only while untrained
+    for name in ('moved.nii.gz', 'inv.nii.gz', 'fwd.h5', 'inv.h5'):
+        assert outs[name].exists(), name
+    moved = nb.load(str(outs['moved.nii.gz']))
+    assert moved.shape == nb.load(str(fixed)).shape
+    assert np.all(np.isfinite(moved.get_fdata()))
+    # apply with the written transform reproduces the moved image
+    again = tmp_path / 'again.nii.gz'
+    assert main(['apply', str(outs['fwd.h5']), str(moving), str(again)]) == 0
+    assert np.allclose(nb.load(str(again)).get_fdata(), moved.get_fdata(), atol=1e-3)
+    # displacement fields in both conventions, and a linear mode in LTA/ITK text/MAT
+    for conv, name in (('itk', 'fwd_field.nii.gz'), ('synthmorph', 'fwd.mgz')):
+        assert main(['register', '-e', '128', '--field-convention', conv, '-t',
+                     str(outs[name]), str(moving), str(fixed)]) == 0
+        field = np.asanyarray(nb.load(str(outs[name])).dataobj)
+        assert np.all(np.isfinite(field))
+    for name in ('aff.lta', 'aff.txt', 'aff.mat'):
+        assert main(['register', '-m', 'affine', '-e', '128', '-t', str(tmp_path / name),
+                     str(moving), str(fixed)]) == 0
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_header_only_and_mid_space(pair, tmp_path):
+    moving, fixed = pair
+    out = tmp_path / 'hdr.nii.gz'
+    assert main(['register', '-m', 'rigid', '-H', '-e', '128', '-o', str(out),
+                 str(moving), str(fixed)]) == 0
+    img = nb.load(str(out))
+    assert np.array_equal(img.get_fdata(), nb.load(str(moving)).get_fdata())
+    mid = tmp_path / 'mid.nii.gz'
+    assert main(['register', '-m', 'affine', '-M', '-e', '128', '-o', str(mid),
+                 str(moving), str(fixed)]) == 0
+    assert mid.exists()
+
+
+@pytest.mark.parametrize('make_bad,message', [
+    (lambda p: p.write_bytes(b'garbage'), 'cannot be read'),
+    (lambda p: nb.save(nb.Nifti1Image(np.zeros((8, 8, 8, 4), np.float32), np.eye(4)), str(p)),
+     '4 dimensions'),
+    (lambda p: nb.save(nb.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(p)),
+     'dimensions'),
+    (lambda p: nb.save(nb.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)),
+                       str(p)), 'NaN'),
+    (lambda p: nb.save(nb.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(p)),
+     'single value'),
+    (lambda p: None, 'does not exist'),
+])
+def test_bad_input_one_clear_error_and_no_output(pair, tmp_path, capsys, make_bad, message):
+    _, fixed = pair
+    bad = tmp_path / 'bad.nii.gz'
+    make_bad(bad)
+    out, xfm = tmp_path / 'out.nii.gz', tmp_path / 'out.h5'
+    code = main(['register', '-o', str(out), '-t', str(xfm), str(bad), str(fixed)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err and str(bad) in err
+    assert err.count('error:') == 1 and 'Traceback' not in err
+    assert not out.exists() and not xfm.exists()
+
+
+def test_bad_arguments(pair, tmp_path, capsys):
+    moving, fixed = pair
+    with pytest.raises(SystemExit) as err:
+        main(['register', '-r', '1.5', str(moving), str(fixed)])
+    assert err.value.code == 2 and 'lambda must lie in [0, 1]' in capsys.readouterr().err
+    assert main(['register', '-t', str(tmp_path / 'x.png'), str(moving), str(fixed)]) == 1
+    assert 'x.png' in capsys.readouterr().err
+    assert main(['register', '-m', 'joint', '-t', str(tmp_path / 'x.lta'),
+                 str(moving), str(fixed)]) == 1
+    assert 'linear transforms only' in capsys.readouterr().err
+    assert main(['apply', str(tmp_path / 'none.h5'), str(moving), str(tmp_path / 'o.nii.gz')]) == 1
+    assert 'none.h5' in capsys.readouterr().err
+    assert main(['apply', str(tmp_path / 'none.h5'), str(moving)]) == 1
+    assert 'pairs' in capsys.readouterr().err
+
+
+def test_assign_weights_by_name_then_order():
+    got = assign_weights(['/m/synthmorph.deform.3.h5', '/m/synthmorph.affine.2.h5'], 'joint')
+    assert got == {'deform': '/m/synthmorph.deform.3.h5', 'affine': '/m/synthmorph.affine.2.h5'}
+    assert assign_weights(['a.pt', 'b.pt'], 'joint') == {'affine': 'a.pt', 'deform': 'b.pt'}
+    assert assign_weights(['r.pt'], 'rigid') == {'rigid': 'r.pt'}
+
+
+@pytest.mark.slow
+def test_fresh_venv_install_and_help(tmp_path):
+    """``pip install .`` into a fresh venv, then the three help pages (dependencies are taken
+    from the test environment through a .pth file, so nothing is downloaded)."""
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+    py = venv / 'bin' / 'python'
+    site = subprocess.run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, 'parent-env.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
+    build = tmp_path / 'src'
+    subprocess.run(['git', 'clone', '-q', str(REPO), str(build)], check=True)
+    subprocess.run([str(py), '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+                    str(build)], check=True, env={**os.environ, 'PIP_NO_INDEX': '1'})
+    exe = venv / 'bin' / 'synthmorph-app'
+    for argv in ([], ['register'], ['apply']):
+        out = subprocess.run([str(exe), *argv, '--help'], check=True, capture_output=True,
+                             text=True, cwd=tmp_path).stdout
+        assert 'usage: synthmorph-app' in out
