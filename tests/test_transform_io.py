@@ -1,0 +1,575 @@
+"""Transform files: meaning checked against real ANTs and nitransforms, round trips, bad files.
+
+Directions, once for all the checks below:
+
+* our :class:`Transform` maps fixed (reference) RAS points to moving RAS points;
+* ANTs/ITK transforms map fixed points to moving points too, in LPS; ``antsApplyTransforms``
+  (``ants.apply_transforms(fixed, moving, [file])``) pulls the moving image onto the fixed grid
+  through them, exactly what ``apply_transform(moving, moving_geom, xfm, fixed_geom)`` does;
+* nitransforms' ``map`` (``Affine``, ``TransformChain`` loaded from ITK ``.h5``) maps reference
+  points to moving points in RAS: its output is directly comparable with ``map_points``;
+* FreeSurfer LTA matrices map src (moving) to dst (fixed); nitransforms' LTA ``to_ras`` inverts
+  them, so its ``Affine.map`` is fixed-to-moving as well.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zlib
+
+import h5py
+import nibabel as nb
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from synthmorph_app.engine.spatial import apply_transform, volume_tensor
+from synthmorph_app.errors import TransformFileError
+from synthmorph_app.io.images import Geometry
+from synthmorph_app.io.transforms import (
+    TRANSFORM_SUFFIXES,
+    Transform,
+    apply_affine,
+    load_transform,
+    save_transform,
+    transform_description,
+)
+
+ants = pytest.importorskip('ants')
+nitransforms = pytest.importorskip('nitransforms')
+
+RNG = np.random.default_rng(20260901)
+pytestmark = pytest.mark.filterwarnings('ignore:Reference space not set:UserWarning')
+
+
+# --- test data ----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_torch_thread():
+    """The volumes here are tiny: one thread is as fast and does not spin on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rotation(angles_deg) -> np.ndarray:
+    a, b, g = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(g), -np.sin(g), 0], [np.sin(g), np.cos(g), 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+def _random_affine(center, rng) -> np.ndarray:
+    """Rotation up to 20 deg, scales within 10 %, shift up to 10 mm, about ``center``."""
+    lin = _rotation(rng.uniform(-20, 20, 3)) @ np.diag(rng.uniform(0.9, 1.1, 3))
+    out = np.eye(4)
+    out[:3, :3] = lin
+    out[:3, 3] = center - lin @ center + rng.uniform(-10, 10, 3)
+    return out
+
+
+def _grid(shape, lin, center) -> Geometry:
+    """A grid of ``shape`` with voxel-to-RAS linear part ``lin`` centred on ``center``."""
+    affine = np.eye(4)
+    affine[:3, :3] = lin
+    affine[:3, 3] = center - lin @ ((np.asarray(shape) - 1) / 2)
+    return Geometry(tuple(shape), affine)
+
+
+def _smooth_field(shape, rng, amplitude=4.0) -> np.ndarray:
+    """Smoothed noise (a few mm), tapered to zero on the two outer voxel layers.
+
+    ITK interpolates a displacement field up to half a voxel beyond its outer voxel centres by
+    repeating the edge value, while we (``map_coordinates``/``grid_sample``) blend towards zero
+    there; a field that is zero near its border makes both agree everywhere.
+    """
+    noise = rng.standard_normal((*shape, 3))
+    field = np.stack([gaussian_filter(noise[..., c], 3.0) for c in range(3)], axis=-1)
+    field *= amplitude / np.abs(field).max()
+    taper = np.zeros(shape)
+    taper[2:-2, 2:-2, 2:-2] = 1.0
+    return (field * taper[..., None]).astype(np.float32)
+
+
+def _write_nifti(data, affine, path) -> Geometry:
+    img = nb.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nb.save(img, str(path))
+    # the geometry ANTs sees: the header's float32 matrix, read back
+    return Geometry.from_image(nb.load(str(path)))
+
+
+def _crop(path, step=3, start=56, size=48):
+    """A ``size``^3 crop of a 256^3 conformed FreeSurfer volume, every ``step`` voxels.
+
+    The outer voxel layer is zeroed: ITK's linear interpolator repeats edge voxels for samples
+    up to half a voxel outside the image while ``grid_sample`` blends towards zero, so with a
+    zero border both agree up to the very edge of the moving image.
+    """
+    img = nb.load(str(path))
+    sl = slice(start, start + size * step, step)
+    data = np.asarray(img.dataobj)[sl, sl, sl].astype(np.float32)
+    data[[0, -1]] = 0
+    data[:, [0, -1]] = 0
+    data[:, :, [0, -1]] = 0
+    scale = np.diag([step, step, step, 1.0])
+    scale[:3, 3] = start
+    return data, img.affine @ scale
+
+
+@pytest.fixture(scope='module')
+def cases(shared_data, tmp_path_factory):
+    """Two moving/fixed pairs of real data: LIA -> RAS, and oblique LPS -> oblique LAS-like."""
+    out = tmp_path_factory.mktemp('xfm_cases')
+    mri = shared_data / 'freesurfer' / 'bert' / 'mri'
+    norm, affine = _crop(mri / 'norm.mgz')
+    aseg, _ = _crop(mri / 'aseg.mgz')
+    center = affine[:3, :3] @ ((np.asarray(norm.shape) - 1) / 2) + affine[:3, 3]
+    result = {}
+
+    # 1) moving as FreeSurfer stores it (LIA, 3 mm), fixed RAS 3.2 mm
+    moving = _write_nifti(norm, affine, out / 'lia_moving.nii.gz')
+    _write_nifti(aseg, affine, out / 'lia_labels.nii.gz')
+    fixed = _grid((44, 40, 46), np.diag([3.2, 3.2, 3.2]), center)
+    fixed = _write_nifti(np.zeros(fixed.shape), fixed.affine, out / 'lia_fixed.nii.gz')
+    result['lia_to_ras'] = (norm, aseg, moving, fixed)
+
+    # 2) the same anatomy stored LPS with an oblique header (rotated 12-15 deg in the world),
+    #    fixed grid oblique, LAS-like, anisotropic
+    ornt = nb.orientations.ornt_transform(
+        nb.orientations.io_orientation(affine), nb.orientations.axcodes2ornt('LPS')
+    )
+    norm_lps = nb.orientations.apply_orientation(norm, ornt)
+    aseg_lps = nb.orientations.apply_orientation(aseg, ornt)
+    lps = affine @ nb.orientations.inv_ornt_aff(ornt, norm.shape)
+    tilt = np.eye(4)
+    tilt[:3, :3] = _rotation((12, -8, 15))
+    tilt[:3, 3] = center - tilt[:3, :3] @ center
+    oblique = tilt @ lps
+    assert ''.join(nb.aff2axcodes(lps)) == 'LPS'
+    moving = _write_nifti(norm_lps, oblique, out / 'obl_moving.nii.gz')
+    _write_nifti(aseg_lps, oblique, out / 'obl_labels.nii.gz')
+    lin = _rotation((-10, 6, 18)) @ np.diag([-3.2, 3.0, 3.4])
+    fixed = _grid((42, 46, 40), lin, tilt[:3, :3] @ center + tilt[:3, 3])
+    fixed = _write_nifti(np.zeros(fixed.shape), fixed.affine, out / 'obl_fixed.nii.gz')
+    result['lps_oblique_to_oblique'] = (norm_lps, aseg_lps, moving, fixed)
+    return out, result
+
+
+def _transform(kind, moving, fixed, rng) -> Transform:
+    """A random transform: ``affine``, ``field`` (on the fixed grid) or ``field_oblique``
+    (on a coarser oblique grid of other orientation that covers the fixed grid)."""
+    center = fixed.affine[:3, :3] @ ((np.asarray(fixed.shape) - 1) / 2) + fixed.affine[:3, 3]
+    affine = _random_affine(center, rng)
+    if kind == 'affine':
+        return Transform(affine, reference=fixed, moving=moving)
+    if kind == 'field':
+        grid = fixed
+    else:
+        grid = _grid((60, 56, 62), _rotation((8, -12, 20)) @ np.diag([2.6, -2.8, 2.7]), center)
+    field = _smooth_field(grid.shape, rng)
+    return Transform(affine, field, grid, reference=fixed, moving=moving)
+
+
+# --- ANTs resamples with our files as we do ------------------------------------------------
+
+
+ANTS_CASES = [
+    ('.txt', 'affine'),
+    ('.mat', 'affine'),
+    ('.h5', 'affine'),
+    ('.nii.gz', 'affine'),
+    ('.h5', 'field'),
+    ('.h5', 'field_oblique'),
+    ('.nii.gz', 'field'),
+]
+
+
+@pytest.mark.parametrize('pair', ['lia_to_ras', 'lps_oblique_to_oblique'])
+@pytest.mark.parametrize(('suffix', 'kind'), ANTS_CASES)
+def test_ants_resamples_like_us(cases, pair, suffix, kind, tmp_path):
+    folder, data = cases
+    norm, aseg, moving, fixed = data[pair]
+    rng = np.random.default_rng(zlib.crc32(f'{pair}{suffix}{kind}'.encode()))
+    xfm = _transform(kind, moving, fixed, rng)
+    path = save_transform(xfm, tmp_path / f'xfm{suffix}')
+
+    prefix = 'lia' if pair == 'lia_to_ras' else 'obl'
+    ants_fixed = ants.image_read(str(folder / f'{prefix}_fixed.nii.gz'))
+    ants_moving = ants.image_read(str(folder / f'{prefix}_moving.nii.gz'))
+    ants_labels = ants.image_read(str(folder / f'{prefix}_labels.nii.gz'))
+
+    theirs = ants.apply_transforms(ants_fixed, ants_moving, [str(path)]).numpy()
+    ours = apply_transform(volume_tensor(norm), moving, xfm, fixed, 'linear')[0, 0].numpy()
+    span = float(norm.max() - norm.min())
+    assert ours.std() > 0.1 * span  # the moved image is not empty
+    assert np.abs(theirs - ours).max() < 1e-3 * span
+
+    theirs = ants.apply_transforms(
+        ants_fixed, ants_labels, [str(path)], interpolator='nearestNeighbor'
+    ).numpy()
+    ours = apply_transform(volume_tensor(aseg), moving, xfm, fixed, 'nearest')[0, 0].numpy()
+    assert len(np.unique(ours)) > 20
+    assert (theirs == ours).mean() >= 0.999
+
+    if kind == 'field_oblique':
+        # ANTs' genericLabel (per-label linear interpolation, most likely label wins) is what
+        # our 'labels' mode does
+        theirs = ants.apply_transforms(
+            ants_fixed, ants_labels, [str(path)], interpolator='genericLabel'
+        ).numpy()
+        ours = apply_transform(volume_tensor(aseg), moving, xfm, fixed, 'labels')[0, 0].numpy()
+        assert (theirs == ours).mean() >= 0.999
+
+
+def _write_itk_members(path, members):
+    """An ITK composite ``.h5`` of ``(type, parameters, fixed parameters)`` members."""
+    text = h5py.string_dtype('ascii')
+    with h5py.File(path, 'w') as h5:
+        root = h5.create_group('TransformGroup')
+        members = [('CompositeTransform_double_3_3', None, None), *members]
+        for i, (ttype, params, fixed) in enumerate(members):
+            group = root.create_group(str(i))
+            group.create_dataset('TransformType', data=np.array([ttype], dtype=object), dtype=text)
+            if params is not None:
+                group.create_dataset('TransformParameters', data=params)
+                group.create_dataset('TransformFixedParameters', data=fixed)
+
+
+def _itk_affine_member(affine_ras, center_lps):
+    """An ``AffineTransform_double_3_3`` member with a non-zero centre, as ANTs writes them."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps = flip @ affine_ras @ flip
+    mat, offset = lps[:3, :3], lps[:3, 3]
+    translation = offset - center_lps + mat @ center_lps
+    params = np.concatenate([mat.ravel(), translation])
+    return ('AffineTransform_double_3_3', params, np.asarray(center_lps, dtype=float))
+
+
+def test_ants_composite_of_several_members(cases, tmp_path):
+    """A composite [affine1, field, affine2] (ITK applies affine2 first) loads into one
+    Transform that resamples like ANTs, and maps points like nitransforms' chain."""
+    folder, data = cases
+    norm, _, moving, fixed = data['lps_oblique_to_oblique']
+    rng = np.random.default_rng(7)
+    field_xfm = _transform('field_oblique', moving, fixed, rng)
+    center = fixed.affine[:3, :3] @ ((np.asarray(fixed.shape) - 1) / 2) + fixed.affine[:3, 3]
+    second = _random_affine(center, rng)
+    second[:3, :3] = _rotation(rng.uniform(-5, 5, 3))  # small: stay on the field's grid
+    second[:3, 3] = center - second[:3, :3] @ center + rng.uniform(-3, 3, 3)
+    written = save_transform(field_xfm, tmp_path / 'field.h5')
+    with h5py.File(written) as h5:
+        grp = h5['TransformGroup/2']
+        field_member = (
+            'DisplacementFieldTransform_float_3_3',
+            np.asarray(grp['TransformParameters']),
+            np.asarray(grp['TransformFixedParameters']),
+        )
+    path = tmp_path / 'composite.h5'
+    _write_itk_members(
+        path,
+        [
+            _itk_affine_member(field_xfm.affine, rng.uniform(-20, 20, 3)),
+            field_member,
+            _itk_affine_member(second, rng.uniform(-20, 20, 3)),
+        ],
+    )
+    xfm = load_transform(path, reference=fixed, moving=moving)
+    assert xfm.field is not None
+
+    # meaning: y = affine1(p + field(p)), p = second(x)
+    pts = apply_affine(np.linalg.inv(second), _grid_points(field_xfm.field_geometry)[::7])
+    p = apply_affine(second, pts)
+    assert np.abs(xfm.map_points(pts) - field_xfm.map_points(p)).max() < 1e-4
+    chain = nitransforms.manip.load(str(path), fmt='itk')
+    assert np.abs(chain.map(pts) - xfm.map_points(pts)).max() < 1e-4
+
+    ants_fixed = ants.image_read(str(folder / 'obl_fixed.nii.gz'))
+    ants_moving = ants.image_read(str(folder / 'obl_moving.nii.gz'))
+    theirs = ants.apply_transforms(ants_fixed, ants_moving, [str(path)]).numpy()
+    ours = apply_transform(volume_tensor(norm), moving, xfm, fixed, 'linear')[0, 0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-3 * float(norm.max() - norm.min())
+
+
+def test_two_fields_do_not_compose(tmp_path):
+    geom = Geometry((6, 6, 6), np.eye(4))
+    xfm = Transform(np.eye(4), np.zeros((6, 6, 6, 3), np.float32), geom)
+    save_transform(xfm, tmp_path / 'one.h5')
+    with h5py.File(tmp_path / 'one.h5') as h5:
+        grp = h5['TransformGroup/2']
+        member = (
+            'DisplacementFieldTransform_float_3_3',
+            np.asarray(grp['TransformParameters']),
+            np.asarray(grp['TransformFixedParameters']),
+        )
+    _write_itk_members(tmp_path / 'two.h5', [member, member])
+    with pytest.raises(TransformFileError, match='two displacement fields') as err:
+        load_transform(tmp_path / 'two.h5')
+    assert f'<{tmp_path / "two.h5"}>' in str(err.value)
+
+
+# --- nitransforms reads our files the same way -------------------------------------------
+
+
+def _grid_points(geometry: Geometry) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in geometry.shape], indexing='ij'), -1)
+    return apply_affine(geometry.affine, ijk.reshape(-1, 3))
+
+
+@pytest.mark.parametrize('kind', ['affine', 'field_oblique'])
+def test_nitransforms_reads_our_h5(kind, tmp_path):
+    moving = Geometry((30, 32, 28), np.diag([-2.0, 2.0, 2.0, 1.0]))
+    fixed = _grid((24, 26, 22), _rotation((5, 10, -20)) @ np.diag([2.5, 2.5, 2.5]), np.zeros(3))
+    xfm = _transform(kind, moving, fixed, np.random.default_rng(3))
+    path = save_transform(xfm, tmp_path / 'xfm.h5')
+    # ITKCompositeH5 + TransformChain: [affine, field] in the file becomes the chain
+    # [field, affine], applied in that order: T(x) = affine(x + field(x)), as ours.
+    chain = nitransforms.manip.load(str(path), fmt='itk')
+    if xfm.field is None:
+        points = RNG.uniform(-40, 40, (500, 3))
+    else:
+        # DenseFieldTransform.map samples exactly at the field's voxel centres (it interpolates
+        # with cubic B-splines elsewhere, a different interpolant from our trilinear one)
+        points = _grid_points(xfm.field_geometry)
+    assert np.abs(chain.map(points) - xfm.map_points(points)).max() < 1e-4
+
+
+def test_nitransforms_reads_our_lta(tmp_path):
+    moving = Geometry(
+        (30, 32, 28), np.array([[-2.0, 0, 0, 30], [0, 0, 2, -20], [0, -2, 0, 25], [0, 0, 0, 1]])
+    )
+    fixed = _grid((24, 26, 22), _rotation((5, 10, -20)) @ np.diag([2.5, 2.4, 2.6]), np.ones(3))
+    xfm = _transform('affine', moving, fixed, np.random.default_rng(4))
+    path = save_transform(xfm, tmp_path / 'xfm.lta')
+    # nitransforms' LTA to_ras() inverts the LTA matrix (moving->fixed): Affine.map is
+    # fixed -> moving like ours
+    loaded = nitransforms.linear.load(str(path), fmt='lta')
+    points = RNG.uniform(-40, 40, (500, 3))
+    assert np.abs(loaded.map(points) - xfm.map_points(points)).max() < 1e-4
+    # FreeSurfer's convention: src = moving, dst = fixed, matrix maps src -> dst
+    lta = nitransforms.io.lta.FSLinearTransformArray.from_filename(str(path))
+    inner = lta['xforms'][0]
+    assert int(inner.structarr['type']) == 1
+    assert np.allclose(inner['src'].as_affine(), moving.affine, atol=1e-4)
+    assert np.allclose(inner['dst'].as_affine(), fixed.affine, atol=1e-4)
+    assert tuple(inner['src'].structarr['volume']) == moving.shape
+    m_l = inner.structarr['m_L']
+    assert np.allclose(apply_affine(m_l, xfm.map_points(points)), points, atol=1e-4)
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+ROUND_TRIPS = [
+    ('.lta', 'affine', 'itk'),
+    ('.txt', 'affine', 'itk'),
+    ('.mat', 'affine', 'itk'),
+    ('.h5', 'affine', 'itk'),
+    ('.h5', 'field', 'itk'),
+    ('.h5', 'field_oblique', 'itk'),
+    ('.nii.gz', 'affine', 'itk'),
+    ('.nii.gz', 'field', 'itk'),
+    ('.nii', 'field_oblique', 'itk'),
+    ('.mgz', 'field', 'itk'),
+    ('.nii.gz', 'affine', 'synthmorph'),
+    ('.nii.gz', 'field', 'synthmorph'),
+    ('.nii', 'field_oblique', 'synthmorph'),
+    ('.mgz', 'field', 'synthmorph'),
+]
+
+
+@pytest.mark.parametrize(('suffix', 'kind', 'convention'), ROUND_TRIPS)
+def test_round_trip(suffix, kind, convention, tmp_path):
+    moving = Geometry(
+        (30, 32, 28),
+        np.array([[0, 0, 2.0, -30], [-2.0, 0, 0, 20], [0, -2.0, 0, 25], [0, 0, 0, 1]]),
+    )
+    fixed = _grid((24, 26, 22), _rotation((5, 10, -20)) @ np.diag([2.5, 2.5, 2.5]), np.ones(3))
+    xfm = _transform(kind, moving, fixed, np.random.default_rng(5))
+    path = save_transform(xfm, tmp_path / f'xfm{suffix}', field_convention=convention)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
+    back = load_transform(path, field_convention=convention, reference=fixed, moving=moving)
+    # folded fields hold T on their grid only (identity outside): compare inside the grid
+    grid = xfm.field_geometry or fixed
+    lo, hi = np.zeros(3), np.asarray(grid.shape) - 1.0
+    points = apply_affine(grid.affine, RNG.uniform(lo, hi, (2000, 3)))
+    assert np.abs(back.map_points(points) - xfm.map_points(points)).max() < 1e-4
+    assert back.reference == fixed and back.moving == moving
+    if suffix == '.lta':  # the grids come from the file itself
+        back = load_transform(path)
+        assert back.reference == fixed and back.moving == moving
+    if suffix in ('.nii.gz', '.nii', '.mgz'):
+        img = nb.load(str(path))
+        assert np.allclose(img.affine, grid.affine, atol=1e-4)
+        if convention == 'itk' and suffix != '.mgz':
+            assert img.shape == (*grid.shape, 1, 3)
+            assert img.header.get_intent()[0] == 'vector'
+        else:
+            assert img.shape == (*grid.shape, 3)
+        # x + d(x) at a voxel centre is where T sends it (RAS or LPS vectors)
+        disp = np.asarray(img.dataobj, dtype=float).reshape(*grid.shape, 3)
+        if convention == 'itk':
+            disp[..., :2] *= -1
+        idx = (3, 4, 5)
+        x = apply_affine(grid.affine, np.array([idx]))
+        assert np.allclose(x + disp[idx], xfm.map_points(x), atol=1e-4)
+
+
+def test_conventions_differ(tmp_path):
+    """An ITK field read as mri_synthmorph's (or the reverse) maps points elsewhere."""
+    fixed = _grid((16, 18, 14), np.diag([2.0, 2.0, 2.0]), np.zeros(3))
+    xfm = _transform('field', fixed, fixed, np.random.default_rng(6))
+    path = save_transform(xfm, tmp_path / 'f.nii.gz', field_convention='synthmorph')
+    wrong = load_transform(path, field_convention='itk')
+    points = _grid_points(fixed)
+    assert np.abs(wrong.map_points(points) - xfm.map_points(points)).max() > 1.0
+
+
+def test_itk_text_from_ants_is_read(tmp_path):
+    """An affine written by ANTs itself (non-zero centre) loads to what ANTs applies."""
+    matrix = _rotation((10, -5, 7)) * 1.05
+    tx = ants.create_ants_transform(
+        transform_type='AffineTransform',
+        dimension=3,
+        matrix=matrix,
+        translation=(3.0, -2.0, 5.0),
+        center=(10.0, -20.0, 15.0),
+    )
+    points_lps = RNG.uniform(-50, 50, (20, 3))
+    for suffix in ('.txt', '.mat'):
+        path = tmp_path / f'ants{suffix}'
+        ants.write_transform(tx, str(path))
+        xfm = load_transform(path)
+        mapped = np.array([tx.apply_to_point(tuple(p)) for p in points_lps])
+        ras = points_lps * [-1, -1, 1]
+        assert np.abs(xfm.map_points(ras) - mapped * [-1, -1, 1]).max() < 1e-4
+
+
+def test_reads_composites_written_by_ants(tmp_path):
+    """A composite ANTs writes itself, [field, affine] (ITK applies the affine first, then the
+    oblique field), loads to the point mapping ANTs applies."""
+    rng = np.random.default_rng(8)
+    tx = ants.create_ants_transform(
+        transform_type='AffineTransform',
+        dimension=3,
+        matrix=_rotation((4, -6, 9)) * 1.05,
+        translation=(3.0, -2.0, 5.0),
+        center=(10.0, -20.0, 15.0),
+    )
+    shape = (10, 11, 12)
+    direction = _rotation((0, 0, 90)) @ _rotation((10, 0, 0))  # LPS, not axis-aligned
+    values = gaussian_filter(rng.standard_normal((*shape, 3)), (1.5, 1.5, 1.5, 0)) * 5
+    field = ants.from_numpy(
+        values.astype(np.float32),
+        origin=(1.0, 2.0, 3.0),
+        spacing=(2.0, 2.5, 3.0),
+        direction=direction,
+        has_components=True,
+    )
+    composite = ants.compose_ants_transforms([tx, ants.transform_from_displacement_field(field)])
+    path = tmp_path / 'ants_composite.h5'
+    ants.write_transform(composite, str(path))
+    with h5py.File(path) as h5:  # ITK applies TransformGroup/2 (the affine) first
+        assert h5['TransformGroup/1/TransformType'][0].startswith(b'DisplacementField')
+        assert h5['TransformGroup/2/TransformType'][0].startswith(b'AffineTransform')
+    xfm = load_transform(path)
+    # points whose affine image falls inside the field's grid, off its voxel centres
+    index = rng.uniform(1, np.asarray(shape) - 2, (200, 3))
+    inside_lps = (direction * [2.0, 2.5, 3.0]) @ index.T + np.array([[1.0], [2.0], [3.0]])
+    points_lps = np.array([tx.invert().apply_to_point(tuple(p)) for p in inside_lps.T])
+    theirs = np.array([composite.apply_to_point(tuple(p)) for p in points_lps])
+    ours = xfm.map_points(points_lps * [-1, -1, 1]) * [-1, -1, 1]
+    assert np.abs(theirs - ours).max() < 1e-4
+    affine_only = np.array([tx.apply_to_point(tuple(p)) for p in points_lps])
+    assert np.abs(theirs - affine_only).max() > 0.5  # the field matters
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _linear():
+    geom = Geometry((8, 8, 8), np.eye(4))
+    return Transform(np.eye(4), reference=geom, moving=geom)
+
+
+@pytest.mark.parametrize(
+    ('name', 'content'),
+    [
+        ('missing.lta', None),
+        ('garbage.lta', b'type = 1\nnot an lta\n'),
+        ('empty.txt', b''),
+        (
+            'garbage.txt',
+            b'#Insight Transform File V1.0\nTransform: AffineTransform_double_3_3\n'
+            b'Parameters: 1 2 3\nFixedParameters: 0 0 0\n',
+        ),
+        (
+            'euler.txt',
+            b'#Insight Transform File V1.0\nTransform: Euler3DTransform_double_3_3\n'
+            b'Parameters: 0 0 0 1 2 3\nFixedParameters: 0 0 0\n',
+        ),
+        ('garbage.mat', b'\x00\x01\x02 not matlab'),
+        ('garbage.h5', b'not hdf5 at all'),
+        ('garbage.nii.gz', b'not gzip'),
+        ('truncated.nii.gz', 'truncate'),
+        ('scalar.nii.gz', 'scalar'),
+        ('unknown.xfm', b'1 0 0 0'),
+    ],
+)
+def test_bad_files_raise_naming_the_path(name, content, tmp_path):
+    path = tmp_path / name
+    if content == 'truncate':
+        geom = Geometry((8, 8, 8), np.eye(4))
+        field = RNG.standard_normal((8, 8, 8, 3)).astype(np.float32)
+        save_transform(Transform(np.eye(4), field, geom), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == 'scalar':
+        nb.save(nb.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(path))
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(TransformFileError) as err:
+        load_transform(path)
+    assert f'<{path}>' in str(err.value)
+    if name.endswith('.xfm'):
+        assert '.lta' in str(err.value) and '.h5' in str(err.value)
+
+
+def test_write_errors(tmp_path):
+    geom = Geometry((8, 8, 8), np.eye(4))
+    with_field = Transform(np.eye(4), np.zeros((8, 8, 8, 3), np.float32), geom, geom, geom)
+    for suffix in ('.lta', '.txt', '.mat'):
+        with pytest.raises(TransformFileError, match='linear transforms only') as err:
+            save_transform(with_field, tmp_path / f'x{suffix}')
+        assert f'<{tmp_path / f"x{suffix}"}>' in str(err.value)
+    with pytest.raises(TransformFileError, match='moving'):
+        save_transform(Transform(np.eye(4), reference=geom), tmp_path / 'x.lta')
+    with pytest.raises(TransformFileError, match='reference'):
+        save_transform(Transform(np.eye(4)), tmp_path / 'x.nii.gz')
+    with pytest.raises(TransformFileError, match='unknown extension'):
+        save_transform(_linear(), tmp_path / 'x.xfm')
+    with pytest.raises(ValueError, match='field_convention'):
+        save_transform(_linear(), tmp_path / 'x.nii.gz', field_convention='fsl')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_descriptions_say_the_direction():
+    for suffix in TRANSFORM_SUFFIXES:
+        text = transform_description(f'out{suffix}')
+        assert text.startswith(suffix) and 'fixed' in text and 'moving' in text
+    assert 'src' in transform_description('a.lta')
+    assert 'LPS' in transform_description('a.nii.gz')
+    assert 'RAS' in transform_description('a.nii.gz', field_convention='synthmorph')
+    with pytest.raises(TransformFileError, match='<a.xfm>'):
+        transform_description('a.xfm')
+
+
+def test_io_does_not_import_torch():
+    code = 'import sys, synthmorph_app.io.transforms; assert "torch" not in sys.modules'
+    subprocess.run([sys.executable, '-c', code], check=True)
