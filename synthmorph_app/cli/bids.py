@@ -1,0 +1,512 @@
+"""The BIDS-App: ``synthmorph-app BIDS_DIR OUTPUT_DIR {participant,group}`` and ``demo``.
+
+Exit codes follow the BIDS-App execution spec: 0 success (or nothing left to do), 1 a failure
+(the summary names each failed image and why), 2 bad arguments, 16 the input is not valid BIDS,
+18 no image matches the selection, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from .. import __version__
+from ..errors import SynthMorphError
+
+LOGGER = logging.getLogger('synthmorph_app.cli.bids')
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INVALID_BIDS, EXIT_NOTHING = 0, 1, 2, 16, 18
+#: Where the packaged demo dataset lives.
+DEMO_DIR = Path(__file__).resolve().parents[1] / 'data' / 'demo'
+
+EPILOG = """\
+outputs (BIDS Derivatives, sMRIPrep/fMRIPrep names), per image and output space:
+  sub-<label>/anat/sub-<label>_from-T1w_to-<tpl>_mode-image_xfm.h5   moves the image onto <tpl>
+  sub-<label>/anat/sub-<label>_from-<tpl>_to-T1w_mode-image_xfm.h5   the inverse
+  sub-<label>/anat/sub-<label>_space-<tpl>_res-<N>_T1w.nii.gz        the image on <tpl>'s grid
+  (each with a JSON sidecar: Sources, template, mode, lambda, model sha256, version, command
+  line, device, time, QC), sub-<label>.html (report), logs/CITATION.md (methods text).
+  The .h5 files are ITK composite transforms that antsApplyTransforms, nitransforms and
+  fMRIPrep read.
+
+templates come from $TEMPLATEFLOW_HOME (nothing is downloaded); MNI152NLin6Asym:res-2 ships
+with synthmorph-app.
+
+examples:
+  synthmorph-app demo out/                            # run on the packaged demo dataset
+  synthmorph-app /data/bids /data/out participant --participant-label 01 02
+  synthmorph-app /data/bids /data/out participant --contrasts T1w FLAIR \\
+      --output-spaces MNI152NLin6Asym:res-2 MNI152NLin2009cAsym:res-1
+  synthmorph-app /data/bids /data/out group           # qc.tsv and a QC page over subjects
+
+exit codes: 0 success, 1 some image failed (see the summary), 16 invalid BIDS input,
+18 nothing to process.
+"""
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'lambda must lie in [0, 1], got {value}')
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
+def _memory_gb(text: str) -> float:
+    units = {'k': 1e-6, 'm': 1e-3, 'g': 1.0, 't': 1e3}
+    raw = text.strip().lower().rstrip('b')
+    scale = units.get(raw[-1:], None)
+    try:
+        value = float(raw[:-1] if scale else raw) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a memory size (e.g. 8GB)') from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'memory must be positive, got {text!r}')
+    return value
+
+
+def _output_space(text: str) -> str:
+    from ..utils.templates import parse_output_spaces
+
+    try:
+        parse_output_spaces([text])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f'<{path}> is not an existing directory')
+    return path
+
+
+def build_bids_parser() -> argparse.ArgumentParser:
+    """The BIDS-App parser (positionals ``bids_dir output_dir analysis_level``)."""
+    parser = argparse.ArgumentParser(
+        prog='synthmorph-app',
+        description=(
+            'SynthMorph BIDS-App: register every anatomical image of a BIDS dataset to '
+            'TemplateFlow templates (any MRI contrast, with or without skull) and write BIDS '
+            'derivatives that fMRIPrep-like pipelines reuse. The commands "register", "apply" '
+            'and "demo" are described by "synthmorph-app COMMAND --help".'
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument('bids_dir', type=Path, help='root of the input BIDS dataset')
+    parser.add_argument('output_dir', type=Path,
+                        help='where derivatives go (created; safe to share between runs on '
+                             'different participants)')
+    parser.add_argument('analysis_level', choices=('participant', 'group'),
+                        help='participant: register images; group: collect QC into group/')
+    parser.add_argument('--version', action='version', version=f'synthmorph-app {__version__}')
+
+    g = parser.add_argument_group('selecting the input')
+    g.add_argument('--participant-label', '--participant_label', nargs='+', metavar='LABEL',
+                   help='subjects to process (with or without "sub-"; default: all)')
+    g.add_argument('--session-label', nargs='+', metavar='LABEL',
+                   help='sessions to process (default: all)')
+    g.add_argument('--contrasts', nargs='+', default=['T1w'], metavar='SUFFIX',
+                   help='anatomical contrasts to register: BIDS suffixes such as T1w T2w PDw '
+                        'FLAIR, or "all" (default: T1w)')
+    g.add_argument('--bids-filter-file', type=Path, metavar='FILE',
+                   help='JSON of pybids filters per contrast, e.g. '
+                        '{"t1w": {"session": "01", "acquisition": "mprage"}}')
+    g.add_argument('--skip-bids-validation', action='store_true',
+                   help='do not check that the input is valid BIDS')
+
+    g = parser.add_argument_group('registration')
+    g.add_argument('--output-spaces', nargs='+', type=_output_space, metavar='SPACE',
+                   default=None,
+                   help='templates in fMRIPrep syntax, e.g. MNI152NLin6Asym:res-2 '
+                        'MNI152NLin2009cAsym:res-1 (default: MNI152NLin6Asym:res-2, packaged); '
+                        'others must be in $TEMPLATEFLOW_HOME')
+    g.add_argument('--mode', choices=('joint', 'affine', 'rigid', 'deform'), default='joint',
+                   help='transformation model (default joint: affine then deformable)')
+    g.add_argument('--lambda', dest='lam', type=_unit_interval, default=0.5, metavar='LAMBDA',
+                   help='deformation regularisation in [0, 1]: 0 sharpest, 1 smoothest '
+                        '(default 0.5)')
+    g.add_argument('--refine', type=_non_negative_int, default=0, metavar='N',
+                   help='test-time optimisation iterations after the networks (default 0)')
+    g.add_argument('--weights', nargs='+', metavar='FILE',
+                   help='model weights (packaged name, .pt/.json or official SynthMorph .h5); '
+                        'a name with affine/rigid/deform serves that model')
+    g.add_argument('--extent', type=float, default=256.0, metavar='MM',
+                   help='side of the network space in mm (default 256; 192 is faster)')
+    g.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
+                   help='where the networks run (default auto: CUDA when available)')
+    g.add_argument('--no-figures', dest='figures', action='store_false',
+                   help='skip the report figures (faster)')
+
+    g = parser.add_argument_group('resources and execution')
+    g.add_argument('-w', '--work-dir', type=Path, metavar='DIR',
+                   help='intermediate files (default: a folder in the system temp dir)')
+    g.add_argument('--nprocs', '--n-cpus', type=_positive_int, metavar='N',
+                   help='processes run in parallel (default: all CPUs)')
+    g.add_argument('--omp-nthreads', type=_positive_int, metavar='N',
+                   help='threads per registration (default: min(8, nprocs))')
+    g.add_argument('--mem', '--mem-gb', dest='mem_gb', type=_memory_gb, metavar='SIZE',
+                   help='memory limit for scheduling, e.g. 16GB')
+    g.add_argument('--resume', action=argparse.BooleanOptionalAction, default=True,
+                   help='skip images whose derivatives are complete (default: --resume)')
+    g.add_argument('--notrack', action='store_true',
+                   help='accepted for compatibility: synthmorph-app never sends telemetry')
+    g.add_argument('--dry-run', action='store_true',
+                   help='print what would be processed, and stop')
+    g.add_argument('-v', '--verbose', action='count', default=0,
+                   help='more messages (-v progress, -vv debugging)')
+    return parser
+
+
+def build_demo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='synthmorph-app demo',
+        description='Run the whole BIDS-App on the small dataset that ships with '
+                    'synthmorph-app (two subjects\' T1w) and print where the report is.',
+    )
+    parser.add_argument('output_dir', type=Path, help='where the derivatives go')
+    parser.add_argument('-w', '--work-dir', type=Path, metavar='DIR')
+    parser.add_argument('--nprocs', type=_positive_int, metavar='N')
+    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
+    parser.add_argument('--weights', nargs='+', metavar='FILE')
+    parser.add_argument('-v', '--verbose', action='count', default=0)
+    return parser
+
+
+def main_demo(argv: list[str]) -> int:
+    """``synthmorph-app demo OUT_DIR``: the packaged dataset through the participant level."""
+    args = build_demo_parser().parse_args(argv)
+    bids_argv = [str(DEMO_DIR), str(args.output_dir), 'participant', '--device', args.device]
+    if args.work_dir:
+        bids_argv += ['-w', str(args.work_dir)]
+    if args.nprocs:
+        bids_argv += ['--nprocs', str(args.nprocs)]
+    if args.weights:
+        bids_argv += ['--weights', *args.weights]
+    bids_argv += ['-v'] * args.verbose
+    print(f'synthmorph-app demo: registering the packaged dataset <{DEMO_DIR}> to '
+          'MNI152NLin6Asym (2 mm); this takes a minute or two on a laptop CPU.')
+    return main_bids(bids_argv)
+
+
+def main_bids(argv: list[str] | None = None) -> int:
+    """Parse the BIDS-App arguments and run."""
+    args = build_bids_parser().parse_args(argv)
+    args.command_line = shlex.join(['synthmorph-app', *(sys.argv[1:] if argv is None
+                                                          else argv)])
+    return run_bids(args)
+
+
+def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
+    level = {0: 25, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.addLevelName(25, 'IMPORTANT')
+    root = logging.getLogger('synthmorph_app')
+    root.setLevel(min(level, logging.INFO))
+    fmt = logging.Formatter('%(asctime)s %(name)s %(levelname)s: %(message)s', '%H:%M:%S')
+    if not any(isinstance(h, logging.StreamHandler) and getattr(h, '_smapp', False)
+               for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._smapp = True
+        handler.setLevel(level)
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setLevel(logging.INFO)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+        logging.getLogger('py.warnings').addHandler(fh)
+    logging.captureWarnings(True)
+
+
+def run_bids(args: argparse.Namespace) -> int:
+    """Run the BIDS-App on parsed arguments; returns the exit code."""
+    os.environ.setdefault('NIPYPE_NO_ET', '1')
+    start = time.time()
+    bids_dir = Path(args.bids_dir).expanduser().absolute()
+    out_dir = Path(args.output_dir).expanduser().absolute()
+    if out_dir == bids_dir or bids_dir in out_dir.parents and out_dir.parent == bids_dir:
+        print(f'synthmorph-app: error: the output directory <{out_dir}> must not be the input '
+              'dataset itself; use e.g. <BIDS_DIR>/derivatives/synthmorph', file=sys.stderr)
+        return EXIT_USAGE
+    run_id = time.strftime('%Y%m%d-%H%M%S') + f'_{uuid.uuid4().hex[:8]}'
+    work_dir = Path(args.work_dir).expanduser().absolute() if args.work_dir else \
+        Path(tempfile.gettempdir()) / f'synthmorph-app-work-{os.getuid()}'
+    command_line = getattr(args, 'command_line', '') or 'synthmorph-app'
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f'synthmorph-app: error: cannot create a folder: {err}', file=sys.stderr)
+        return EXIT_FAILURE
+    _setup_logging(args.verbose, out_dir / 'logs' / f'synthmorph-app_{run_id}.log')
+
+    from ..utils.templates import setup_templateflow_home
+
+    tf_home = setup_templateflow_home(work_dir)
+    try:
+        if args.analysis_level == 'group':
+            return _run_group(out_dir)
+        return _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line,
+                                tf_home, start)
+    except KeyboardInterrupt:
+        print('synthmorph-app: interrupted; finished images are kept, a rerun completes the '
+              'others.', file=sys.stderr)
+        return 130
+
+
+def _run_group(out_dir: Path) -> int:
+    from ..reports.group import write_group_report
+
+    try:
+        tsv, html = write_group_report(out_dir)
+    except SynthMorphError as err:
+        print(f'synthmorph-app group: error: {err}', file=sys.stderr)
+        return EXIT_NOTHING
+    print(f'synthmorph-app group: QC table <{tsv}>, report <{html}>')
+    return EXIT_OK
+
+
+def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf_home,
+                     start) -> int:
+    from ..interfaces.derivatives import is_complete
+    from ..utils.bids import (
+        BIDSError,
+        NothingToDoError,
+        collect_data,
+        load_bids_filters,
+        validate_dataset,
+        write_dataset_description,
+        write_json_atomic,
+    )
+    from ..utils.templates import DEFAULT_SPACE, get_template, parse_output_spaces, space_label
+
+    try:
+        if not args.skip_bids_validation:
+            validate_dataset(bids_dir)
+        elif not bids_dir.is_dir():
+            raise BIDSError(f'The BIDS dataset <{bids_dir}> does not exist.')
+    except BIDSError as err:
+        print(f'synthmorph-app: invalid BIDS input: {err}', file=sys.stderr)
+        return EXIT_INVALID_BIDS
+    try:
+        spaces = parse_output_spaces(args.output_spaces or [DEFAULT_SPACE])
+        for name, spec in spaces:  # fail early, before any work, on a missing template
+            get_template(name, spec)
+        filters = load_bids_filters(args.bids_filter_file)
+        subjects = collect_data(bids_dir, participant_labels=args.participant_label,
+                                session_labels=args.session_label, contrasts=args.contrasts,
+                                bids_filters=filters)
+    except NothingToDoError as err:
+        print(f'synthmorph-app: nothing to process: {err}', file=sys.stderr)
+        return EXIT_NOTHING
+    except SynthMorphError as err:
+        print(f'synthmorph-app: error: {err}', file=sys.stderr)
+        return EXIT_FAILURE
+
+    labels = [space_label(n, s) for n, s in spaces]
+    plan: dict[str, list[tuple[str, list[str]]]] = {}
+    done: list[str] = []
+    for sub, images in subjects.items():
+        for image in images:
+            todo = [lab for lab, (n, s) in zip(labels, spaces)
+                    if not (args.resume and is_complete(out_dir, image, n, s))]
+            if todo:
+                plan.setdefault(sub, []).append((str(image), todo))
+            else:
+                done.append(str(image))
+    n_todo = sum(len(v) for v in plan.values())
+    print(f'synthmorph-app {__version__}: {n_todo} image(s) to register to '
+          f'{", ".join(labels)}; {len(done)} already finished (skipped).')
+    for sub, images in plan.items():
+        for image, todo in images:
+            print(f'  sub-{sub}: {Path(image).name} -> {", ".join(todo)}')
+    if args.dry_run:
+        return EXIT_OK
+
+    weights = None
+    if args.weights:
+        from .run import assign_weights
+
+        try:
+            weights = assign_weights(args.weights, args.mode)
+        except SynthMorphError as err:
+            print(f'synthmorph-app: error: {err}', file=sys.stderr)
+            return EXIT_FAILURE
+    device = _resolve_device(args.device)
+    nprocs = args.nprocs or os.cpu_count() or 1
+    omp = args.omp_nthreads or min(8, nprocs)
+    write_dataset_description(out_dir, bids_dir)
+    config = {
+        'version': __version__, 'run_id': run_id, 'command_line': command_line,
+        'bids_dir': str(bids_dir), 'output_dir': str(out_dir), 'work_dir': str(work_dir),
+        'templateflow_home': str(tf_home), 'participant_label': args.participant_label,
+        'session_label': args.session_label, 'contrasts': args.contrasts,
+        'bids_filters': filters, 'output_spaces': labels, 'mode': args.mode,
+        'lambda': args.lam, 'refine': args.refine, 'weights': weights, 'extent': args.extent,
+        'device': device, 'nprocs': nprocs, 'omp_nthreads': omp, 'mem_gb': args.mem_gb,
+        'resume': args.resume, 'figures': args.figures,
+    }
+    write_json_atomic(out_dir / 'logs' / f'config_{run_id}.json', config)
+
+    failures: dict[str, str] = {}
+    if plan:
+        failures = _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line,
+                            weights, device, nprocs, omp)
+    _write_citation(out_dir, labels, args)
+    from ..reports.subject import write_subject_report
+
+    reports = []
+    for sub in subjects:
+        sub_failures = {f: r for f, r in failures.items()
+                        if Path(f).name.startswith(f'sub-{sub}_')}
+        reports.append(write_subject_report(out_dir, sub, failures=sub_failures))
+
+    print(f'synthmorph-app: finished in {time.time() - start:.0f} s; derivatives in <{out_dir}>')
+    for report in reports:
+        print(f'  report: {report}')
+    if failures:
+        print(f'synthmorph-app: {len(failures)} image(s) FAILED (the others are complete):',
+              file=sys.stderr)
+        for image, reason in sorted(failures.items()):
+            print(f'  <{image}>: {reason}', file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _resolve_device(device: str) -> str:
+    if device == 'auto':
+        try:
+            import torch
+
+            return 'cuda' if torch.cuda.is_available() else 'cpu'
+        except ImportError:  # pragma: no cover
+            return 'cpu'
+    return device
+
+
+def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weights, device,
+             nprocs, omp) -> dict[str, str]:
+    """Build and run the Nipype workflow; return ``{image: reason}`` for failed images."""
+    from nipype import config as ncfg, logging as nlogging
+
+    from ..interfaces.derivatives import is_complete
+    from ..utils.templates import parse_output_spaces
+    from ..workflows.base import init_synthmorph_wf
+
+    crash_dir = work_dir / 'crash' / run_id
+    ncfg.update_config({
+        'execution': {
+            'crashdump_dir': str(crash_dir), 'crashfile_format': 'txt',
+            'stop_on_first_crash': False, 'remove_unnecessary_outputs': False,
+            'poll_sleep_duration': float(os.environ.get('SYNTHMORPH_POLL_SLEEP', '0.2')),
+            'hash_method': 'content', 'create_report': False, 'write_provenance': False,
+        },
+        'monitoring': {'enabled': False},
+    })
+    ncfg.enable_resource_monitor = False
+    nlevel = 'INFO' if args.verbose >= 2 else 'WARNING'
+    ncfg.update_config({'logging': {'workflow_level': nlevel, 'interface_level': nlevel,
+                                    'utils_level': 'WARNING'}})
+    nlogging.update_logging(ncfg)
+    workflow = init_synthmorph_wf(
+        plan=plan, out_dir=str(out_dir), bids_dir=str(bids_dir), mode=args.mode, lam=args.lam,
+        extent=args.extent, refine=args.refine, weights=weights, device=device,
+        omp_nthreads=omp, figures=args.figures, command_line=command_line,
+    )
+    workflow.base_dir = str(work_dir)
+    if nprocs > 1:
+        plugin_args = {'n_procs': nprocs, 'raise_insufficient': False,
+                       'maxtasksperchild': 1}
+        if args.mem_gb:
+            plugin_args['memory_gb'] = args.mem_gb
+        if device == 'cuda':
+            plugin_args['n_gpu_procs'] = 1
+        plugin = 'MultiProc'
+    else:
+        plugin, plugin_args = 'Linear', {}
+    LOGGER.info('running %s with %s (%s)', workflow.name, plugin, plugin_args)
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as err:  # nipype: "Workflow did not execute cleanly"
+        LOGGER.warning('some nodes failed: %s', str(err).splitlines()[0])
+    reasons = _crash_reasons(crash_dir)
+    failures = {}
+    for images in plan.values():
+        for image, todo in images:
+            spaces = parse_output_spaces(todo)
+            if all(is_complete(out_dir, image, n, s) for n, s in spaces):
+                continue
+            from ..utils.bids import image_id, parse_entities
+
+            key = f'anat_{image_id(parse_entities(image))}_wf'
+            failures[image] = reasons.get(key, 'did not finish; see the log in '
+                                               f'<{out_dir / "logs"}>')
+    return failures
+
+
+def _crash_reasons(crash_dir: Path) -> dict[str, str]:
+    """``{image workflow name: last error line}`` from Nipype's text crash files."""
+    out: dict[str, str] = {}
+    if not crash_dir.is_dir():
+        return out
+    for crash in sorted(crash_dir.glob('crash-*.txt')):
+        text = crash.read_text(errors='replace')
+        node = next((line.split(':', 1)[1].strip() for line in text.splitlines()
+                     if line.startswith('Node:')), '')
+        wf = next((part for part in node.split('.') if part.startswith('anat_')), None)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if 'Error:' in ln or 'Exception:' in ln]
+        reason = errors[-1] if errors else (lines[-1] if lines else 'unknown error')
+        reason = reason.split('Error: ', 1)[-1] if 'Error: ' in reason else reason
+        if wf and wf not in out:
+            out[wf] = f'{reason} (crash file <{crash}>)'
+    return out
+
+
+def _write_citation(out_dir: Path, labels: list[str], args) -> None:
+    """``logs/CITATION.md`` (methods boilerplate) and ``logs/CITATION.bib``, atomically."""
+    from ..reports.boilerplate import citation_markdown
+    from ..utils.bids import write_text_atomic
+
+    text, bib = citation_markdown(labels, mode=args.mode, lam=args.lam)
+    write_text_atomic(out_dir / 'logs' / 'CITATION.md', text)
+    write_text_atomic(out_dir / 'logs' / 'CITATION.bib', bib)
+
+
+def config_of(out_dir: Path) -> list[dict]:
+    """The configs of all runs logged in ``out_dir`` (oldest first)."""
+    return [json.loads(p.read_text()) for p in sorted((out_dir / 'logs').glob('config_*.json'))]

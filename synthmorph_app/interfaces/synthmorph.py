@@ -1,0 +1,203 @@
+"""Nipype interfaces over the registration API (:mod:`synthmorph_app.engine.register`).
+
+Thin wrappers: each ``_run_interface`` names its outputs in ``runtime.cwd`` and calls one plain
+function of this module, which works without Nipype. torch is imported only when a node runs,
+so building a workflow stays fast.
+
+>>> from synthmorph_app.interfaces.synthmorph import SynthMorphRegister
+>>> reg = SynthMorphRegister(mode='affine', lam=0.3)
+>>> reg.inputs.mode, reg.inputs.lam, reg.inputs.device
+('affine', 0.3, 'cpu')
+>>> sorted(reg.output_spec().get())
+['forward_xfm', 'inverse_xfm', 'log_jacobian', 'metadata', 'moved_image']
+
+>>> from synthmorph_app.interfaces.synthmorph import SynthMorphApply
+>>> SynthMorphApply(interpolation='nearest').inputs.interpolation
+'nearest'
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+
+class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
+    moving_image = File(exists=True, mandatory=True, desc='image to move (any MRI contrast)')
+    fixed_image = File(exists=True, mandatory=True, desc='fixed image (e.g. a template)')
+    mode = traits.Enum('joint', 'affine', 'rigid', 'deform', usedefault=True,
+                       desc='transformation model: joint = affine then deformable')
+    lam = traits.Range(low=0.0, high=1.0, value=0.5, usedefault=True,
+                       desc='regularisation weight lambda in [0, 1] (0 sharpest, 1 smoothest)')
+    steps = traits.Int(7, usedefault=True, desc='integration steps of the velocity field')
+    extent = traits.Float(256.0, usedefault=True, desc='side of the network space in mm')
+    refine = traits.Int(0, usedefault=True, desc='test-time optimisation iterations')
+    weights = traits.Dict(traits.Str, traits.Str, desc='model weights by kind '
+                          '({"affine": path, "deform": path}); default: packaged models')
+    device = traits.Enum('cpu', 'cuda', 'auto', usedefault=True, desc='torch device')
+    use_gpu = traits.Bool(False, usedefault=True,
+                          desc='tells MultiProc this node holds a GPU (set with device=cuda)')
+    num_threads = traits.Int(1, usedefault=True, desc='CPU threads torch may use')
+    moved_image_name = traits.Str('moved.nii.gz', usedefault=True,
+                                  desc='file name of the moved image')
+
+
+class _SynthMorphRegisterOutputSpec(TraitedSpec):
+    forward_xfm = File(exists=True, desc='ITK composite .h5: moves MOVING onto FIXED '
+                       '(fixed -> moving points, e.g. from-T1w_to-<tpl>)')
+    inverse_xfm = File(exists=True, desc='ITK composite .h5: moves FIXED onto MOVING')
+    moved_image = File(exists=True, desc='moving image resampled on the fixed grid')
+    log_jacobian = File(desc='Jacobian determinant of the forward map on the fixed grid '
+                        '(deformable modes only)')
+    metadata = traits.Dict(desc='mode, lambda, device, model cards (name, sha256), timings')
+
+
+class SynthMorphRegister(SimpleInterface):
+    """Register ``moving_image`` to ``fixed_image`` with SynthMorph networks.
+
+    Outputs follow fMRIPrep: ``forward_xfm`` is what sMRIPrep calls ``anat2std_xfm`` when the
+    fixed image is a template.
+    """
+
+    input_spec = _SynthMorphRegisterInputSpec
+    output_spec = _SynthMorphRegisterOutputSpec
+
+    def _run_interface(self, runtime):
+        cwd = Path(runtime.cwd)
+        weights = dict(self.inputs.weights) if isdefined(self.inputs.weights) else None
+        self._results.update(
+            register_files(
+                self.inputs.moving_image,
+                self.inputs.fixed_image,
+                forward_xfm=cwd / 'forward_xfm.h5',
+                inverse_xfm=cwd / 'inverse_xfm.h5',
+                moved_image=cwd / self.inputs.moved_image_name,
+                jacobian=cwd / 'jacobian.nii.gz',
+                mode=self.inputs.mode,
+                lam=self.inputs.lam,
+                steps=self.inputs.steps,
+                extent=self.inputs.extent,
+                refine=self.inputs.refine,
+                weights=weights,
+                device=self.inputs.device,
+                num_threads=self.inputs.num_threads,
+            )
+        )
+        return runtime
+
+
+def register_files(
+    moving_image: str | os.PathLike,
+    fixed_image: str | os.PathLike,
+    *,
+    forward_xfm: str | os.PathLike,
+    inverse_xfm: str | os.PathLike,
+    moved_image: str | os.PathLike | None = None,
+    jacobian: str | os.PathLike | None = None,
+    mode: str = 'joint',
+    lam: float = 0.5,
+    steps: int = 7,
+    extent: float = 256.0,
+    refine: int = 0,
+    weights: dict | None = None,
+    device: str = 'cpu',
+    num_threads: int | None = None,
+) -> dict:
+    """Register two image files and write transforms, the moved image and the Jacobian.
+
+    Returns a dict of output paths (``forward_xfm``, ``inverse_xfm``, ``moved_image``,
+    ``log_jacobian`` -- the Jacobian determinant, named as the Nipype output) and ``metadata``.
+    Input problems raise :class:`~synthmorph_app.errors.InputImageError` naming the file.
+    """
+    import nibabel as nb
+    import numpy as np
+    import torch
+
+    from ..engine.register import moved_image as resample, register
+    from ..io.images import Geometry, load_image, save_image
+    from ..io.transforms import save_transform
+    from ..reports.metrics import jacobian_determinant
+
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    start = time.perf_counter()
+    moving = load_image(moving_image, kind='moving image')
+    fixed = load_image(fixed_image, kind='fixed image')
+    result = register(moving, fixed, mode=mode, lam=lam, steps=steps, extent=extent,
+                      weights=weights, refine=refine, device=device)
+    out = {
+        'forward_xfm': str(save_transform(result.forward, forward_xfm)),
+        'inverse_xfm': str(save_transform(result.inverse, inverse_xfm)),
+    }
+    if moved_image:
+        img = resample(moving, result.forward, Geometry.from_image(fixed), dtype=np.float32,
+                       device=device)
+        out['moved_image'] = str(save_image(img, moved_image))
+    if jacobian and result.forward.field is not None:
+        geom = result.forward.field_geometry
+        det = jacobian_determinant(result.forward.field, geom.affine, result.forward.affine)
+        out['log_jacobian'] = str(save_image(nb.Nifti1Image(det, geom.affine), jacobian))
+    timings = dict(result.timings)
+    timings['total'] = time.perf_counter() - start
+    out['metadata'] = {**result.info, 'timings': {k: round(v, 3) for k, v in timings.items()},
+                       'threads': torch.get_num_threads()}
+    return out
+
+
+class _SynthMorphApplyInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='image on the moving side of transform')
+    transform = File(exists=True, mandatory=True,
+                     desc='transform file (.h5/.txt/.lta/field), fixed -> moving points')
+    reference_image = File(exists=True, desc='output grid (default: the transform\'s own)')
+    interpolation = traits.Enum('linear', 'nearest', 'labels', usedefault=True,
+                                desc='interpolation (labels: per-label linear)')
+    fill = traits.Float(0.0, usedefault=True, desc='value outside the input')
+    device = traits.Enum('cpu', 'cuda', 'auto', usedefault=True, desc='torch device')
+    use_gpu = traits.Bool(False, usedefault=True, desc='tells MultiProc this node uses a GPU')
+    out_name = traits.Str('resampled.nii.gz', usedefault=True, desc='output file name')
+
+
+class _SynthMorphApplyOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc='the resampled image')
+
+
+class SynthMorphApply(SimpleInterface):
+    """Resample an image through a transform written by :class:`SynthMorphRegister`."""
+
+    input_spec = _SynthMorphApplyInputSpec
+    output_spec = _SynthMorphApplyOutputSpec
+
+    def _run_interface(self, runtime):
+        reference = (self.inputs.reference_image
+                     if isdefined(self.inputs.reference_image) else None)
+        self._results['out_file'] = str(apply_file(
+            self.inputs.in_file, self.inputs.transform, Path(runtime.cwd) / self.inputs.out_name,
+            reference=reference, interpolation=self.inputs.interpolation,
+            fill=self.inputs.fill, device=self.inputs.device,
+        ))
+        return runtime
+
+
+def apply_file(in_file, transform, out_file, *, reference=None, interpolation='linear',
+               fill=0.0, device='cpu') -> Path:
+    """Resample ``in_file`` through the ``transform`` file and write ``out_file``."""
+    from ..engine.register import moved_image
+    from ..io.images import Geometry, load_image, save_image
+    from ..io.transforms import load_transform
+
+    ref = Geometry.from_image(load_image(reference, kind='reference image')) if reference \
+        else None
+    xfm = load_transform(transform, reference=ref)
+    img = load_image(in_file, kind='input image')
+    return save_image(moved_image(img, xfm, ref, mode=interpolation, fill=fill, device=device),
+                      out_file)

@@ -1,0 +1,46 @@
+"""Methods boilerplate (``logs/CITATION.md``) from the workflows' ``__desc__`` and the .bib.
+
+>>> text, bib = citation_markdown(['MNI152NLin6Asym:res-2'])
+>>> 'SynthMorph' in text and '@article{hoffmann2024' in bib
+True
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+BIB = Path(__file__).resolve().parents[1] / 'data' / 'boilerplate.bib'
+
+
+def citation_markdown(spaces: list[str], *, mode: str = 'joint', lam: float = 0.5,
+                      image_type: str = 'anatomical') -> tuple[str, str]:
+    """Methods text (Markdown, pandoc citation keys) and the BibTeX entries it cites."""
+    from ..workflows.registration import init_register_template_wf
+
+    wf = init_register_template_wf(templates=spaces, mode=mode, lam=lam, image_type=image_type)
+    desc = ' '.join(wf.__desc__.split())
+    bib = BIB.read_text()
+    entries = {m.group(1): m.group(0) for m in
+               re.finditer(r'@\w+\{([^,]+),.*?\n\}', bib, flags=re.S)}
+    keys = [k for k in dict.fromkeys(re.findall(r'@([A-Za-z0-9_]+)', desc)) if k in entries]
+    keys.append('nipype1') if 'nipype1' not in keys else None
+    text = (
+        '# Methods: how to describe this processing\n\n'
+        'synthmorph-app writes this text so that you can copy it into the methods section of '
+        'a paper. It is released under the CC0 license. Keys in brackets are in '
+        '`CITATION.bib`.\n\n'
+        f'{desc} The processing was run with *Nipype* [@nipype1].\n\n'
+        '## References\n\n'
+        + '\n\n'.join(_plain(entries[k]) for k in keys) + '\n'
+    )
+    return text, '\n\n'.join(entries[k] for k in keys) + '\n'
+
+
+def _plain(entry: str) -> str:
+    fields = dict(re.findall(r'(\w+) = \{(.*?)\},?\n', entry + '\n'))
+    key = re.match(r'@\w+\{([^,]+),', entry).group(1)
+    venue = fields.get('journal') or fields.get('booktitle', '')
+    doi = f' doi:{fields["doi"]}' if 'doi' in fields else ''
+    return (f'- [{key}] {fields.get("author", "")}. {fields.get("title", "")}. {venue}'
+            f' ({fields.get("year", "")}).{doi}')

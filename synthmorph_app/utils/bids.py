@@ -1,0 +1,265 @@
+"""BIDS input queries (pybids), derivative names and the derivatives' dataset description.
+
+>>> entities = parse_entities('sub-01/ses-A/anat/sub-01_ses-A_run-2_T1w.nii.gz')
+>>> entities
+{'sub': '01', 'ses': 'A', 'run': '2', 'suffix': 'T1w'}
+>>> xfm_name(entities, 'MNI152NLin6Asym')
+'sub-01_ses-A_run-2_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5'
+>>> xfm_name(entities, 'MNI152NLin6Asym', inverse=True)
+'sub-01_ses-A_run-2_from-MNI152NLin6Asym_to-T1w_mode-image_xfm.h5'
+>>> space_name(entities, 'MNI152NLin6Asym', {'res': '2'})
+'sub-01_ses-A_run-2_space-MNI152NLin6Asym_res-2_T1w.nii.gz'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+
+from ..errors import SynthMorphError
+
+LOGGER = logging.getLogger('synthmorph_app.utils.bids')
+
+#: Anatomical suffixes registered with ``--contrasts all``.
+ANAT_CONTRASTS = ('T1w', 'T2w', 'PDw', 'FLAIR', 'T2starw', 'inplaneT1', 'inplaneT2', 'PDT2',
+                  'UNIT1', 'angio')
+#: Entities of an input name kept in derivative names, in BIDS order.
+KEPT_ENTITIES = ('sub', 'ses', 'acq', 'ce', 'rec', 'run', 'echo', 'part', 'chunk')
+CODE_URL = 'https://github.com/synthmorph-app/synthmorph-app'
+
+
+class BIDSError(SynthMorphError):
+    """The input dataset is not valid BIDS (exit code 16)."""
+
+
+class NothingToDoError(SynthMorphError):
+    """No image matched the selection (exit code 18)."""
+
+
+def parse_entities(path: str | os.PathLike) -> dict:
+    """BIDS entities of a file name, in name order, plus ``suffix``."""
+    name = Path(path).name
+    stem = re.sub(r'\.(nii\.gz|nii|mgz|json)$', '', name)
+    *pairs, suffix = stem.split('_')
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition('-')
+        out[key] = value
+    out['suffix'] = suffix
+    return out
+
+
+def _prefix(entities: dict) -> str:
+    return '_'.join(f'{k}-{entities[k]}' for k in KEPT_ENTITIES if entities.get(k))
+
+
+def xfm_name(entities: dict, template: str, *, inverse: bool = False, ext: str = '.h5') -> str:
+    """sMRIPrep's transform name: ``<prefix>_from-<contrast>_to-<tpl>_mode-image_xfm<ext>``."""
+    src, dst = entities['suffix'], template
+    if inverse:
+        src, dst = dst, src
+    return f'{_prefix(entities)}_from-{src}_to-{dst}_mode-image_xfm{ext}'
+
+
+def space_name(entities: dict, template: str, spec: dict, *, desc: str | None = None,
+               suffix: str | None = None, ext: str = '.nii.gz') -> str:
+    """``<prefix>_space-<tpl>[_cohort-N][_res-N][_desc-X]_<suffix><ext>``."""
+    parts = [_prefix(entities), f'space-{template}']
+    parts += [f'{k}-{spec[k]}' for k in ('cohort', 'res') if k in spec]
+    if desc:
+        parts.append(f'desc-{desc}')
+    return '_'.join(parts) + f'_{suffix or entities["suffix"]}{ext}'
+
+
+def image_id(entities: dict) -> str:
+    """A short unique label of one input image (also a valid Nipype node name)."""
+    return '_'.join([_prefix(entities), entities['suffix']]).replace('-', '').replace('.', '')
+
+
+def bids_uri(path: str | os.PathLike, bids_dir: str | os.PathLike, dataset: str = 'raw') -> str:
+    """``bids:<dataset>:<relative path>`` (BIDS URIs, as in ``Sources``)."""
+    try:
+        rel = Path(path).absolute().relative_to(Path(bids_dir).absolute())
+    except ValueError:
+        return Path(path).absolute().as_uri()
+    return f'bids:{dataset}:{rel.as_posix()}'
+
+
+def load_bids_filters(path: str | os.PathLike | None) -> dict:
+    """Read a ``--bids-filter-file``: ``{"t1w": {"session": "A"}, ...}`` keyed by contrast."""
+    if not path:
+        return {}
+    try:
+        filters = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SynthMorphError(
+            f'cannot read the BIDS filter file <{path}>: {err}. It must be JSON like '
+            '{"t1w": {"session": "01"}}'
+        ) from None
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise SynthMorphError(
+            f'the BIDS filter file <{path}> must map contrasts to entity filters, like '
+            '{"t1w": {"session": "01", "acquisition": "mprage"}}'
+        )
+    return {k.lower(): v for k, v in filters.items()}
+
+
+def validate_dataset(bids_dir: str | os.PathLike) -> None:
+    """Check that ``bids_dir`` looks like BIDS: a dataset description and valid names.
+
+    A light check (the full validator is the npm package ``bids-validator``): the
+    ``dataset_description.json`` must be JSON with ``Name`` and ``BIDSVersion``, and every file
+    under ``sub-*/`` must have a name the BIDS schema accepts. Raises :class:`BIDSError`.
+    """
+    root = Path(bids_dir)
+    desc = root / 'dataset_description.json'
+    if not root.is_dir():
+        raise BIDSError(f'The BIDS dataset <{root}> does not exist or is not a directory.')
+    try:
+        meta = json.loads(desc.read_text())
+    except OSError:
+        raise BIDSError(
+            f'<{desc}> is missing: <{root}> is not a BIDS dataset (give the dataset root, '
+            'or --skip-bids-validation).'
+        ) from None
+    except ValueError as err:
+        raise BIDSError(f'<{desc}> is not valid JSON: {err}.') from None
+    for key in ('Name', 'BIDSVersion'):
+        if key not in meta:
+            raise BIDSError(f'<{desc}> lacks the required field "{key}".')
+    try:
+        from bids_validator import BIDSValidator
+    except ImportError:  # pragma: no cover - pybids depends on it
+        return
+    validator = BIDSValidator()
+    bad = []
+    for path in sorted(root.glob('sub-*/**/*')):
+        if path.is_file() and not path.name.startswith('.'):
+            rel = '/' + path.relative_to(root).as_posix()
+            if not validator.is_bids(rel):
+                bad.append(rel)
+    if bad:
+        shown = ', '.join(f'<{root}{p}>' for p in bad[:5])
+        more = f' and {len(bad) - 5} more' if len(bad) > 5 else ''
+        raise BIDSError(
+            f'files with non-BIDS names: {shown}{more}. Rename them, add them to .bidsignore, '
+            'or run with --skip-bids-validation.'
+        )
+
+
+def collect_data(
+    bids_dir: str | os.PathLike,
+    *,
+    participant_labels: list[str] | None = None,
+    session_labels: list[str] | None = None,
+    contrasts: list[str] | None = None,
+    bids_filters: dict | None = None,
+) -> dict[str, list[Path]]:
+    """Anatomical images to register, by subject label, queried with pybids.
+
+    ``contrasts`` are BIDS suffixes (default ``['T1w']``; ``['all']`` for every anatomical
+    contrast in :data:`ANAT_CONTRASTS`). Labels may carry the ``sub-``/``ses-`` prefix.
+    Raises :class:`NothingToDoError` when nothing matches, naming what was asked.
+    """
+    from bids import BIDSLayout
+    from bids.layout import Query
+
+    layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    subjects = layout.get_subjects()
+    wanted = [re.sub(r'^sub-', '', s) for s in participant_labels or []] or subjects
+    unknown = sorted(set(wanted) - set(subjects))
+    if unknown:
+        msg = (f'participant label(s) {", ".join(unknown)} not found in <{bids_dir}> '
+               f'(it has: {", ".join(subjects) or "none"})')
+        if len(unknown) == len(wanted):
+            raise NothingToDoError(msg)
+        LOGGER.warning(msg)
+    wanted = [s for s in wanted if s in subjects]
+    contrasts = list(contrasts or ['T1w'])
+    if 'all' in contrasts:
+        contrasts = list(ANAT_CONTRASTS)
+    filters = bids_filters or {}
+    out: dict[str, list[Path]] = {}
+    for sub in wanted:
+        images: list[Path] = []
+        for contrast in contrasts:
+            query = {'subject': sub, 'datatype': 'anat', 'suffix': contrast,
+                     'extension': ['.nii', '.nii.gz'], 'return_type': 'file'}
+            if session_labels:
+                query['session'] = [re.sub(r'^ses-', '', s) for s in session_labels]
+            for key, value in filters.get(contrast.lower(), {}).items():
+                query[key] = Query.NONE if value is None else value
+            images += [Path(p) for p in layout.get(**query)]
+        if images:
+            out[sub] = sorted(set(images))
+    if not out:
+        raise NothingToDoError(
+            f'no {"/".join(contrasts)} image in <{bids_dir}> matches the selection '
+            f'(participants: {", ".join(wanted) or "none"}'
+            + (f'; sessions: {", ".join(session_labels)}' if session_labels else '')
+            + '); check --participant-label, --session-label, --contrasts and '
+            '--bids-filter-file.'
+        )
+    return out
+
+
+def in_container() -> dict | None:
+    """Container metadata for ``GeneratedBy``, or None outside one."""
+    if os.environ.get('SINGULARITY_CONTAINER') or os.environ.get('APPTAINER_CONTAINER'):
+        return {'Type': 'singularity',
+                'Tag': os.environ.get('SINGULARITY_NAME') or os.environ.get('APPTAINER_NAME')}
+    if Path('/.dockerenv').exists() or os.environ.get('IS_DOCKER_8395080871'):
+        return {'Type': 'docker', 'Tag': f'synthmorph-app:{_version()}'}
+    return None
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def dataset_description(bids_dir: str | os.PathLike) -> dict:
+    """The derivatives' ``dataset_description.json`` (deterministic for one version)."""
+    generated = {'Name': 'synthmorph-app', 'Version': _version(), 'CodeURL': CODE_URL}
+    container = in_container()
+    if container:
+        generated['Container'] = {k: v for k, v in container.items() if v}
+    return {
+        'Name': 'synthmorph-app: anatomical images registered to templates',
+        'BIDSVersion': '1.9.0',
+        'DatasetType': 'derivative',
+        'GeneratedBy': [generated],
+        'HowToAcknowledge': 'Cite SynthMorph and synthmorph-app: see logs/CITATION.md.',
+        'DatasetLinks': {'raw': str(Path(bids_dir).absolute())},
+    }
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
+    """Write JSON through a unique temporary name and ``os.replace`` (safe when concurrent)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex}.tmp'
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + '\n')
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write text through a unique temporary name and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex}.tmp'
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_dataset_description(out_dir: str | os.PathLike, bids_dir: str | os.PathLike) -> Path:
+    """Write ``<out_dir>/dataset_description.json`` atomically (concurrent runs agree)."""
+    return write_json_atomic(Path(out_dir) / 'dataset_description.json',
+                             dataset_description(bids_dir))

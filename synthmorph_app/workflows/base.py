@@ -1,0 +1,198 @@
+"""The whole app: per-subject and per-image workflows.
+
+>>> from synthmorph_app.workflows.base import init_anat_image_wf
+>>> wf = init_anat_image_wf(in_file='/data/sub-01/anat/sub-01_T1w.nii.gz',
+...                         templates=['MNI152NLin6Asym:res-2'], out_dir='/out',
+...                         bids_dir='/data')
+>>> wf.name
+'anat_sub01_T1w_wf'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from ..interfaces.reports import ImageQC
+from ..utils.bids import image_id, parse_entities
+from .outputs import init_ds_registration_wf
+from .registration import init_register_template_wf
+
+
+def init_synthmorph_wf(
+    *,
+    plan: dict[str, list[tuple[str, list[str]]]],
+    out_dir: str,
+    bids_dir: str,
+    mode: str = 'joint',
+    lam: float = 0.5,
+    extent: float = 256.0,
+    refine: int = 0,
+    weights: dict | None = None,
+    device: str = 'cpu',
+    omp_nthreads: int = 1,
+    figures: bool = True,
+    command_line: str = '',
+    name: str = 'synthmorph_wf',
+):
+    """Build the app's workflow: one sub-workflow per subject.
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from synthmorph_app.workflows.base import init_synthmorph_wf
+            wf = init_synthmorph_wf(
+                plan={'01': [('/data/sub-01/anat/sub-01_T1w.nii.gz',
+                              ['MNI152NLin6Asym:res-2'])]},
+                out_dir='/out', bids_dir='/data')
+
+    Parameters
+    ----------
+    plan
+        Subject label -> list of ``(image path, output spaces still to compute)``.
+    out_dir, bids_dir
+        Derivatives root and input BIDS root.
+    mode, lam, extent, refine, weights, device, omp_nthreads
+        Registration settings (see :func:`init_register_template_wf`).
+    figures
+        Draw the report figures.
+    command_line
+        Recorded in the derivatives' sidecars.
+    """
+    workflow = Workflow(name=name)
+    for subject, images in sorted(plan.items()):
+        workflow.add_nodes([init_single_subject_wf(
+            subject_id=subject, images=images, out_dir=out_dir, bids_dir=bids_dir, mode=mode,
+            lam=lam, extent=extent, refine=refine, weights=weights, device=device,
+            omp_nthreads=omp_nthreads, figures=figures, command_line=command_line,
+        )])
+    return workflow
+
+
+def init_single_subject_wf(*, subject_id: str, images: list[tuple[str, list[str]]],
+                           name: str | None = None, **kwargs):
+    """One subject: an :func:`init_anat_image_wf` per anatomical image.
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from synthmorph_app.workflows.base import init_single_subject_wf
+            wf = init_single_subject_wf(
+                subject_id='01', out_dir='/out', bids_dir='/data',
+                images=[('/data/sub-01/anat/sub-01_T1w.nii.gz', ['MNI152NLin6Asym:res-2'])])
+
+    Parameters
+    ----------
+    subject_id
+        Label without ``sub-``.
+    images
+        ``(image path, output spaces)`` pairs.
+    kwargs
+        Passed to :func:`init_anat_image_wf`.
+    """
+    workflow = Workflow(name=name or f'sub_{_safe(subject_id)}_wf')
+    workflow.__desc__ = f"""
+Results included in this manuscript come from registration performed using *synthmorph-app*
+on subject {subject_id}'s anatomical images, executed with *Nipype* [@nipype1].
+"""
+    for in_file, templates in images:
+        workflow.add_nodes([init_anat_image_wf(in_file=str(in_file), templates=templates,
+                                               **kwargs)])
+    return workflow
+
+
+def init_anat_image_wf(
+    *,
+    in_file: str,
+    templates: list[str],
+    out_dir: str,
+    bids_dir: str,
+    mode: str = 'joint',
+    lam: float = 0.5,
+    extent: float = 256.0,
+    refine: int = 0,
+    weights: dict | None = None,
+    device: str = 'cpu',
+    omp_nthreads: int = 1,
+    figures: bool = True,
+    command_line: str = '',
+    name: str | None = None,
+):
+    """One image: register to every template, QC, and write the derivatives.
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from synthmorph_app.workflows.base import init_anat_image_wf
+            wf = init_anat_image_wf(in_file='/data/sub-01/anat/sub-01_T1w.nii.gz',
+                                    templates=['MNI152NLin6Asym:res-2'], out_dir='/out',
+                                    bids_dir='/data')
+
+    Parameters
+    ----------
+    in_file
+        The BIDS image.
+    templates
+        Output spaces (fMRIPrep syntax).
+    out_dir, bids_dir, mode, lam, extent, refine, weights, device, omp_nthreads, figures,
+    command_line
+        See :func:`init_synthmorph_wf`.
+
+    Inputs
+    ------
+    in_file
+        Set to ``in_file`` already.
+
+    Outputs
+    -------
+    out_files
+        Lists of written derivatives, one list per template.
+    """
+    entities = parse_entities(in_file)
+    workflow = Workflow(name=name or f'anat_{image_id(entities)}_wf')
+    inputnode = pe.Node(niu.IdentityInterface(fields=['in_file']), name='inputnode')
+    inputnode.inputs.in_file = in_file
+    outputnode = pe.Node(niu.IdentityInterface(fields=['out_files']), name='outputnode')
+    register_wf = init_register_template_wf(
+        templates=templates, mode=mode, lam=lam, extent=extent, refine=refine, weights=weights,
+        device=device, omp_nthreads=omp_nthreads, image_type=entities['suffix'],
+    )
+    image_qc = pe.Node(ImageQC(figures=figures), name='image_qc', mem_gb=1.0)
+    ds_wf = init_ds_registration_wf(out_dir=out_dir, bids_dir=bids_dir, in_file=in_file,
+                                    command_line=command_line)
+    gather = pe.JoinNode(niu.IdentityInterface(fields=['out_files']), name='gather',
+                         joinsource='register_template_wf.inputnode', joinfield=['out_files'])
+    workflow.connect([
+        (inputnode, register_wf, [('in_file', 'inputnode.moving_image')]),
+        (inputnode, image_qc, [('in_file', 'moving_image')]),
+        (register_wf, image_qc, [('poutputnode.std_image', 'moved_image'),
+                                 ('poutputnode.template_file', 'template'),
+                                 ('poutputnode.template_mask', 'template_mask'),
+                                 ('poutputnode.log_jacobian', 'log_jacobian')]),
+        (register_wf, ds_wf, [('poutputnode.template', 'inputnode.template'),
+                              ('poutputnode.template_spec', 'inputnode.template_spec'),
+                              ('poutputnode.template_file', 'inputnode.template_file'),
+                              ('poutputnode.std_image', 'inputnode.space_image'),
+                              ('poutputnode.anat2std_xfm', 'inputnode.forward_xfm'),
+                              ('poutputnode.std2anat_xfm', 'inputnode.inverse_xfm'),
+                              ('poutputnode.metadata', 'inputnode.metadata')]),
+        (image_qc, ds_wf, [('qc', 'inputnode.qc'),
+                           ('before_after', 'inputnode.before_after'),
+                           ('jacobian_figure', 'inputnode.jacobian_figure')]),
+        (ds_wf, gather, [('outputnode.out_files', 'out_files')]),
+        (gather, outputnode, [('out_files', 'out_files')]),
+    ])  # fmt:skip
+    return workflow
+
+
+def _safe(label: str) -> str:
+    return ''.join(c if c.isalnum() else '_' for c in label)

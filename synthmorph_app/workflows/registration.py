@@ -1,0 +1,169 @@
+"""Registration of an anatomical image to templates: a drop-in for sMRIPrep's workflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from .. import __version__
+from ..interfaces.synthmorph import SynthMorphRegister
+
+DATA = Path(__file__).resolve().parents[1] / 'data'
+
+#: Outputs of sMRIPrep's ``init_register_template_wf``, then ours.
+SMRIPREP_OUTPUTS = ['anat2std_xfm', 'std2anat_xfm', 'template', 'template_spec']
+EXTRA_OUTPUTS = ['std_image', 'template_file', 'template_mask', 'log_jacobian', 'metadata']
+
+
+def load_tunables() -> dict:
+    """Resource tunables of the registration node (``data/registration.json``)."""
+    return json.loads((DATA / 'registration.json').read_text())
+
+
+def init_register_template_wf(
+    *,
+    templates: list[str],
+    mode: str = 'joint',
+    lam: float = 0.5,
+    extent: float = 256.0,
+    refine: int = 0,
+    weights: dict | None = None,
+    device: str = 'cpu',
+    omp_nthreads: int = 1,
+    image_type: str = 'T1w',
+    name: str = 'register_template_wf',
+):
+    """Register an anatomical image to one or more templates with SynthMorph.
+
+    Same ports as sMRIPrep's ``init_register_template_wf`` (so an fMRIPrep-like pipeline can
+    swap it in): ``inputnode.template`` iterates over ``templates``; ``poutputnode`` holds one
+    template's results, ``outputnode`` joins them all into lists.
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from synthmorph_app.workflows.registration import init_register_template_wf
+            wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'])
+
+    Parameters
+    ----------
+    templates
+        Output spaces in fMRIPrep syntax (``MNI152NLin6Asym:res-2``).
+    mode, lam, extent, refine, weights, device
+        Passed to :class:`~synthmorph_app.interfaces.synthmorph.SynthMorphRegister`.
+    omp_nthreads
+        CPU threads of the registration node (its ``n_procs``).
+    image_type
+        Contrast of the moving image (any: SynthMorph is contrast-agnostic).
+
+    Inputs
+    ------
+    moving_image
+        The anatomical image to normalise.
+    moving_mask, lesion_mask
+        Accepted for sMRIPrep compatibility; unused (SynthMorph needs no mask).
+    template
+        Iterable: one template specification per expansion.
+
+    Outputs
+    -------
+    anat2std_xfm
+        Image-to-template transform (ITK composite ``.h5``).
+    std2anat_xfm
+        Template-to-image transform.
+    template, template_spec
+        Template name and its entities (``{'res': '2'}``).
+    std_image, template_file, template_mask, log_jacobian, metadata
+        Ours: the image on the template grid, the template and brain mask files, the
+        Jacobian determinant map and the registration's metadata.
+    """
+    from ..utils.templates import get_template_metadata, parse_output_spaces
+
+    workflow = Workflow(name=name)
+    parsed = parse_output_spaces(templates)
+    names = ', '.join(f'*{get_template_metadata(n).get("Name", n)}* '
+                      f'[@{n.lower()}; TemplateFlow ID: {n}]' for n, _ in parsed)
+    workflow.__desc__ = f"""\
+The {image_type} image was registered to {len(parsed)} standard space{'s' * (len(parsed) > 1)}
+({names}) with SynthMorph [@synthmorph; @hoffmann2024], using synthmorph-app {__version__},
+a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
+{_mode_text(mode, lam)} Templates were accessed offline through *TemplateFlow* [@templateflow].
+"""
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=['lesion_mask', 'moving_image', 'moving_mask', 'template']),
+        name='inputnode',
+    )
+    inputnode.iterables = [('template', list(templates))]
+    out_fields = SMRIPREP_OUTPUTS + EXTRA_OUTPUTS
+    poutputnode = pe.Node(niu.IdentityInterface(fields=out_fields), name='poutputnode')
+    outputnode = pe.JoinNode(niu.IdentityInterface(fields=out_fields), name='outputnode',
+                             joinsource='inputnode')
+
+    split_desc = pe.Node(niu.Function(function=_split_template,
+                                      output_names=['name', 'spec']),
+                         name='split_desc', run_without_submitting=True)
+    tf_select = pe.Node(niu.Function(function=_select_template,
+                                     output_names=['t1w_file', 'brain_mask']),
+                        name='tf_select', run_without_submitting=True)
+    tunables = load_tunables()
+    on_gpu = device == 'cuda'
+    registration = pe.Node(
+        SynthMorphRegister(mode=mode, lam=lam, extent=extent, refine=refine, device=device,
+                           use_gpu=on_gpu, num_threads=omp_nthreads,
+                           **({'weights': weights} if weights else {})),
+        name='registration', n_procs=omp_nthreads,
+        mem_gb=tunables['mem_gb']['cuda' if on_gpu else 'cpu'],
+    )
+    workflow.connect([
+        (inputnode, split_desc, [('template', 'template')]),
+        (inputnode, registration, [('moving_image', 'moving_image')]),
+        (split_desc, tf_select, [('name', 'name'), ('spec', 'spec')]),
+        (tf_select, registration, [('t1w_file', 'fixed_image')]),
+        (split_desc, poutputnode, [('name', 'template'), ('spec', 'template_spec')]),
+        (tf_select, poutputnode, [('t1w_file', 'template_file'),
+                                  ('brain_mask', 'template_mask')]),
+        (registration, poutputnode, [('forward_xfm', 'anat2std_xfm'),
+                                     ('inverse_xfm', 'std2anat_xfm'),
+                                     ('moved_image', 'std_image'),
+                                     ('log_jacobian', 'log_jacobian'),
+                                     ('metadata', 'metadata')]),
+        (poutputnode, outputnode, [(f, f) for f in out_fields]),
+    ])  # fmt:skip
+    return workflow
+
+
+def _mode_text(mode: str, lam: float) -> str:
+    if mode == 'joint':
+        return (f'An affine network was followed by a deformable hypernetwork (regularisation '
+                f'weight lambda = {lam}), whose symmetric stationary velocity field was '
+                f'integrated into a diffeomorphism.')
+    if mode == 'deform':
+        return f'A deformable hypernetwork (lambda = {lam}) registered the images.'
+    return f'The registration was {mode} ({"12" if mode == "affine" else "6"} degrees of freedom).'
+
+
+def _split_template(template):
+    """``'MNI152NLin6Asym:res-2'`` -> ``('MNI152NLin6Asym', {'res': '2'})``."""
+    from synthmorph_app.utils.templates import parse_output_spaces
+
+    return parse_output_spaces([template])[0]
+
+
+def _select_template(name, spec):
+    """The template's head T1w (at ``spec``'s resolution) and a brain mask, offline."""
+    from synthmorph_app.errors import TemplateNotFoundError
+    from synthmorph_app.utils.templates import get_template
+
+    t1w = get_template(name, spec, suffix='T1w')
+    try:
+        mask = get_template(name, spec, suffix='mask', desc='brain')
+    except TemplateNotFoundError:
+        mask = get_template(name, {k: v for k, v in spec.items() if k != 'res'},
+                            suffix='mask', desc='brain')
+    return str(t1w), str(mask)
