@@ -19,6 +19,15 @@ LOGGER = logging.getLogger('synthmorph_app.cli')
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault('NIPYPE_NO_ET', '1')
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] == 'demo':  # the BIDS-App on the packaged dataset
+        from .bids import main_demo
+
+        return main_demo(words[1:])
+    if words and not words[0].startswith('-') and words[0] not in ('register', 'apply', 'train'):
+        from .bids import main_bids  # BIDS-App: BIDS_DIR OUTPUT_DIR participant|group
+
+        return main_bids(words)
     from .parser import build_parser
 
     parser = build_parser()
