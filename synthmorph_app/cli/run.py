@@ -237,18 +237,17 @@ def _check_image_name(path):
         )
 
 
-TRANSFORM_SUFFIXES = ('.lta', '.txt', '.mat', '.h5', '.nii.gz', '.nii', '.mgz')
-
-
 def _check_transform_name(path, linear: bool):
+    from ..io.transforms import LINEAR_SUFFIXES, TRANSFORM_SUFFIXES, transform_suffix
+
     if not path:
         return
-    name = str(path).lower()
-    if not name.endswith(TRANSFORM_SUFFIXES):
+    suffix = transform_suffix(path)
+    if suffix is None:
         raise SynthMorphError(
             f'cannot write the transform <{path}>: use one of {", ".join(TRANSFORM_SUFFIXES)}'
         )
-    if not linear and name.endswith(('.lta', '.txt', '.mat')):
+    if not linear and suffix in LINEAR_SUFFIXES:
         raise SynthMorphError(
             f'<{path}> holds linear transforms only; a deformable result needs .h5 or a '
             'displacement field (.nii.gz, .mgz)'
