@@ -192,6 +192,8 @@ def collect_data(
             if session_labels:
                 query['session'] = [re.sub(r'^ses-', '', s) for s in session_labels]
             for key, value in filters.get(contrast.lower(), {}).items():
+                if key in ('subject', 'datatype', 'suffix', 'return_type'):
+                    continue  # chosen by --participant-label and --contrasts
                 query[key] = Query.NONE if value is None else value
             images += [Path(p) for p in layout.get(**query)]
         if images:

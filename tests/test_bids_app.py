@@ -1,0 +1,219 @@
+"""The BIDS-App end to end: derivatives, provenance, failures, reruns, concurrency, exit codes.
+
+Runs go through the real CLI in subprocesses (as users run it), on 2 mm data, with ``HOME``
+unwritable and ``TEMPLATEFLOW_HOME`` unset, so the packaged template must serve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from synthmorph_app.cli.bids import DEMO_DIR
+
+TEMPLATE = (Path(__file__).resolve().parents[1] / 'synthmorph_app' / 'data' / 'templateflow'
+            / 'tpl-MNI152NLin6Asym' / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz')
+FAST = ['--extent', '192', '--nprocs', '2', '--omp-nthreads', '1']
+
+
+def _env(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('TEMPLATEFLOW_HOME', 'XDG_CACHE_HOME', 'SYNTHMORPH_WEIGHTS_DIR')}
+    # /proc refuses new folders even to root: a HOME nothing can be written under
+    env.update(HOME='/proc/synthmorph-no-home', NIPYPE_NO_ET='1', SYNTHMORPH_POLL_SLEEP='0.05',
+               MPLCONFIGDIR=str(tmp / 'mpl'), TMPDIR=str(tmp))
+    return env
+
+
+def _run(args, tmp: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'synthmorph_app', *map(str, args)],
+                          env=_env(tmp), capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def main_run(shared_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('bidsapp')
+    out = tmp / 'out'
+    proc = _run([shared_data / 'bids', out, 'participant', '--participant-label', '01',
+                 'chris', '-w', tmp / 'work', *FAST], tmp)
+    return proc, out, tmp
+
+
+@pytest.mark.slow
+def test_participant_derivatives(main_run, shared_data):
+    proc, out, _ = main_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'report:' in proc.stdout
+    for sub in ('01', 'chris'):  # 2 mm LPS and 0.88 mm RAS inputs
+        anat = out / f'sub-{sub}' / 'anat'
+        fwd = anat / f'sub-{sub}_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5'
+        inv = anat / f'sub-{sub}_from-MNI152NLin6Asym_to-T1w_mode-image_xfm.h5'
+        img = anat / f'sub-{sub}_space-MNI152NLin6Asym_res-2_T1w.nii.gz'
+        for path in (fwd, inv, img):
+            assert path.is_file(), path
+            assert path.with_name(path.name.split('.')[0] + '.json').is_file()
+        meta = json.loads(fwd.with_suffix('.json').read_text())
+        assert meta['Sources'][0] == f'bids:raw:sub-{sub}/anat/sub-{sub}_T1w.nii.gz'
+        assert meta['Template'] == 'MNI152NLin6Asym' and meta['Resolution'] == '2'
+        assert meta['RegistrationMode'] == 'joint' and meta['Lambda'] == 0.5
+        assert set(meta['Models']) == {'affine', 'deform'}
+        assert all(len(m['sha256']) == 64 for m in meta['Models'].values())
+        assert meta['Software']['Name'] == 'synthmorph-app'
+        assert 'participant' in meta['CommandLine'] and meta['Device'] == 'cpu'
+        assert meta['ElapsedTime'] > 0
+        assert set(meta['QC']) == {'ncc_template', 'logjac_std', 'folding_pct'}
+        assert (out / f'sub-{sub}.html').is_file()
+        assert (out / f'sub-{sub}' / 'figures' /
+                f'sub-{sub}_space-MNI152NLin6Asym_desc-reg_T1w.svg').is_file()
+    desc = json.loads((out / 'dataset_description.json').read_text())
+    assert desc['DatasetType'] == 'derivative'
+    assert desc['GeneratedBy'][0]['Name'] == 'synthmorph-app'
+    assert 'CodeURL' in desc['GeneratedBy'][0]
+    assert 'SynthMorph' in (out / 'logs' / 'CITATION.md').read_text()
+    assert list((out / 'logs').glob('config_*.json'))
+    assert not list(out.glob('**/.*.tmp'))
+    # pybids indexes the output as a derivatives dataset
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(shared_data / 'bids', derivatives=[str(out)], validate=False)
+    found = layout.derivatives.get_pipeline('synthmorph-app').get(
+        space='MNI152NLin6Asym', suffix='T1w', extension='.nii.gz', return_type='file')
+    assert len(found) == 2
+
+
+@pytest.mark.slow
+def test_h5_read_by_ants_and_nitransforms(main_run, shared_data):
+    """ANTs and nitransforms map the image onto the template as our resampled output."""
+    proc, out, _ = main_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moving = shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
+    fwd = out / 'sub-01' / 'anat' / 'sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5'
+    ours = np.asanyarray(nb.load(out / 'sub-01' / 'anat' /
+                                 'sub-01_space-MNI152NLin6Asym_res-2_T1w.nii.gz').dataobj)
+    span = float(ours.max() - ours.min())
+
+    import ants
+
+    ants_out = ants.apply_transforms(
+        fixed=ants.image_read(str(TEMPLATE)), moving=ants.image_read(str(moving)),
+        transformlist=[str(fwd)], interpolator='linear',
+    ).numpy()
+    import nitransforms as nt
+    from nitransforms.resampling import apply
+
+    xfm = nt.manip.load(str(fwd), fmt='itk')
+    nt_out = np.asanyarray(apply(xfm, str(moving), reference=str(TEMPLATE), order=1).dataobj)
+    inside = np.zeros(ours.shape, bool)
+    inside[2:-2, 2:-2, 2:-2] = True  # boundary voxels depend on each tool's edge rule
+    assert np.abs(ants_out - ours)[inside].max() < 1e-3 * span
+    assert np.abs(nt_out - ours)[inside].max() < 1e-3 * span
+
+
+@pytest.mark.slow
+def test_group_level(main_run):
+    proc, out, tmp = main_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    group = _run([out.parent / 'unused', out, 'group'], tmp)
+    assert group.returncode == 0, group.stderr
+    lines = (out / 'group' / 'qc.tsv').read_text().splitlines()
+    assert lines[0].split('\t')[:3] == ['participant_id', 'image', 'template']
+    assert len(lines) == 3
+    assert '<svg' in (out / 'group' / 'qc.html').read_text()
+
+
+@pytest.mark.slow
+def test_failure_isolation_and_rerun(tmp_path):
+    bids = tmp_path / 'bids'
+    shutil.copytree(DEMO_DIR, bids)
+    bad = bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])  # truncated
+    out = tmp_path / 'out'
+    args = [bids, out, 'participant', '--mode', 'affine', '--no-figures', '-w',
+            tmp_path / 'work', *FAST]
+    first = _run(args, tmp_path)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert 'sub-02_T1w.nii.gz' in first.stderr and 'FAILED' in first.stderr
+    done = out / 'sub-01' / 'anat' / 'sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json'
+    assert done.is_file()
+    assert not (out / 'sub-02' / 'anat').exists() or not list(
+        (out / 'sub-02' / 'anat').glob('*xfm.json'))
+    assert 'FAILED' in (out / 'sub-02.html').read_text()
+    stamp = done.stat().st_mtime_ns
+    bad.write_bytes(data)  # fixed
+    second = _run(args, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert '1 image(s) to register' in second.stdout and '1 already finished' in second.stdout
+    assert done.stat().st_mtime_ns == stamp
+    assert (out / 'sub-02' / 'anat' /
+            'sub-02_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json').is_file()
+
+
+@pytest.mark.slow
+def test_concurrent_runs_share_one_output(tmp_path):
+    out = tmp_path / 'out'
+    procs = [
+        subprocess.Popen(
+            [sys.executable, '-m', 'synthmorph_app', str(DEMO_DIR), str(out), 'participant',
+             '--participant-label', sub, '--mode', 'affine', '--no-figures', '-w',
+             str(tmp_path / 'work'), '--nprocs', '1', '--omp-nthreads', '1', '--extent', '192'],
+            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for sub in ('01', '02')
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    assert json.loads((out / 'dataset_description.json').read_text())['DatasetType'] == \
+        'derivative'
+    assert 'SynthMorph' in (out / 'logs' / 'CITATION.md').read_text()
+    assert len(list((out / 'logs').glob('config_*.json'))) == 2
+    for sub in ('01', '02'):
+        assert (out / f'sub-{sub}' / 'anat' /
+                f'sub-{sub}_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json').is_file()
+    assert not list(out.glob('**/.*.tmp'))
+
+
+def test_exit_codes(tmp_path, shared_data):
+    # 16: not BIDS
+    (tmp_path / 'notbids').mkdir()
+    res = _run([tmp_path / 'notbids', tmp_path / 'o', 'participant'], tmp_path)
+    assert res.returncode == 16 and 'dataset_description.json' in res.stderr
+    # 18: nothing matches
+    res = _run([DEMO_DIR, tmp_path / 'o', 'participant', '--participant-label', '99'], tmp_path)
+    assert res.returncode == 18 and '99' in res.stderr
+    # 1: a template that is not available offline, with a message saying how to provide it
+    res = _run([DEMO_DIR, tmp_path / 'o', 'participant', '--output-spaces',
+                'MNI152NLin2009cAsym:res-1'], tmp_path)
+    assert res.returncode == 1 and 'TEMPLATEFLOW_HOME' in res.stderr
+    # 2: bad arguments
+    res = _run([DEMO_DIR, tmp_path / 'o', 'participant', '--lambda', '2'], tmp_path)
+    assert res.returncode == 2
+    # dry run: the plan, no work
+    res = _run([shared_data / 'bids', tmp_path / 'o', 'participant', '--participant-label',
+                '01', 'chris', '--contrasts', 'all', '--dry-run'], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'sub-chris_PDw.nii.gz' in res.stdout and 'sub-01_FLAIR.nii.gz' in res.stdout
+    res = _run(['--version'], tmp_path)
+    assert res.returncode == 0 and 'synthmorph-app' in res.stdout
+    res = _run([DEMO_DIR, tmp_path / 'o', 'participant', '--help'], tmp_path)
+    assert res.returncode == 0 and '--output-spaces' in res.stdout
+
+
+def test_bids_filter_file(tmp_path, shared_data):
+    filt = tmp_path / 'filter.json'
+    filt.write_text(json.dumps({'t1w': {'acquisition': 'mprage'}}))
+    res = _run([shared_data / 'bids', tmp_path / 'o', 'participant', '--bids-filter-file', filt,
+                '--dry-run'], tmp_path)
+    assert res.returncode == 18, res.stderr  # no T1w has acq-mprage
+    filt.write_text(json.dumps({'t1w': {'acquisition': None}}))
+    res = _run([shared_data / 'bids', tmp_path / 'o', 'participant', '--bids-filter-file', filt,
+                '--participant-label', 'chris', '--dry-run'], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'sub-chris_T1w' in res.stdout
