@@ -1,0 +1,101 @@
+"""Interfaces: wiring of SynthMorphRegister/Apply, ImageQC and the atomic derivatives sink."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+os.environ.setdefault('NIPYPE_NO_ET', '1')
+
+from synthmorph_app.cli.bids import DEMO_DIR  # noqa: E402
+from synthmorph_app.interfaces.derivatives import (  # noqa: E402
+    DerivativesSink,
+    derivative_paths,
+    is_complete,
+)
+from synthmorph_app.interfaces.reports import ImageQC  # noqa: E402
+from synthmorph_app.interfaces.synthmorph import SynthMorphApply, SynthMorphRegister  # noqa
+from synthmorph_app.utils.templates import PACKAGED_HOME  # noqa: E402
+
+T1W = DEMO_DIR / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
+TPL = PACKAGED_HOME / 'tpl-MNI152NLin6Asym' / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz'
+MASK = PACKAGED_HOME / 'tpl-MNI152NLin6Asym' / 'tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz'
+
+
+@pytest.fixture(scope='module')
+def registered(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp('reg')
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        res = SynthMorphRegister(moving_image=str(T1W), fixed_image=str(TPL), mode='joint',
+                                 extent=192, num_threads=2).run()
+    finally:
+        os.chdir(old)
+    return res.outputs
+
+
+@pytest.mark.slow
+def test_register_outputs(registered):
+    moved = nb.load(registered.moved_image)
+    tpl = nb.load(str(TPL))
+    assert moved.shape == tpl.shape and np.allclose(moved.affine, tpl.affine)
+    assert registered.forward_xfm.endswith('.h5') and registered.inverse_xfm.endswith('.h5')
+    assert nb.load(registered.log_jacobian).shape == tpl.shape
+    meta = registered.metadata
+    assert meta['mode'] == 'joint' and set(meta['models']) == {'affine', 'deform'}
+    assert meta['timings']['total'] > 0
+
+
+@pytest.mark.slow
+def test_apply_reproduces_moved_image(registered, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = SynthMorphApply(in_file=str(T1W), transform=registered.forward_xfm,
+                          reference_image=str(TPL)).run()
+    ours = np.asanyarray(nb.load(registered.moved_image).dataobj, dtype=float)
+    again = np.asanyarray(nb.load(res.outputs.out_file).dataobj, dtype=float)
+    assert np.abs(ours - again).max() <= 1e-3 * (ours.max() - ours.min()) + 1
+
+
+@pytest.mark.slow
+def test_qc_and_sink(registered, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    qc = ImageQC(moving_image=str(T1W), moved_image=registered.moved_image, template=str(TPL),
+                 template_mask=str(MASK), log_jacobian=registered.log_jacobian).run().outputs
+    assert set(qc.qc) == {'ncc_template', 'logjac_std', 'folding_pct'}
+    assert open(qc.before_after).read().lstrip().startswith('<')
+    out = tmp_path / 'deriv'
+    spec = {'res': '2'}
+    assert not is_complete(out, T1W, 'MNI152NLin6Asym', spec)
+    res = DerivativesSink(
+        out_dir=str(out), bids_dir=str(DEMO_DIR), in_file=str(T1W), template='MNI152NLin6Asym',
+        template_spec=spec, template_file=str(TPL), space_image=registered.moved_image,
+        forward_xfm=registered.forward_xfm, inverse_xfm=registered.inverse_xfm,
+        before_after=qc.before_after, jacobian_figure=qc.jacobian_figure,
+        metadata=registered.metadata, qc=qc.qc, command_line='synthmorph-app test',
+    ).run()
+    assert res.outputs.done and is_complete(out, T1W, 'MNI152NLin6Asym', spec)
+    paths = derivative_paths(out, T1W, 'MNI152NLin6Asym', spec)
+    assert all(p.is_file() for p in paths.values())
+    meta = json.loads(paths['forward_xfm'].with_suffix('.json').read_text())
+    assert meta['Sources'][0] == 'bids:raw:sub-01/anat/sub-01_T1w.nii.gz'
+    assert meta['CommandLine'] == 'synthmorph-app test' and meta['QC'] == qc.qc
+    assert not list(out.glob('**/.*.tmp'))
+
+
+def test_sink_interrupted_leaves_nothing_complete(tmp_path):
+    """A missing input makes the copy fail: no temporary files, and not complete."""
+    out = tmp_path / 'deriv'
+    files = {'space_image': str(T1W), 'forward_xfm': str(tmp_path / 'missing.h5'),
+             'inverse_xfm': str(T1W)}
+    from synthmorph_app.interfaces.derivatives import save_derivatives
+
+    with pytest.raises(FileNotFoundError):
+        save_derivatives(out, DEMO_DIR, T1W, 'MNI152NLin6Asym', {'res': '2'}, files,
+                         metadata={}, qc={})
+    assert not is_complete(out, T1W, 'MNI152NLin6Asym', {'res': '2'})
+    assert not [p for p in out.glob('**/*') if p.is_file()]

@@ -1,0 +1,97 @@
+"""Workflow factories: parametrized construction, and one real run of the registration
+workflow spliced into a parent workflow by field name (as an fMRIPrep-like pipeline would)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault('NIPYPE_NO_ET', '1')
+
+from synthmorph_app.utils.templates import setup_templateflow_home  # noqa: E402
+
+setup_templateflow_home()
+
+from nipype.interfaces import utility as niu  # noqa: E402
+from nipype.pipeline import engine as pe  # noqa: E402
+
+from synthmorph_app.cli.bids import DEMO_DIR  # noqa: E402
+from synthmorph_app.workflows.base import init_anat_image_wf, init_synthmorph_wf  # noqa: E402
+from synthmorph_app.workflows.registration import (  # noqa: E402
+    SMRIPREP_OUTPUTS,
+    init_register_template_wf,
+)
+
+T1W = DEMO_DIR / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
+
+
+@pytest.mark.parametrize('templates', [['MNI152NLin6Asym:res-2'],
+                                       ['MNI152NLin6Asym:res-2', 'MNI152NLin6Asym:res-1']])
+@pytest.mark.parametrize('mode', ['joint', 'affine', 'rigid', 'deform'])
+def test_register_template_wf_ports(templates, mode):
+    wf = init_register_template_wf(templates=templates, mode=mode)
+    inputs = wf.get_node('inputnode').inputs.copyable_trait_names()
+    assert {'moving_image', 'moving_mask', 'lesion_mask', 'template'} <= set(inputs)
+    assert wf.get_node('inputnode').iterables == [('template', templates)]
+    for node in ('poutputnode', 'outputnode'):
+        outputs = wf.get_node(node).outputs.copyable_trait_names()
+        assert set(SMRIPREP_OUTPUTS) <= set(outputs)
+    assert 'SynthMorph' in wf.__desc__ and mode in wf.__desc__ or mode == 'joint'
+    assert wf.get_node('registration').interface.inputs.mode == mode
+
+
+@pytest.mark.parametrize('device, gpu', [('cpu', False), ('cuda', True)])
+def test_gpu_nodes_say_so(device, gpu):
+    wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], device=device,
+                                   omp_nthreads=3)
+    node = wf.get_node('registration')
+    assert node.is_gpu_node() is gpu
+    assert node.n_procs == 3 and node.mem_gb > 0
+
+
+def test_app_workflow_builds(tmp_path):
+    plan = {'01': [(str(T1W), ['MNI152NLin6Asym:res-2'])],
+            '02': [(str(DEMO_DIR / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'),
+                    ['MNI152NLin6Asym:res-2'])]}
+    wf = init_synthmorph_wf(plan=plan, out_dir=str(tmp_path), bids_dir=str(DEMO_DIR))
+    assert sorted(wf.list_node_names())[0].startswith('sub_01_wf.anat_sub01_T1w_wf')
+    assert 'SynthMorph' in wf.visit_desc()
+    image_wf = init_anat_image_wf(in_file=str(T1W), templates=['MNI152NLin6Asym:res-2'],
+                                  out_dir=str(tmp_path), bids_dir=str(DEMO_DIR))
+    assert image_wf.name == 'anat_sub01_T1w_wf'
+
+
+@pytest.mark.slow
+def test_register_template_wf_in_parent(tmp_path):
+    """Splice the workflow into a parent by sMRIPrep's field names, and run it."""
+    parent = pe.Workflow(name='parent', base_dir=str(tmp_path))
+    src = pe.Node(niu.IdentityInterface(fields=['t1w_preproc']), name='src')
+    src.inputs.t1w_preproc = str(T1W)
+    reg = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], mode='affine',
+                                    extent=192)
+    sink = pe.Node(niu.Function(function=_check, input_names=['anat2std_xfm', 'std2anat_xfm',
+                                                              'template', 'template_spec'],
+                                output_names=['ok']), name='sink')
+    parent.connect([
+        (src, reg, [('t1w_preproc', 'inputnode.moving_image')]),
+        (reg, sink, [('outputnode.anat2std_xfm', 'anat2std_xfm'),
+                     ('outputnode.std2anat_xfm', 'std2anat_xfm'),
+                     ('outputnode.template', 'template'),
+                     ('outputnode.template_spec', 'template_spec')]),
+    ])  # fmt:skip
+    parent.config['execution'].update(crashdump_dir=str(tmp_path), poll_sleep_duration=0.05)
+    graph = parent.run(plugin='Linear')
+    node = next(n for n in graph.nodes() if n.name == 'sink')
+    assert node.result.outputs.ok == 'MNI152NLin6Asym'
+
+
+def _check(anat2std_xfm, std2anat_xfm, template, template_spec):
+    from pathlib import Path
+
+    for xfm in anat2std_xfm + std2anat_xfm:
+        if not Path(xfm).is_file() or not xfm.endswith('.h5'):
+            raise ValueError(xfm)
+    if template_spec != [{'res': '2'}]:
+        raise ValueError(template_spec)
+    return template[0]
