@@ -35,7 +35,7 @@ def _env(tmp: Path) -> dict:
 
 def _run(args, tmp: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-m', 'synthmorph_app', *map(str, args)],
-                          env=_env(tmp), capture_output=True, text=True, timeout=600, **kwargs)
+                          env=_env(tmp), capture_output=True, check=False, text=True, timeout=600, **kwargs)
 
 
 @pytest.fixture(scope='module')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -11,15 +12,15 @@ import pytest
 
 os.environ.setdefault('NIPYPE_NO_ET', '1')
 
-from synthmorph_app.cli.bids import DEMO_DIR  # noqa: E402
-from synthmorph_app.interfaces.derivatives import (  # noqa: E402
+from synthmorph_app.cli.bids import DEMO_DIR
+from synthmorph_app.interfaces.derivatives import (
     DerivativesSink,
     derivative_paths,
     is_complete,
 )
-from synthmorph_app.interfaces.reports import ImageQC  # noqa: E402
-from synthmorph_app.interfaces.synthmorph import SynthMorphApply, SynthMorphRegister  # noqa
-from synthmorph_app.utils.templates import PACKAGED_HOME  # noqa: E402
+from synthmorph_app.interfaces.reports import ImageQC
+from synthmorph_app.interfaces.synthmorph import SynthMorphApply, SynthMorphRegister
+from synthmorph_app.utils.templates import PACKAGED_HOME
 
 T1W = DEMO_DIR / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
 TPL = PACKAGED_HOME / 'tpl-MNI152NLin6Asym' / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz'
@@ -67,7 +68,7 @@ def test_qc_and_sink(registered, tmp_path, monkeypatch):
     qc = ImageQC(moving_image=str(T1W), moved_image=registered.moved_image, template=str(TPL),
                  template_mask=str(MASK), log_jacobian=registered.log_jacobian).run().outputs
     assert set(qc.qc) == {'ncc_template', 'logjac_std', 'folding_pct'}
-    assert open(qc.before_after).read().lstrip().startswith('<')
+    assert Path(qc.before_after).read_text().lstrip().startswith('<')
     out = tmp_path / 'deriv'
     spec = {'res': '2'}
     assert not is_complete(out, T1W, 'MNI152NLin6Asym', spec)

@@ -25,7 +25,7 @@ def _probe(env_extra: dict, tmp_path, code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ('TEMPLATEFLOW_HOME',
                                                              'XDG_CACHE_HOME')}
     env.update(env_extra)
-    return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+    return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, check=False,
                           text=True, timeout=120, cwd=tmp_path)
 
 

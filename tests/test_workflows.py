@@ -9,16 +9,16 @@ import pytest
 
 os.environ.setdefault('NIPYPE_NO_ET', '1')
 
-from synthmorph_app.utils.templates import setup_templateflow_home  # noqa: E402
+from synthmorph_app.utils.templates import setup_templateflow_home
 
 setup_templateflow_home()
 
-from nipype.interfaces import utility as niu  # noqa: E402
-from nipype.pipeline import engine as pe  # noqa: E402
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
 
-from synthmorph_app.cli.bids import DEMO_DIR  # noqa: E402
-from synthmorph_app.workflows.base import init_anat_image_wf, init_synthmorph_wf  # noqa: E402
-from synthmorph_app.workflows.registration import (  # noqa: E402
+from synthmorph_app.cli.bids import DEMO_DIR
+from synthmorph_app.workflows.base import init_anat_image_wf, init_synthmorph_wf
+from synthmorph_app.workflows.registration import (
     SMRIPREP_OUTPUTS,
     init_register_template_wf,
 )
@@ -55,7 +55,7 @@ def test_app_workflow_builds(tmp_path):
             '02': [(str(DEMO_DIR / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'),
                     ['MNI152NLin6Asym:res-2'])]}
     wf = init_synthmorph_wf(plan=plan, out_dir=str(tmp_path), bids_dir=str(DEMO_DIR))
-    assert sorted(wf.list_node_names())[0].startswith('sub_01_wf.anat_sub01_T1w_wf')
+    assert min(wf.list_node_names()).startswith('sub_01_wf.anat_sub01_T1w_wf')
     assert 'SynthMorph' in wf.visit_desc()
     image_wf = init_anat_image_wf(in_file=str(T1W), templates=['MNI152NLin6Asym:res-2'],
                                   out_dir=str(tmp_path), bids_dir=str(DEMO_DIR))

@@ -395,6 +395,16 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
                         if Path(f).name.startswith(f'sub-{sub}_')}
         reports.append(write_subject_report(out_dir, sub, failures=sub_failures))
 
+    from ..reports.subject import collect_subject
+
+    untrained = sorted({card.get('name', kind) for sub in subjects
+                        for item in collect_subject(out_dir, sub)
+                        for kind, card in item['meta'].get('Models', {}).items()
+                        if card.get('trained') is False})
+    if untrained:
+        print(f'WARNING: the models {", ".join(untrained)} have UNTRAINED random weights: '
+              'these registrations are NOT meaningful. Give trained weights with --weights.',
+              file=sys.stderr)
     print(f'synthmorph-app: finished in {time.time() - start:.0f} s; derivatives in <{out_dir}>')
     for report in reports:
         print(f'  report: {report}')
@@ -421,7 +431,8 @@ def _resolve_device(device: str) -> str:
 def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weights, device,
              nprocs, omp) -> dict[str, str]:
     """Build and run the Nipype workflow; return ``{image: reason}`` for failed images."""
-    from nipype import config as ncfg, logging as nlogging
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
 
     from ..interfaces.derivatives import is_complete
     from ..utils.templates import parse_output_spaces
