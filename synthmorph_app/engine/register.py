@@ -194,9 +194,11 @@ def register(
                 spatial.resample_linear(moving_t, moving_geom, mid, matrix=half)
             )
         with timer('networks'):
-            lam_t = torch.full((1, 1), float(lam), device=device)
-            velocity = (model(m_mid, f_mid, lam_t) - model(f_mid, m_mid, lam_t)) / 2
-            velocity = spatial.resize_field(velocity, mid.shape)  # voxel units of ``mid``
+            velocity = _symmetric_velocity(model, m_mid, f_mid, float(lam))
+            if hasattr(model, 'half_to_full'):  # voxel units of ``mid``
+                velocity = spatial.upsample_field(velocity, model.half_to_full(), mid.shape)
+            else:
+                velocity = spatial.resize_field(velocity, mid.shape)
 
         if refine:
             from .optimise import optimise_svf
@@ -238,6 +240,16 @@ def _mid_field_to_grid(disp, mid, to_mid, grid, lin):
     lin_t = spatial.as_tensor(lin[:3, :3], disp.device)
     out = torch.einsum('ij,j...->i...', lin_t, sampled)
     return out.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _symmetric_velocity(model, moving, fixed, lam: float) -> torch.Tensor:
+    """``(D(m, f) - D(f, m)) / 2``: antisymmetric in the inputs' order by construction."""
+    from .networks import HyperUNet, symmetric_velocity
+
+    if isinstance(model, HyperUNet):
+        return symmetric_velocity(model, moving, fixed, lam)
+    lam_t = torch.full((moving.shape[0], 1), lam, device=moving.device)
+    return (model(moving, fixed, lam_t) - model(fixed, moving, lam_t)) / 2
 
 
 def _get_model(spec, kind: str, device: torch.device):

@@ -176,6 +176,20 @@ def resize_field(field: torch.Tensor, shape) -> torch.Tensor:
     return out * factor
 
 
+def upsample_field(field: torch.Tensor, coarse_to_fine: np.ndarray, shape) -> torch.Tensor:
+    """Resample a voxel displacement (B, 3, ...) from a coarse grid onto a fine one.
+
+    ``coarse_to_fine`` (4x4) maps coarse voxel indices to fine voxel indices (e.g. ``2 i + 0.5``
+    for a grid made by averaging 2x2x2 blocks); vectors are mapped by its linear part, and the
+    field is extended by its border values. Unlike :func:`resize_field`, the two grids need not
+    share their corners.
+    """
+    m = np.asarray(coarse_to_fine, dtype=float)
+    coords = affine_coords(np.linalg.inv(m), shape, field.device)
+    out = sample_grid(field, coords, 'linear', padding='border')
+    return torch.einsum('ij,bj...->bi...', as_tensor(m[:3, :3], field.device), out)
+
+
 def warp_voxel(volume: torch.Tensor, disp: torch.Tensor, mode='linear', padding='zeros'):
     """Warp ``volume`` by a voxel displacement on its own grid: ``out(x) = volume(x + disp)``."""
     coords = identity_coords(disp.shape[2:], disp.device)[None] + disp
