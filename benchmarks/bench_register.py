@@ -31,6 +31,34 @@ MOVING = DATA / 'freesurfer' / 'bert' / 'mri' / 'norm.mgz'
 FIXED = DATA / 'templateflow' / 'tpl-MNI152NLin6Asym' / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz'
 
 
+def official_random_models() -> dict:
+    """Models of the official SynthMorph sizes (FreeSurfer 8) with random weights.
+
+    Detector: 4 levels of 256 filters, 4 more convolutions, 64 features, at 2 mm (12.8 M
+    parameters); hyper U-Net: 256 filters everywhere, 4 levels, 4 dense layers of 32, at 1 mm
+    (877 M parameters). Sizes as in ``synthmorph_app.engine.keras``.
+    """
+    import torch
+
+    from synthmorph_app.engine.networks import build_model
+
+    torch.manual_seed(0)
+    affine = build_model({
+        'arch': 'AffineDetector', 'in_channels': 1, 'enc': [256] * 4, 'dec': [],
+        'add': [256] * 4, 'num_features': 64, 'downsample': 'subsample',
+        'feature_activation': 'relu', 'rigid': False, 'rigid_method': 'decompose',
+        'symmetrize': 'mean', 'ridge': 0.0})
+    deform = build_model({
+        'arch': 'HyperUNet', 'in_channels': 1, 'enc': [256] * 4, 'dec': [256] * 4,
+        'add': [256] * 4, 'hyper_units': [32] * 4, 'hyper_activation': 'relu',
+        'hyper_inputs': 1, 'downsample': 'subsample', 'final_init_std': 1e-5})
+    card = {'name': 'official-size-random', 'trained': False}
+    return {
+        'affine': (affine, {**card, 'space': {'voxel_size': 2.0, 'divisor': 16}}),
+        'deform': (deform, {**card, 'space': {'voxel_size': 1.0, 'divisor': 32}}),
+    }
+
+
 def run_once(args) -> dict:
     import torch
 
@@ -39,17 +67,14 @@ def run_once(args) -> dict:
     from synthmorph_app.io.images import load_image, save_image
     from synthmorph_app.io.transforms import save_transform
 
-    weights = None
-    if args.official:
-        from synthmorph_app.engine.weights import official_random_models
-
-        weights = official_random_models(device=args.device)
+    weights = official_random_models() if args.official else None
     timings = {}
     start = time.perf_counter()
     moving = load_image(MOVING)
     fixed = load_image(FIXED)
     timings['load'] = time.perf_counter() - start
-    result = register(moving, fixed, mode='joint', weights=weights, device=args.device)
+    result = register(moving, fixed, mode=args.mode, weights=weights, device=args.device,
+                      extent=args.extent)
     timings.update(result.timings)
     start = time.perf_counter()
     moved = moved_image(moving, result.forward, device=args.device)
@@ -73,6 +98,10 @@ def main(argv=None):
     parser.add_argument('--official', action='store_true',
                         help='official SynthMorph model sizes with random weights')
     parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--mode', default='joint', choices=('joint', 'affine', 'deform'))
+    parser.add_argument('--extent', type=float, default=256.0,
+                        help='network space side in mm (the official deform model at 1 mm '
+                             'and 256 mm needs about 30 min on 2 CPU cores)')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -81,7 +110,8 @@ def main(argv=None):
     runs = []
     for _ in range(args.repeat):
         cmd = [sys.executable, __file__, '--child', '--threads', str(args.threads),
-               '--device', args.device] + (['--official'] if args.official else [])
+               '--device', args.device, '--mode', args.mode, '--extent', str(args.extent)]
+        cmd += ['--official'] if args.official else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
     keys = list(runs[0])

@@ -118,7 +118,8 @@ def test_joint_forward_and_inverse_are_consistent():
     # points well inside both grids: T_inv(T(x)) == x
     pts = RNG.uniform(-20, 20, (300, 3))
     round_trip = res.inverse.map_points(res.forward.map_points(pts))
-    assert np.abs(round_trip - pts).max() < 0.2  # mm; motion up to about 9 mm
+    error = np.linalg.norm(round_trip - pts, axis=1)  # mm; motion up to about 9 mm, and the
+    assert error.max() < 0.3 and np.median(error) < 0.06  # velocity grid has 8 mm voxels
 
 
 def _reorient(img, codes):
