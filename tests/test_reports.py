@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from synthmorph_app.errors import SynthMorphError
 from synthmorph_app.reports.group import flag_outliers, write_group_report
 from synthmorph_app.reports.metrics import jacobian_determinant, ncc, registration_qc
 from synthmorph_app.reports.subject import write_subject_report
-from synthmorph_app.errors import SynthMorphError
 
 
 def test_jacobian_of_linear_field():

@@ -123,7 +123,8 @@ def register_files(
     import numpy as np
     import torch
 
-    from ..engine.register import moved_image as resample, register
+    from ..engine.register import moved_image as resample
+    from ..engine.register import register
     from ..io.images import Geometry, load_image, save_image
     from ..io.transforms import save_transform
     from ..reports.metrics import jacobian_determinant

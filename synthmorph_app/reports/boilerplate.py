@@ -22,7 +22,7 @@ def citation_markdown(spaces: list[str], *, mode: str = 'joint', lam: float = 0.
     desc = ' '.join(wf.__desc__.split())
     bib = BIB.read_text()
     entries = {m.group(1): m.group(0) for m in
-               re.finditer(r'@\w+\{([^,]+),.*?\n\}', bib, flags=re.S)}
+               re.finditer(r'@\w+\{([^,]+),.*?\n\}', bib, flags=re.DOTALL)}
     keys = [k for k in dict.fromkeys(re.findall(r'@([A-Za-z0-9_]+)', desc)) if k in entries]
     keys.append('nipype1') if 'nipype1' not in keys else None
     text = (
