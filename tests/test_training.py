@@ -1,0 +1,214 @@
+"""Training: the loss falls on a fixed batch, resuming repeats the next step exactly, the CLI."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from synthmorph_app.cli import train as cli
+from synthmorph_app.engine import losses as L
+from synthmorph_app.engine.synthesis import LabelMaps
+from synthmorph_app.engine.training import TrainConfig, Trainer
+from synthmorph_app.engine.weights import load_model
+from synthmorph_app.io.images import Geometry
+
+torch.manual_seed(0)
+SHAPE = 24
+#: Tiny networks: the tests check the machinery, not the accuracy.
+TINY_AFFINE = {'enc': [4, 8], 'add': [8], 'num_features': 8}
+TINY_DEFORM = {'enc': [4, 4], 'dec': [4, 4], 'add': [4], 'hyper_units': [8, 4],
+               'final_init_std': 1e-2}
+#: Milder spatial augmentation: a tiny network and a few steps.
+MILD = {'rotate': 10.0, 'shift': 10.0, 'crop_probability': 0.0}
+
+
+def _blob_maps(count=2, shape=(SHAPE,) * 3, seed=0) -> LabelMaps:
+    """Label maps of boxes of brain labels (different sizes per map) inside a 'skull'."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.tensor([0, 2, 3, 4, 7, 8, 10, 11, 12, 507])
+    index = torch.full((count, 1, *shape), 9, dtype=torch.uint8)
+    index[..., :2, :, :] = 0
+    for m in range(count):
+        jitter = torch.randint(-1, 2, (3,), generator=gen).tolist()
+        cuts = [[s // 4 + jitter[a], s // 2 + jitter[a], 3 * s // 4] for a, s in enumerate(shape)]
+        label = 1
+        for i in range(2):
+            for j in range(2):
+                for k in range(2):
+                    index[m, 0, cuts[0][i]:cuts[0][i + 1], cuts[1][j]:cuts[1][j + 1],
+                          cuts[2][k]:cuts[2][k + 1]] = label
+                    label += 1
+    geom = Geometry(shape, np.diag([8.0, 8.0, 8.0, 1.0]))
+    return LabelMaps(index, values, [geom] * count, [f'blobs{m}' for m in range(count)],
+                     torch.eye(4, dtype=torch.float64).repeat(count, 1, 1), 8.0)
+
+
+def _config(tmp_path, task, **kw):
+    base = {'task': task, 'label_maps': str(tmp_path), 'out': str(tmp_path / 'out'),
+            'steps': 3, 'voxel_size': 8.0, 'shape': SHAPE, 'checkpoint_every': 0,
+            'validate_every': 0, 'validation_pairs': 2, 'affine_model': TINY_AFFINE,
+            'deform_model': TINY_DEFORM, 'synthesis': MILD, 'seed': 1, 'lr': 1e-2}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(tmp_path, task, **kw):
+    return Trainer(_config(tmp_path, task, **kw), _blob_maps(), _blob_maps(1, seed=3))
+
+
+def test_config_is_checked(tmp_path):
+    with pytest.raises(ValueError, match='task'):
+        _config(tmp_path, 'nope')
+    with pytest.raises(ValueError, match='arch'):
+        _config(tmp_path, 'affine', arch='resnet')
+    with pytest.raises(ValueError, match='batch_size'):
+        _config(tmp_path, 'affine', batch_size=0)
+    cfg = _config(tmp_path, 'joint')
+    assert cfg.kinds == ('affine', 'deform')
+    assert TrainConfig.from_dict({**cfg.to_dict(), 'unknown': 1}) == cfg
+    with pytest.raises(ValueError, match='divisible'):
+        _trainer(tmp_path, 'deform', deform_model={**TINY_DEFORM, 'enc': [4] * 5,
+                                                   'dec': [4] * 5})
+
+
+@pytest.mark.parametrize('task', ['affine', 'deform'])
+def test_steps_decrease_the_loss_on_a_fixed_batch(tmp_path, task):
+    trainer = _trainer(tmp_path, task)
+    pair = trainer.synthesize(0)
+    lam = torch.full((1, 1), 0.2) if task == 'deform' else None
+
+    def loss():
+        with torch.no_grad():
+            return float(trainer.losses(pair, lam)['loss'].mean())
+
+    before = loss()
+    for step in range(12):
+        row = trainer.train_step(pair, step)
+    assert row['step'] == 12 and np.isfinite(row['loss'])
+    assert loss() < 0.9 * before
+
+
+def test_joint_and_rigid_steps_run(tmp_path):
+    for task in ('joint', 'rigid'):
+        trainer = _trainer(tmp_path, task)
+        row = trainer.train_step(trainer.synthesize(0), 0)
+        assert np.isfinite(row['loss']) and row['step'] == 1
+        grads = [p.grad for m in trainer.models.values() for p in m.parameters()]
+        assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+    # Joint: gradients reach both networks.
+    for model in trainer.models.values():
+        assert any(p.grad is not None for p in model.parameters())
+
+
+def test_resume_repeats_the_next_step_exactly(tmp_path):
+    kw = {'steps': 3, 'validation_pairs': 1}
+    straight = _trainer(tmp_path / 'a', 'deform', **kw)
+    straight.fit()
+    first = _trainer(tmp_path / 'b', 'deform', **{**kw, 'steps': 2})
+    first.fit()
+    assert (tmp_path / 'b' / 'out' / 'checkpoint.pt').exists()
+    resumed = _trainer(tmp_path / 'b', 'deform', **kw)
+    summary = resumed.fit(resume=True)
+    assert summary['start_step'] == 2 and summary['step'] == 3
+    for key, value in straight.models['deform'].state_dict().items():
+        assert torch.equal(value, resumed.models['deform'].state_dict()[key]), key
+    rows = {}
+    for run in ('a', 'b'):
+        with open(tmp_path / run / 'out' / 'train_log.csv') as fobj:
+            rows[run] = list(csv.DictReader(fobj))
+    assert [r['step'] for r in rows['b']] == ['1', '2', '3']
+    assert rows['a'][2]['loss'] == rows['b'][2]['loss']
+    with pytest.raises(FileExistsError, match='--resume'):
+        _trainer(tmp_path / 'b', 'deform', steps=4).fit()
+
+
+def test_validation_and_exported_models(tmp_path):
+    trainer = _trainer(tmp_path, 'affine', steps=2)
+    summary = trainer.fit()
+    val = summary['validation']
+    assert val['pairs'] == 2 and 0 <= val['dice'] <= 1 and 0 <= val['dice_before'] <= 1
+    model, card = load_model(tmp_path / 'out' / 'affine.pt', 'affine')
+    assert card['trained'] is True and card['training']['steps'] == 2
+    assert card['space'] == {'voxel_size': 8.0, 'shape': [SHAPE] * 3, 'divisor': model.multiple}
+    assert card['validation']['dice'] == val['dice']
+    config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+    assert config['task'] == 'affine' and config['seed'] == 1
+    # Predicted coordinates pull the moving labels; identity before training would be the grid.
+    pair = trainer.synthesize(5)
+    coords = trainer.predict_coords(pair)
+    assert coords.shape == (1, 3, SHAPE, SHAPE, SHAPE) and torch.isfinite(coords).all()
+    assert float(torch.nanmean(L.dice(pair.fixed_labels, pair.fixed_labels, [2, 3]))) == 1.0
+
+
+def _label_dir(shared_data, tmp_path):
+    folder = tmp_path / 'maps'
+    folder.mkdir()
+    for name in ('training_seg_01', 'training_seg_19'):
+        os.symlink(shared_data / 'label_maps' / f'{name}.nii.gz', folder / f'{name}.nii.gz')
+    return folder
+
+
+def test_cli_train_stops_on_sigterm_and_resumes(shared_data, tmp_path):
+    maps = _label_dir(shared_data, tmp_path)
+    out = tmp_path / 'run'
+    config = json.dumps({'affine_model': TINY_AFFINE, 'validation_pairs': 1})
+    argv = ['train', 'affine', '--label-maps', str(maps), '--out', str(out), '--steps', '100000',
+            '--voxel-size', '8', '--shape', '24', '--checkpoint-every', '0',
+            '--validate-every', '0', '--threads', '1', '--config', config]
+    proc = subprocess.Popen([sys.executable, '-m', 'synthmorph_app.cli.train', *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / 'train_log.csv'
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert 'interrupted' in err
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    stopped = state['step']
+    assert 2 <= stopped < 100000
+    assert (out / 'affine.pt').exists() and (out / 'affine.json').exists()
+    # Resume in-process for one more step.
+    argv[argv.index('--steps') + 1] = str(stopped + 1)
+    assert cli.main([*argv, '--resume']) == 0
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['step'] == stopped + 1
+    with open(out / 'validation.csv') as fobj:
+        assert list(csv.DictReader(fobj))[-1]['step'] == str(stopped + 1)
+
+
+def test_cli_synth_writes_pairs_and_a_montage(shared_data, tmp_path):
+    maps = _label_dir(shared_data, tmp_path)
+    out = tmp_path / 'synth'
+    code = cli.main(['synth', '--label-maps', str(maps), '--out', str(out), '-n', '2',
+                     '--maps', '1', '--voxel-size', '8', '--shape', '24'])
+    assert code == 0
+    import nibabel as nb
+
+    img = nb.load(out / 'pair001_moving.nii.gz')
+    assert img.shape == (24, 24, 24) and np.allclose(nb.affines.voxel_sizes(img.affine), 8)
+    data = np.asanyarray(img.dataobj)
+    assert data.min() >= 0 and data.max() <= 1
+    assert nb.load(out / 'pair000_fixed_labels.nii.gz').get_data_dtype() == np.int16
+    assert (out / 'montage.png').stat().st_size > 1000
+
+
+def test_cli_reports_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(['train', 'affine', '--label-maps', str(tmp_path), '--out', str(tmp_path),
+                  '--steps', '-1'])
+    code = cli.main(['train', 'affine', '--label-maps', str(tmp_path / 'none'), '--out',
+                     str(tmp_path / 'o')])
+    assert code == 1 and 'does not exist' in capsys.readouterr().err
+    code = cli.main(['train', 'affine', '--label-maps', str(tmp_path), '--out',
+                     str(tmp_path / 'o'), '--config', '{"no_such_option": 1}'])
+    assert code == 2
