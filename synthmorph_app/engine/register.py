@@ -17,9 +17,10 @@ How a joint registration runs (as ``mri_synthmorph``'s, in world space throughou
    ``exp(-v)``, so forward and inverse are consistent by construction.
 4. Optional test-time refinement (``refine > 0``) optimises ``v`` (and ``A`` first) from the
    network's prediction.
-5. The result is stored as ``T(x) = A (x + w(x))`` with the field ``w`` on the fixed image's own
-   grid (and the inverse's on the moving image's grid), the order of an ITK composite
-   ``[affine, field]``.
+5. The result is stored as ``T(x) = A (x + w(x))``, the order of an ITK composite
+   ``[affine, field]``, with the field ``w`` on the mid-space network grid mapped into the fixed
+   space by ``H^-1`` (the inverse's into the moving space by ``H``): network resolution, no
+   resampling, whatever the images' voxel sizes.
 
 Nothing depends on how the inputs are stored on disk: every step works in RAS millimetres.
 """
@@ -223,19 +224,19 @@ def register(
 
         with timer('resample'):
             disp = _integrate(velocity, steps, coarse_to_fine, mid.shape)
-            forward_field = _mid_field_to_grid(disp, mid, half, fixed_geom, half_inv)
+            field, field_grid = _mid_field(disp, mid, half_inv)
 
     forward = Transform(
-        affine=affine, field=forward_field, field_geometry=fixed_geom,
+        affine=affine, field=field, field_geometry=field_grid,
         reference=fixed_geom, moving=moving_geom,
     )
 
     def make_inverse() -> Transform:
         with torch.inference_mode():
             disp_inv = _integrate(-velocity, steps, coarse_to_fine, mid.shape)
-            field = _mid_field_to_grid(disp_inv, mid, half_inv, moving_geom, half)
+            field, field_grid = _mid_field(disp_inv, mid, half)
         return Transform(
-            affine=np.linalg.inv(affine), field=field, field_geometry=moving_geom,
+            affine=np.linalg.inv(affine), field=field, field_geometry=field_grid,
             reference=moving_geom, moving=fixed_geom,
         )
 
@@ -254,19 +255,18 @@ def _integrate(velocity, steps, coarse_to_fine, shape) -> torch.Tensor:
     return spatial.upsample_field(disp, coarse_to_fine, shape)
 
 
-def _mid_field_to_grid(disp, mid, to_mid, grid, lin):
-    """Express a mid-space voxel displacement as a RAS field on ``grid``.
+def _mid_field(disp, mid, lin) -> tuple[np.ndarray, Geometry]:
+    """A mid-space voxel displacement as a RAS field ``(X, Y, Z, 3)`` and its grid.
 
-    For a point ``x`` of ``grid`` the mid-space point is ``to_mid @ x``; the displacement found
-    there (RAS mm) is mapped back by the linear part of ``lin``. Returns ``(X, Y, Z, 3)``.
+    The forward transform is ``A (x + H^-1 u(H x))``: its field, sampled where ``H x`` falls on
+    the mid-space grid's voxels, lives on that grid mapped by ``H^-1`` (``lin``), with vectors
+    mapped by the same matrix; likewise the inverse with ``H``. No resampling is needed, and
+    the field keeps the network's resolution whatever the images' voxel sizes.
     """
-    world = spatial.field_voxel_to_world(disp, mid.affine)
-    vox = np.linalg.inv(mid.affine) @ to_mid @ grid.affine
-    coords = spatial.affine_coords(vox, grid.shape, disp.device)
-    sampled = spatial.sample_grid(world, coords, 'linear', padding='border')[0]
+    world = spatial.field_voxel_to_world(disp, mid.affine)[0]
     lin_t = spatial.as_tensor(lin[:3, :3], disp.device)
-    out = torch.einsum('ij,j...->i...', lin_t, sampled)
-    return out.permute(1, 2, 3, 0).cpu().numpy()
+    out = torch.einsum('ij,j...->i...', lin_t, world)
+    return out.permute(1, 2, 3, 0).cpu().numpy(), Geometry(mid.shape, lin @ mid.affine)
 
 
 def _half_to_full(model, coarse_shape, fine_shape) -> np.ndarray:

@@ -259,12 +259,13 @@ def save_transform(
 
     Notes
     -----
-    A field image folds the affine into ``d(x) = T(x) - x`` on the field's grid (on
-    ``xfm.reference`` for a linear transform). It is exact on and between that grid's voxel
-    centres, but outside the grid readers assume zero displacement (identity) where ``T`` would
-    still apply its affine: the field's grid should cover the fixed image, as our registrations'
-    fields (stored on the fixed grid) do. ``.h5`` keeps affine and field apart and is exact
-    everywhere. FreeSurfer's warp-specific MGZ tags (source geometry, format code) are not
+    A field image folds the affine into ``d(x) = T(x) - x`` on the fixed image's grid
+    (``xfm.reference``; the field's own grid when there is no reference), resampling the field
+    there when it lives on another grid. It is exact on and between that grid's voxel centres,
+    but outside the grid readers assume zero displacement (identity) where ``T`` would still
+    apply its affine. ``.h5`` keeps affine and field apart, each field on its own grid, and is
+    exact everywhere; its field is stored uncompressed (deflate on float vectors took seconds
+    per megavoxel and saved little). FreeSurfer's warp-specific MGZ tags (source geometry, format code) are not
     written: the ``'synthmorph'`` image holds the vectors on the fixed grid only.
 
     Raises
@@ -368,6 +369,9 @@ def load_transform(
                 parts = _read_itk_mat(path)
             else:
                 parts = _read_itk_h5(path)
+                grids = _get_grids(path)
+                reference = reference or grids.get('reference')
+                moving = moving or grids.get('moving')
             affine, field, fgeom = _compose(parts, path)
             if field is not None and reference is None:
                 reference = fgeom
@@ -696,6 +700,7 @@ def _write_itk_h5(xfm: Transform, tmp: Path) -> None:
             ('OSVersion', platform.release()),
         ):
             h5.create_dataset(key, data=np.array([value], dtype=object), dtype=text)
+        _put_grids(h5, xfm)
         root = h5.create_group('TransformGroup')
         put_type(root.create_group('0'), 'CompositeTransform_double_3_3')
         params, fixed = _itk_affine(xfm.affine)
@@ -717,13 +722,37 @@ def _write_itk_h5(xfm: Transform, tmp: Path) -> None:
             group = root.create_group('2')
             put_type(group, 'DisplacementFieldTransform_float_3_3')
             group.create_dataset('TransformFixedParameters', data=fixed)
-            group.create_dataset(
-                'TransformParameters',
-                data=values,
-                compression='gzip',
-                compression_opts=4,
-                chunks=(min(values.size, 1 << 20),),
+            group.create_dataset('TransformParameters', data=values)
+
+
+_GRID_ATTR = 'synthmorph_app_{}_grid'
+
+
+def _put_grids(h5, xfm: Transform) -> None:
+    """Record the fixed (reference) and moving grids as root attributes.
+
+    ITK's composite has no slot for the grid a transform was made for, and ITK, ANTs and
+    nitransforms ignore extra root attributes; ``synthmorph-app apply`` reads them back, so an
+    image is resampled onto the fixed image's grid without ``-r``.
+    """
+    for name, geom in (('reference', xfm.reference), ('moving', xfm.moving)):
+        if geom is not None:
+            h5.attrs[_GRID_ATTR.format(name)] = np.concatenate(
+                [np.asarray(geom.shape, dtype=float), np.asarray(geom.affine, float).ravel()]
             )
+
+
+def _get_grids(path: Path) -> dict:
+    import h5py
+
+    grids = {}
+    with h5py.File(path, 'r') as h5:
+        for name in ('reference', 'moving'):
+            value = h5.attrs.get(_GRID_ATTR.format(name))
+            if value is not None and np.size(value) == 19:
+                value = np.asarray(value, dtype=float)
+                grids[name] = Geometry(tuple(int(v) for v in value[:3]), value[3:].reshape(4, 4))
+    return grids
 
 
 def _read_itk_h5(path: Path) -> list:
@@ -813,7 +842,9 @@ def _compose(parts: list, path) -> tuple[np.ndarray, np.ndarray | None, Geometry
 
 
 def _write_field_image(xfm: Transform, tmp: Path, suffix: str, convention: str) -> None:
-    grid = xfm.field_geometry if xfm.field is not None else xfm.reference
+    # On the fixed image's grid when known (what mri_synthmorph writes and its apply expects),
+    # else on the field's own grid.
+    grid = xfm.reference if xfm.reference is not None else xfm.field_geometry
     disp = _folded_displacement(xfm, grid)
     if convention == 'itk':
         disp *= np.array([-1.0, -1.0, 1.0], dtype=np.float32)
