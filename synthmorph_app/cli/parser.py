@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     add_register_parser(sub)
     add_apply_parser(sub)
+    from .train import add_synth_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_synth_parser(sub)
     return parser
 
 

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bids import main_demo
 
         return main_demo(words[1:])
-    if words and not words[0].startswith('-') and words[0] not in ('register', 'apply', 'train'):
+    commands = ('register', 'apply', 'train', 'synth')
+    if words and not words[0].startswith('-') and words[0] not in commands:
         from .bids import main_bids  # BIDS-App: BIDS_DIR OUTPUT_DIR participant|group
 
         return main_bids(words)
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_register(args)
         if args.command == 'apply':
             return run_apply(args)
+        if args.command in ('train', 'synth'):
+            from .train import run_synth, run_train
+
+            return run_train(args) if args.command == 'train' else run_synth(args)
     except SynthMorphError as err:
         print(f'synthmorph-app {args.command}: error: {err}', file=sys.stderr)
         return 1
