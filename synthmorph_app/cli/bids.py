@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import SynthMorphError
+from .parser import _at_least, _unit_interval
 
 LOGGER = logging.getLogger('synthmorph_app.cli.bids')
 
@@ -52,34 +53,8 @@ exit codes: 0 success, 1 some image failed (see the summary), 16 invalid BIDS in
 """
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f'lambda must lie in [0, 1], got {value}')
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
-    return value
+_positive_int = _at_least(1)
+_non_negative_int = _at_least(0)
 
 
 def _memory_gb(text: str) -> float:
