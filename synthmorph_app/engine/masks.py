@@ -1,0 +1,157 @@
+"""Quick head and brain estimates that weight the similarity during optimisation.
+
+Whole-head scans carry neck, shoulders, eyes and fields of view that differ between images; left
+in the similarity they pull the brain alignment. These estimates need no model and take well
+under a second at 2 mm:
+
+* :func:`head_mask`: Otsu threshold of the lightly smoothed image, largest connected component,
+  holes filled, then cut to the top ``top_mm`` (140 mm) of the head along the world superior
+  axis, so that the neck does not count whatever the field of view.
+* :func:`brain_weight`: a rough brain region: head voxels deeper than ``depth_mm`` (scalp and
+  skull, 10 mm) below the head surface and within ``brain_mm`` (120 mm) of the top of the head,
+  blurred into a soft weight, on a small floor over the rest of the cut head.
+
+Both assume a head roughly upright in world space (superior = +S), as in scanner coordinates;
+the affine search in :mod:`.optimise` rotates only within its range around that. They run in
+NumPy and SciPy on the CPU at about 3 mm and are mapped back to the input grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..io.images import Geometry
+
+#: Height (mm) of the head kept below its top: the neck below it does not count.
+TOP_MM = 140.0
+
+
+def _as_array(volume) -> np.ndarray:
+    if isinstance(volume, torch.Tensor):
+        volume = volume.detach().to('cpu', torch.float32).numpy()
+    volume = np.asarray(volume, dtype=np.float32)
+    volume = volume.reshape(volume.shape[-3:]) if volume.ndim == 5 else volume
+    if volume.ndim != 3:
+        raise ValueError(f'expected a 3D volume or (1, 1, X, Y, Z), got shape {volume.shape}')
+    return volume
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
+    """Otsu's threshold of ``values``: the cut that maximises the between-class variance."""
+    values = np.asarray(values, dtype=float).ravel()
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centres)
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def _stride(grid: Geometry, target_mm: float) -> tuple[int, int, int]:
+    return tuple(max(1, round(target_mm / v)) for v in grid.voxel_sizes)
+
+
+def _upsample(small: np.ndarray, stride, shape) -> np.ndarray:
+    index = [np.minimum(np.arange(n) // s, m - 1) for n, s, m in zip(shape, stride, small.shape)]
+    return small[np.ix_(*index)]
+
+
+def _superior(grid: Geometry, shape, stride) -> np.ndarray:
+    """World S coordinate (mm) of the voxels of a strided grid."""
+    ijk = np.meshgrid(*[np.arange(0, n, s) for n, s in zip(shape, stride)], indexing='ij')
+    row = grid.affine[2]
+    return row[0] * ijk[0] + row[1] * ijk[1] + row[2] * ijk[2] + row[3]
+
+
+def _head_small(data: np.ndarray, grid: Geometry, stride):
+    small = data[:: stride[0], :: stride[1], :: stride[2]]
+    vox = grid.voxel_sizes * np.asarray(stride)
+    smooth = ndimage.gaussian_filter(small, sigma=2.0 / vox)
+    mask = smooth > otsu_threshold(smooth)
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    mask = ndimage.binary_closing(mask, iterations=2, border_value=0) | mask
+    filled = ndimage.binary_fill_holes(mask)
+    # Slices open at the border of the FOV (a cut neck): fill holes slice by slice too.
+    for axis in range(3):
+        filled |= np.stack(
+            [ndimage.binary_fill_holes(s) for s in np.moveaxis(filled, axis, 0)], axis=axis
+        )
+    return filled, vox
+
+
+def head_mask(volume, grid: Geometry, *, top_mm: float = TOP_MM) -> np.ndarray:
+    """Boolean head mask on ``grid``, cut to the top ``top_mm`` of the head (no neck).
+
+    ``volume`` is a 3D array or a ``(1, 1, X, Y, Z)`` tensor on ``grid``. ``top_mm=None`` keeps
+    the whole head.
+    """
+    data = _as_array(volume)
+    if data.shape != tuple(grid.shape):
+        raise ValueError(f'volume shape {data.shape} does not match its grid {grid.shape}')
+    stride = _stride(grid, 3.0)
+    mask, _ = _head_small(data, grid, stride)
+    if top_mm is not None and mask.any():
+        sup = _superior(grid, data.shape, stride)
+        top = np.percentile(sup[mask], 99.9)
+        mask &= sup >= top - top_mm
+    return _upsample(mask, stride, data.shape)
+
+
+def brain_weight(
+    volume,
+    grid: Geometry,
+    *,
+    depth_mm: float = 10.0,
+    brain_mm: float = 120.0,
+    top_mm: float = TOP_MM,
+    floor: float = 0.1,
+    blur_mm: float = 6.0,
+) -> np.ndarray:
+    """A rough brain weight in [0, 1] (float32, shape of ``grid``).
+
+    1 deep in the upper head (deeper than ``depth_mm`` under the head surface, within
+    ``brain_mm`` of its top), blurred by ``blur_mm`` (SD), and ``floor`` elsewhere in the head cut
+    to ``top_mm``; 0 outside the head.
+    """
+    data = _as_array(volume)
+    if data.shape != tuple(grid.shape):
+        raise ValueError(f'volume shape {data.shape} does not match its grid {grid.shape}')
+    stride = _stride(grid, 3.0)
+    head, vox = _head_small(data, grid, stride)
+    if not head.any():
+        return np.zeros(data.shape, np.float32)
+    sup = _superior(grid, data.shape, stride)
+    top = np.percentile(sup[head], 99.9)
+    depth = ndimage.distance_transform_edt(head, sampling=vox)
+    brain = (depth >= depth_mm) & (sup >= top - brain_mm)
+    soft = ndimage.gaussian_filter(brain.astype(np.float32), sigma=blur_mm / vox)
+    soft = soft / max(float(soft.max()), 1e-6)
+    cut = head & (sup >= top - top_mm)
+    weight = np.where(cut, floor + (1 - floor) * soft, 0.0).astype(np.float32)
+    return _upsample(weight, stride, data.shape)
+
+
+def similarity_weight(volume, grid: Geometry, kind: str = 'brain') -> torch.Tensor:
+    """The weight the optimisers use, as a ``(1, 1, X, Y, Z)`` tensor on ``volume``'s device.
+
+    ``kind`` is ``'brain'`` (:func:`brain_weight`), ``'head'`` (:func:`head_mask`, cut to the
+    top 140 mm) or ``'none'`` (ones).
+    """
+    device = volume.device if isinstance(volume, torch.Tensor) else None
+    if kind == 'brain':
+        weight = brain_weight(volume, grid)
+    elif kind == 'head':
+        weight = head_mask(volume, grid).astype(np.float32)
+    elif kind == 'none':
+        weight = np.ones(grid.shape, np.float32)
+    else:
+        raise ValueError(f"kind must be 'brain', 'head' or 'none', got {kind!r}")
+    return torch.as_tensor(weight, device=device)[None, None]

@@ -1,0 +1,848 @@
+"""Test-time (instance) optimisation: affine/rigid and diffeomorphic deformable registration.
+
+Plain PyTorch; the device follows the input tensors (CPU or CUDA), float32 throughout.
+
+Affine and rigid (:func:`optimise_affine`, :func:`robust_affine_init`)
+    Work in world space. At each level of ``levels`` (mm), both images are blurred and
+    resampled to isotropic LIA grids of that spacing: the fixed one over the bounding box of
+    ``fixed_weight`` (or its whole field of view), the moving one over its whole field of view.
+    Each step pulls the moving working image through the current 4x4 RAS matrix (fixed RAS to
+    moving RAS) onto the fixed working grid and scores the weighted similarity; voxels that
+    map outside the moving field of view do not count. Parameters: a translation (mm), a
+    rotation vector, log-scales and shears about the centre of the fixed weight, each scaled so
+    that one unit moves the head surface by about 1 mm; rigid keeps translation and rotation.
+
+Deformable (:func:`optimise_svf`)
+    Both images on one grid. A stationary velocity field (SVF) in voxel units of that grid,
+    exponentiated by scaling and squaring (``spatial.integrate_svf``, voxelmorph's
+    ``integrate_vec``); the inverse is ``exp(-v)``. Coarse to fine over ``levels`` (mm), each
+    level holding the field at its own spacing, within the bounding box of ``weight`` (plus a
+    margin over which the field tapers to zero, so the neck and the rest of a large field of view
+    cost nothing). Symmetric mode warps the moving image by ``exp(v / 2)`` and the fixed image
+    by ``exp(-v / 2)`` into their mid-space, so forward and inverse are treated alike.
+
+Loss and lambda
+    ``loss = (1 - lam) * dissimilarity + lam * SMOOTHNESS_SCALE * smoothness``: ``lam`` in
+    [0, 1] as the hypernetwork's lambda, 0 sharpest, 1 smoothest. The dissimilarity is
+    ``1 - lncc`` (signed squared local NCC, window 5 voxels) or ``MIND_SCALE * mind_mse``
+    (MIND-SSC); the smoothness is the mean squared Jacobian of the velocity in mm per mm (the
+    same at every level and voxel size). :data:`SMOOTHNESS_SCALE` is calibrated on
+    cross-subject T1w pairs at 2 mm (``benchmarks/refine_bench.py``) so that lambda 0.5 gives
+    good Dice with (almost) no folding.
+
+Optimiser
+    Adam written out here (:class:`Adam`): ``torch.optim.Adam``'s first step imports
+    ``torch._dynamo`` (about 2-3 s on these CPUs), more than a coarse level costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io.images import Geometry
+from . import masks, spatial
+from .similarity import (
+    METRICS,
+    choose_metric,
+    lncc_map,
+    mind_ssc,
+    weighted_mean,
+)
+
+log = logging.getLogger('synthmorph_app.engine.optimise')
+
+#: Weight of the smoothness term at lambda = 1 relative to the dissimilarity (calibrated).
+SMOOTHNESS_SCALE = 1.0
+#: Factor on the MIND mean squared difference so its range matches 1 - LNCC's.
+MIND_SCALE = 10.0
+#: Local NCC window radius (voxels of each level).
+LNCC_RADIUS = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Small tools
+
+
+class Adam:
+    """Adam (Kingma & Ba) over a list of tensors; no ``torch._dynamo`` import on the first step.
+
+    ``step(lr)`` takes the learning rate of this step, so schedules need no scheduler object.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.betas = betas
+        self.eps = eps
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, lr: float | Sequence[float]) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1 = 1 - b1**self.t
+        c2 = 1 - b2**self.t
+        lrs = lr if isinstance(lr, (list, tuple)) else [lr] * len(self.params)
+        for p, m, v, rate in zip(self.params, self.m, self.v, lrs):
+            if p.grad is None:
+                continue
+            g = p.grad
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-rate / c1)
+            p.grad = None
+
+
+def _lr_schedule(base: float, it: int, total: int, final: float = 0.1) -> float:
+    """Cosine decay from ``base`` to ``final * base``."""
+    frac = it / max(total - 1, 1)
+    return base * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _volume(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[:2] != (1, 1):
+        shape = tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
+        raise ValueError(f'{name} must be a (1, 1, X, Y, Z) tensor, got {shape}')
+    return x.to(torch.float32)
+
+
+def _weight_tensor(weight, shape, device, name) -> torch.Tensor | None:
+    if weight is None:
+        return None
+    w = spatial.as_tensor(weight, device)
+    if w.ndim == 3:
+        w = w[None, None]
+    if tuple(w.shape[2:]) != tuple(shape) or w.ndim != 5:
+        raise ValueError(f'{name} must have the shape {tuple(shape)}, got {tuple(w.shape)}')
+    return w
+
+
+def _gaussian_1d(sigma: float, device) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def blur(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, X, Y, Z) with per-axis SDs in voxels (edge replicated)."""
+    b, c = volume.shape[:2]
+    out = volume.reshape(b * c, 1, *volume.shape[2:])
+    for axis, sigma in enumerate(sigmas):
+        if sigma < 0.2:
+            continue
+        k = _gaussian_1d(float(sigma), volume.device)
+        r = (k.numel() - 1) // 2
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        out = F.conv3d(F.pad(out, pad, mode='replicate'), k.view(shape))
+    return out.reshape(b, c, *volume.shape[2:])
+
+
+def _antialias_sigmas(source_vox, target_mm: float):
+    """Blur (source voxels) before resampling from ``source_vox`` spacing to ``target_mm``."""
+    return [0.4 * math.sqrt(max(target_mm**2 - v**2, 0.0)) / v for v in source_vox]
+
+
+def _normalise(volume: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale intensities so the 99th percentile of the (weighted) head is 1; clip at 0 and 2."""
+    flat = volume.reshape(-1)
+    if weight is not None:
+        sel = flat[weight.reshape(-1) > 0.05]
+        flat = sel if sel.numel() > 100 else flat
+    else:
+        sel = flat[flat > 0]
+        flat = sel if sel.numel() > 100 else flat
+    step = max(1, flat.numel() // 200_000)
+    hi = torch.quantile(flat[::step], 0.99).clamp(min=1e-6)
+    return (volume / hi).clamp(0, 2)
+
+
+def _world_bbox(geometry: Geometry, mask: np.ndarray | None = None):
+    """RAS bounding box (min, max) of a grid's voxels (or of the voxels where ``mask``)."""
+    if mask is None:
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in geometry.shape], indexing='ij'))
+        ijk = corners.reshape(3, -1).T
+    else:
+        idx = np.argwhere(mask)
+        lo, hi = idx.min(0), idx.max(0)
+        corners = np.array(np.meshgrid(*[[a, b] for a, b in zip(lo, hi)], indexing='ij'))
+        ijk = corners.reshape(3, -1).T
+    ras = ijk @ geometry.affine[:3, :3].T + geometry.affine[:3, 3]
+    return ras.min(0), ras.max(0)
+
+
+def iso_grid(lo: np.ndarray, hi: np.ndarray, voxel: float, margin: float = 0.0) -> Geometry:
+    """An isotropic LIA grid of ``voxel`` mm covering the RAS box [lo, hi] plus ``margin``."""
+    lo = np.asarray(lo, float) - margin
+    hi = np.asarray(hi, float) + margin
+    extent = hi - lo
+    # LIA voxel axes run along R(-), S(-), A(+): extents (x: R, y: S, z: A).
+    shape = tuple(math.ceil(e / voxel) + 1 for e in (extent[0], extent[2], extent[1]))
+    return spatial.network_grid(
+        Geometry((1, 1, 1), np.eye(4)), voxel_size=voxel, shape=shape, center=(lo + hi) / 2
+    )
+
+
+def _to_grid(volume, source: Geometry, target: Geometry, voxel: float, mode='linear'):
+    """Blur ``volume`` for ``voxel`` mm and resample it from ``source`` onto ``target``."""
+    sig = _antialias_sigmas(source.voxel_sizes, voxel)
+    return spatial.resample_linear(blur(volume, sig), source, target, mode=mode)
+
+
+# --------------------------------------------------------------------------------------------
+# Dissimilarities
+
+
+class _Dissimilarity:
+    """``1 - lncc`` or ``MIND_SCALE * mind_mse`` on features prepared once per level."""
+
+    def __init__(self, metric: str, voxel: float):
+        if metric not in ('lncc', 'mind'):
+            raise ValueError(f"metric must be 'lncc' or 'mind' here, got {metric!r}")
+        self.metric = metric
+        self.dilation = max(1, round(4.0 / voxel))
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        if self.metric == 'mind':
+            return mind_ssc(image, radius=1, dilation=self.dilation)
+        return image
+
+    def map(self, moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Voxelwise dissimilarity (B, 1, X, Y, Z)."""
+        if self.metric == 'mind':
+            return MIND_SCALE * ((moved - fixed) ** 2).mean(dim=1, keepdim=True)
+        return 1 - lncc_map(moved, fixed, LNCC_RADIUS)
+
+    def __call__(self, moved, fixed, weight=None) -> torch.Tensor:
+        return weighted_mean(self.map(moved, fixed), weight)
+
+
+def _resolve_metric(metric: str, moving: torch.Tensor, fixed: torch.Tensor, weight) -> str:
+    if metric not in METRICS:
+        raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
+    if metric != 'auto':
+        return metric
+    chosen = choose_metric(moving, fixed, weight)
+    log.info('metric auto: chose %s', chosen)
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Affine
+
+
+def _rotation(vec: torch.Tensor) -> torch.Tensor:
+    """Rotation matrix of a rotation vector (axis * angle in radians), via the matrix exp."""
+    zero = torch.zeros((), dtype=vec.dtype, device=vec.device)
+    skew = torch.stack(
+        [
+            torch.stack([zero, -vec[2], vec[1]]),
+            torch.stack([vec[2], zero, -vec[0]]),
+            torch.stack([-vec[1], vec[0], zero]),
+        ]
+    )
+    return torch.linalg.matrix_exp(skew)
+
+
+def _param_matrix(p: torch.Tensor, centre: torch.Tensor, radius: float) -> torch.Tensor:
+    """4x4 matrix from 12 parameters (translation mm, rotation, log-scale, shear), about centre.
+
+    Rotation, scale and shear parameters are divided by ``radius`` (mm), so one unit of any
+    parameter moves points at that distance from the centre by about 1 mm.
+    """
+    t, r, s, h = p[0:3], p[3:6] / radius, p[6:9] / radius, p[9:12] / radius
+    one = torch.ones((), dtype=p.dtype, device=p.device)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    shear = torch.stack(
+        [
+            torch.stack([one, h[0], h[1]]),
+            torch.stack([zero, one, h[2]]),
+            torch.stack([zero, zero, one]),
+        ]
+    )
+    lin = _rotation(r) @ torch.diag(torch.exp(s)) @ shear
+    trans = centre + t - lin @ centre
+    top = torch.cat([lin, trans[:, None]], dim=1)
+    return torch.cat([top, torch.tensor([[0.0, 0, 0, 1]], dtype=p.dtype, device=p.device)])
+
+
+class _AffineLevel:
+    """Working images of one level and the batched scoring of world matrices."""
+
+    def __init__(
+        self, moving, moving_grid, fixed, fixed_grid, voxel, fixed_weight, moving_weight, fixed_box
+    ):
+        self.voxel = voxel
+        device = fixed.device
+        self.fgrid = iso_grid(*fixed_box, voxel, margin=2 * voxel)
+        self.mgrid = iso_grid(*_world_bbox(moving_grid), voxel, margin=voxel)
+        self.fixed = _to_grid(fixed, fixed_grid, self.fgrid, voxel)
+        self.moving = _to_grid(moving, moving_grid, self.mgrid, voxel)
+        self.fweight = (
+            spatial.resample_linear(fixed_weight, fixed_grid, self.fgrid)
+            if fixed_weight is not None
+            else None
+        )
+        self.fixed = _normalise(self.fixed, self.fweight)
+        ones = torch.ones_like(moving)
+        self.inside = spatial.resample_linear(ones, moving_grid, self.mgrid)
+        mw = moving_weight if moving_weight is not None else torch.ones_like(moving)
+        self.mweight = spatial.resample_linear(mw, moving_grid, self.mgrid) * self.inside
+        self.moving = _normalise(self.moving, self.mweight)
+        self.fix_aff = spatial.as_tensor(self.fgrid.affine, device)
+        self.mov_inv = spatial.as_tensor(np.linalg.inv(self.mgrid.affine), device)
+        self.ident = spatial.identity_coords(self.fgrid.shape, device).reshape(3, -1)
+        self.metric = None
+        self.dissim = None
+
+    def set_metric(self, metric):
+        self.metric = metric
+        self.dissim = _Dissimilarity(metric, self.voxel)
+        self.ffeat = self.dissim.features(self.fixed)
+
+    def sample(self, matrices: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+        """Pull ``volume`` (1, C, ...) on the moving grid through world matrices (N, 4, 4)."""
+        vox = self.mov_inv @ matrices @ self.fix_aff
+        coords = vox[:, :3, :3] @ self.ident + vox[:, :3, 3:]
+        coords = coords.reshape(-1, 3, *self.fgrid.shape)
+        return spatial.sample_grid(volume.expand(len(matrices), *volume.shape[1:]), coords)
+
+    def loss(self, matrices: torch.Tensor) -> torch.Tensor:
+        """Dissimilarity (N,) of each world matrix (fixed RAS -> moving RAS)."""
+        moved = self.sample(matrices, torch.cat([self.moving, self.mweight], dim=1))
+        # MIND of the moved image, not moved MIND: descriptors are not rotation invariant.
+        feat, w = self.dissim.features(moved[:, :1]), moved[:, 1:].detach()
+        if self.fweight is not None:
+            w = w * self.fweight
+        values = self.dissim.map(feat, self.ffeat.expand(len(matrices), *self.ffeat.shape[1:]))
+        dims = (1, 2, 3, 4)
+        return (values * w).sum(dims) / w.sum(dims).clamp(min=1e-6)
+
+
+def _fixed_box(fixed_grid, fixed_weight):
+    if fixed_weight is None:
+        return _world_bbox(fixed_grid)
+    mask = fixed_weight[0, 0].detach().cpu().numpy() > 0.01
+    if not mask.any():
+        raise ValueError('fixed_weight is zero everywhere')
+    return _world_bbox(fixed_grid, mask)
+
+
+def _weighted_centre(grid: Geometry, weight: torch.Tensor | None) -> np.ndarray:
+    if weight is None:
+        return spatial.fov_center(grid)
+    w = weight[0, 0].detach().cpu().double().numpy()
+    idx = np.indices(w.shape).reshape(3, -1)
+    ijk = (idx * w.reshape(-1)).sum(1) / max(w.sum(), 1e-9)
+    return grid.affine[:3, :3] @ ijk + grid.affine[:3, 3]
+
+
+def _run_affine(
+    level: _AffineLevel, init: np.ndarray, centre, rigid, iterations, lr, verbose=False
+):
+    device = level.fixed.device
+    nparam = 6 if rigid else 12
+    p = torch.zeros(12, device=device)
+    free = p[:nparam].clone().requires_grad_()
+    a0 = spatial.as_tensor(init, device)
+    c = spatial.as_tensor(centre, device)
+    opt = Adam([free])
+    radius = 60.0
+
+    def matrix(q):
+        full = torch.cat([q, p[nparam:]]) if nparam < 12 else q
+        return a0 @ _param_matrix(full, c, radius)
+
+    first = None
+    for it in range(iterations):
+        loss = level.loss(matrix(free)[None])[0]
+        if first is None:
+            first = float(loss.detach())
+        loss.backward()
+        opt.step(_lr_schedule(lr, it, iterations))
+    with torch.no_grad():
+        final = matrix(free)
+        last = float(level.loss(final[None])[0])
+    if verbose:
+        log.info(
+            'affine level %g mm (%s): dissimilarity %.4f -> %.4f in %d iterations',
+            level.voxel,
+            level.metric,
+            first if first is not None else last,
+            last,
+            iterations,
+        )
+    return final.double().cpu().numpy(), last
+
+
+def _moments_init(moving_grid, moving_weight, fixed_grid, fixed_weight) -> np.ndarray:
+    """Translation that maps the fixed weight's centre of mass onto the moving one's."""
+    init = np.eye(4)
+    init[:3, 3] = _weighted_centre(moving_grid, moving_weight) - _weighted_centre(
+        fixed_grid, fixed_weight
+    )
+    return init
+
+
+def optimise_affine(
+    moving: torch.Tensor,
+    moving_grid: Geometry,
+    fixed: torch.Tensor,
+    fixed_grid: Geometry,
+    init: np.ndarray | None = None,
+    *,
+    rigid: bool = False,
+    metric: str = 'auto',
+    levels: Sequence[float] = (8.0, 4.0),
+    iterations: Sequence[int] = (100, 60),
+    fixed_weight=None,
+    moving_weight=None,
+    lr: float | None = None,
+    verbose: bool = False,
+    generator: torch.Generator | None = None,
+) -> np.ndarray:
+    """Affine (12 DOF) or rigid (6 DOF) registration in world space, coarse to fine.
+
+    Parameters
+    ----------
+    moving, fixed
+        ``(1, 1, X, Y, Z)`` tensors on their own grids (any orientation and voxel size).
+    moving_grid, fixed_grid
+        Their :class:`Geometry`.
+    init
+        4x4 RAS matrix (fixed RAS -> moving RAS) to start from; None: the translation that
+        matches the weights' centres of mass (the FOV centres without weights).
+    rigid
+        Rotation and translation only.
+    metric
+        ``'lncc'``, ``'mind'`` or ``'auto'`` (see :mod:`.similarity`).
+    levels, iterations
+        Working voxel sizes (mm) and Adam iterations per level.
+    fixed_weight, moving_weight
+        Weights on the fixed/moving grids (3D arrays or ``(1, 1, X, Y, Z)``), e.g. from
+        :func:`.masks.similarity_weight`; the fixed working grid covers the fixed weight only.
+    lr
+        Adam step (mm of head-surface motion per iteration) at the first level; default
+        ``0.15 * level``.
+    generator
+        Unused (the optimisation is deterministic); accepted for a uniform API.
+
+    Returns
+    -------
+    numpy.ndarray
+        The 4x4 RAS matrix mapping fixed RAS to moving RAS (pulling the moving image).
+    """
+    del generator
+    moving = _volume(moving, 'moving')
+    fixed = _volume(fixed, 'fixed')
+    if len(levels) != len(iterations):
+        raise ValueError(f'levels and iterations differ in length: {levels}, {iterations}')
+    fw = _weight_tensor(fixed_weight, fixed_grid.shape, fixed.device, 'fixed_weight')
+    mw = _weight_tensor(moving_weight, moving_grid.shape, moving.device, 'moving_weight')
+    matrix = (
+        _moments_init(moving_grid, mw, fixed_grid, fw)
+        if init is None
+        else np.asarray(init, dtype=float)
+    )
+    centre = _weighted_centre(fixed_grid, fw)
+    box = _fixed_box(fixed_grid, fw)
+    chosen = None if metric == 'auto' else metric
+    for voxel, iters in zip(levels, iterations):
+        level = _AffineLevel(moving, moving_grid, fixed, fixed_grid, float(voxel), fw, mw, box)
+        if chosen is None:
+            with torch.no_grad():
+                moved = level.sample(spatial.as_tensor(matrix, fixed.device)[None], level.moving)
+            chosen = _resolve_metric(metric, moved, level.fixed, level.fweight)
+        level.set_metric(chosen)
+        step = lr * voxel / levels[0] if lr is not None else 0.15 * voxel
+        matrix, _ = _run_affine(level, matrix, centre, rigid, int(iters), step, verbose)
+    return matrix
+
+
+def _cube_rotations() -> list[np.ndarray]:
+    """The 24 proper rotations that permute and flip the world axes."""
+    out = []
+    for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+        for signs in np.ndindex(2, 2, 2):
+            m = np.zeros((3, 3))
+            for i, (j, s) in enumerate(zip(perm, signs)):
+                m[i, j] = -1.0 if s else 1.0
+            if np.linalg.det(m) > 0:
+                out.append(m)
+    return out
+
+
+def _euler(rx, ry, rz) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = (
+        np.cos(rx),
+        np.sin(rx),
+        np.cos(ry),
+        np.sin(ry),
+        np.cos(rz),
+        np.sin(rz),
+    )
+    mx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    my = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    mz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return mz @ my @ mx
+
+
+def _principal_axes(grid: Geometry, weight: torch.Tensor) -> np.ndarray:
+    w = weight[0, 0].detach().cpu().double().numpy()
+    idx = np.argwhere(w > 0.05)
+    vals = w[tuple(idx.T)]
+    ras = idx @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    mean = (ras * vals[:, None]).sum(0) / vals.sum()
+    d = ras - mean
+    cov = (d * vals[:, None]).T @ d / vals.sum()
+    _, vecs = np.linalg.eigh(cov)
+    return vecs
+
+
+def robust_affine_init(
+    moving: torch.Tensor,
+    moving_grid: Geometry,
+    fixed: torch.Tensor,
+    fixed_grid: Geometry,
+    *,
+    rigid: bool = False,
+    candidates: Sequence[np.ndarray] | None = None,
+    metric: str = 'auto',
+    fixed_weight=None,
+    moving_weight=None,
+    max_angle: float = 45.0,
+    angle_step: float = 15.0,
+    voxel: float = 8.0,
+    top_k: int = 5,
+    iterations: int = 40,
+    verbose: bool = False,
+) -> np.ndarray:
+    """A starting affine that does not fail on whole-head scans.
+
+    1. Weights: the given ones, else our own head masks cut to the top 140 mm
+       (:func:`.masks.head_mask`), so neck and field of view do not count.
+    2. Centres of mass of the weights; every candidate rotation turns about them.
+    3. Candidates: rotations on a grid of Euler angles within ``max_angle`` degrees (steps of
+       ``angle_step``), the 24 permutations and flips of the world axes (a wrong header), the
+       4 rotations that align the principal axes, and ``candidates`` (4x4 world matrices, e.g.
+       a network's prediction), all scored at ``voxel`` mm by the weighted similarity.
+    4. The ``top_k`` best (plus every given candidate) get a short optimisation
+       (``iterations`` at ``voxel`` mm, rigid or affine as asked); the lowest dissimilarity wins.
+
+    Returns the 4x4 RAS matrix (fixed RAS -> moving RAS); refine it with
+    :func:`optimise_affine`. About 1-2 s at 8 mm on one CPU thread.
+    """
+    moving = _volume(moving, 'moving')
+    fixed = _volume(fixed, 'fixed')
+    device = fixed.device
+    fw = _weight_tensor(fixed_weight, fixed_grid.shape, device, 'fixed_weight')
+    mw = _weight_tensor(moving_weight, moving_grid.shape, device, 'moving_weight')
+    if fw is None:
+        fw = torch.as_tensor(
+            masks.head_mask(fixed, fixed_grid), dtype=torch.float32, device=device
+        )[None, None]
+    if mw is None:
+        mw = torch.as_tensor(
+            masks.head_mask(moving, moving_grid), dtype=torch.float32, device=device
+        )[None, None]
+    c_f = _weighted_centre(fixed_grid, fw)
+    c_m = _weighted_centre(moving_grid, mw)
+    level = _AffineLevel(
+        moving, moving_grid, fixed, fixed_grid, voxel, fw, mw, _fixed_box(fixed_grid, fw)
+    )
+
+    def about_centres(rot):
+        m = np.eye(4)
+        m[:3, :3] = rot
+        m[:3, 3] = c_m - rot @ c_f
+        return m
+
+    angles = np.deg2rad(np.arange(-max_angle, max_angle + 1e-6, angle_step))
+    rotations = [_euler(a, b, c) for a in angles for b in angles for c in angles]
+    rotations += [r for r in _cube_rotations() if not np.allclose(r, np.eye(3))]
+    ax_f = _principal_axes(fixed_grid, fw)
+    ax_m = _principal_axes(moving_grid, mw)
+    for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):
+        rot = ax_m @ np.diag(signs) @ ax_f.T
+        if np.linalg.det(rot) < 0:
+            rot = ax_m @ np.diag(signs) @ np.diag((1, 1, -1)) @ ax_f.T
+        rotations.append(rot)
+    pool = [about_centres(r) for r in rotations]
+    extra = [np.asarray(c, dtype=float) for c in (candidates or [])]
+
+    identity = torch.as_tensor(about_centres(np.eye(3)), dtype=torch.float32, device=device)
+    if metric == 'auto':
+        with torch.no_grad():
+            moved = level.sample(identity[None], level.moving)
+        metric = _resolve_metric('auto', moved, level.fixed, level.fweight)
+    level.set_metric(metric)
+
+    with torch.no_grad():
+        mats = torch.as_tensor(np.stack(pool + extra), dtype=torch.float32, device=device)
+        scores = torch.cat([level.loss(chunk) for chunk in mats.split(16)]).cpu().numpy()
+    order = list(np.argsort(scores[: len(pool)])[:top_k])
+    starts = [pool[i] for i in order] + extra
+    best, best_score = None, np.inf
+    for k, start in enumerate(starts):
+        step = 0.15 * voxel
+        matrix, score = _run_affine(level, start, c_f, rigid, iterations, step)
+        if verbose:
+            log.info(
+                'affine init start %d: dissimilarity %.4f -> %.4f',
+                k,
+                scores[order[k]] if k < len(order) else float('nan'),
+                score,
+            )
+        if score < best_score:
+            best, best_score = matrix, score
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Deformable
+
+
+def _roi(weight: torch.Tensor | None, grid: Geometry, margin_mm: float, threshold: float):
+    """Index box (lo, hi) of the weight's support plus a margin, and which sides are inside."""
+    shape = np.asarray(grid.shape)
+    if weight is None:
+        return np.zeros(3, int), shape.copy()
+    mask = weight[0, 0].detach().cpu().numpy() > threshold
+    if not mask.any():
+        raise ValueError(f'weight is nowhere above {threshold}')
+    idx = np.argwhere(mask)
+    pad = np.ceil(margin_mm / grid.voxel_sizes).astype(int)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + 1 + pad, shape)
+    return lo, hi
+
+
+def _level_shape(roi_shape, vox, level: float):
+    out = []
+    for n, v in zip(roi_shape, vox):
+        if level <= v * 1.01 or n <= 2:
+            out.append(int(n))
+        else:
+            out.append(max(2, round((n - 1) * v / level)) + 1)
+    return tuple(out)
+
+
+def _taper(shape, spacing, lo, hi, full, ramp_mm, device):
+    """1 inside, falling smoothly to 0 at the ROI sides that lie inside the full grid."""
+    out = torch.ones(shape, device=device)
+    for axis, (n, s) in enumerate(zip(shape, spacing)):
+        pos = torch.arange(n, device=device, dtype=torch.float32) * s
+        ramp = torch.ones(n, device=device)
+        length = (n - 1) * s
+        if lo[axis] > 0:
+            ramp = ramp * ((pos / ramp_mm).clamp(0, 1))
+        if hi[axis] < full[axis]:
+            ramp = ramp * (((length - pos) / ramp_mm).clamp(0, 1))
+        ramp = ramp * ramp * (3 - 2 * ramp)  # smoothstep
+        view = [1, 1, 1]
+        view[axis] = n
+        out = out * ramp.view(view)
+    return out[None, None]
+
+
+def _smoothness(v: torch.Tensor, spacing) -> torch.Tensor:
+    """Mean squared Jacobian (mm per mm) of a voxel velocity (1, 3, ...) with ``spacing`` mm."""
+    s = torch.as_tensor(spacing, dtype=v.dtype, device=v.device).view(1, 3, 1, 1, 1)
+    v_mm = v * s
+    total = 0.0
+    for axis in range(3):
+        d = v_mm.diff(dim=2 + axis) / float(spacing[axis])
+        total = total + (d * d).sum(dim=1).mean()
+    return total
+
+
+def _exp(v: torch.Tensor, steps: int, exact: bool) -> torch.Tensor:
+    """``exp(v)`` by scaling and squaring; with ``exact=False`` its gradient is approximated.
+
+    The approximation passes the gradient through as if ``exp(v) = v`` (first order, as in
+    log-domain demons), which skips the backward pass through the squarings: 4-5 times cheaper
+    per step on the CPU, and Adam normalises the step size anyway.
+    """
+    if exact:
+        return spatial.integrate_svf(v, steps)
+    with torch.no_grad():
+        disp = spatial.integrate_svf(v, steps)
+    return disp + (v - v.detach())
+
+
+def _resize(volume: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(volume.shape[2:]) == tuple(shape):
+        return volume
+    return F.interpolate(volume, size=tuple(shape), mode='trilinear', align_corners=True)
+
+
+def optimise_svf(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    grid: Geometry,
+    *,
+    init_velocity: torch.Tensor | None = None,
+    lam: float = 0.5,
+    metric: str = 'auto',
+    levels: Sequence[float] = (4.0, 2.0),
+    iterations: Sequence[int] = (120, 40),
+    symmetric: bool = True,
+    weight=None,
+    steps: int = 7,
+    lr: float = 0.2,
+    margin_mm: float = 16.0,
+    roi_threshold: float = 0.01,
+    velocity_factor: float = 2.0,
+    exact_gradient: bool = False,
+    verbose: bool = False,
+) -> torch.Tensor:
+    """Diffeomorphic registration of ``moving`` to ``fixed`` (both on ``grid``) by an SVF.
+
+    Parameters
+    ----------
+    moving, fixed
+        ``(1, 1, X, Y, Z)`` tensors on the one grid ``grid`` (resample moving through the affine
+        first).
+    init_velocity
+        ``(1, 3, X, Y, Z)`` velocity in voxel units of ``grid`` to start from (a network's).
+    lam
+        Regularisation in [0, 1] as the hypernetwork's lambda: 0 sharpest, 1 smoothest.
+    metric
+        ``'lncc'``, ``'mind'`` or ``'auto'``.
+    levels, iterations
+        Field spacing (mm) and Adam iterations per level, coarse to fine. A level finer than the
+        grid works at the grid's spacing.
+    symmetric
+        Optimise in the mid-space: moving warped by ``exp(v / 2)``, fixed by ``exp(-v / 2)``.
+    weight
+        Weight of the similarity on ``grid`` (e.g. :func:`.masks.similarity_weight` of the
+        fixed image). The field lives in the bounding box of ``weight > 0.01`` plus
+        ``margin_mm`` and tapers to zero over that margin; None: the whole grid, uniform.
+    steps
+        Scaling-and-squaring steps (as ``spatial.integrate_svf``).
+    lr
+        Adam step in voxels of each level.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(1, 3, X, Y, Z)`` velocity in voxel units of ``grid``:
+        ``spatial.warp_voxel(moving, spatial.integrate_svf(v, steps))`` matches ``fixed``, and
+        ``exp(-v)`` is the inverse.
+    """
+    moving = _volume(moving, 'moving')
+    fixed = _volume(fixed, 'fixed')
+    if moving.shape != fixed.shape or tuple(fixed.shape[2:]) != tuple(grid.shape):
+        raise ValueError(
+            f'moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must both be on the '
+            f'grid {tuple(grid.shape)}'
+        )
+    if not 0 <= lam <= 1:
+        raise ValueError(f'lam must lie in [0, 1], got {lam}')
+    if len(levels) != len(iterations):
+        raise ValueError(f'levels and iterations differ in length: {levels}, {iterations}')
+    device = fixed.device
+    w = _weight_tensor(weight, grid.shape, device, 'weight')
+    if init_velocity is not None and tuple(init_velocity.shape) != (1, 3, *grid.shape):
+        raise ValueError(
+            f'init_velocity must be {(1, 3, *grid.shape)}, got {tuple(init_velocity.shape)}'
+        )
+    lo, hi = _roi(w, grid, margin_mm, roi_threshold)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    roi_shape = tuple(int(b - a) for a, b in zip(lo, hi))
+    mov = moving[(..., *sl)]
+    fix = fixed[(..., *sl)]
+    wroi = w[(..., *sl)] if w is not None else None
+    mov = _normalise(mov, wroi)
+    fix = _normalise(fix, wroi)
+    vox = [float(v) for v in grid.voxel_sizes]
+    half_steps = max(steps - 1, 0)
+
+    velocity = None
+    if init_velocity is not None:
+        velocity = init_velocity[(..., *sl)].to(device, torch.float32)
+    chosen = None if metric == 'auto' else metric
+    if chosen is not None and chosen not in METRICS:
+        raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
+    for level, iters in zip(levels, iterations):
+        shape = _level_shape(roi_shape, vox, float(level))
+        spacing = [v * (n - 1) / max(m - 1, 1) for v, n, m in zip(vox, roi_shape, shape)]
+        vshape = _level_shape(roi_shape, vox, float(level) * velocity_factor)
+        vspacing = [v * (n - 1) / max(m - 1, 1) for v, n, m in zip(vox, roi_shape, vshape)]
+        sig = _antialias_sigmas(vox, float(level))
+        m_l = _resize(blur(mov, sig), shape)
+        f_l = _resize(blur(fix, sig), shape)
+        w_l = _resize(wroi, shape) if wroi is not None else None
+        if chosen is None:
+            with torch.no_grad():
+                m_chk = m_l
+                if velocity is not None:
+                    disp = spatial.integrate_svf(spatial.resize_field(velocity, vshape), steps)
+                    m_chk = spatial.warp_voxel(m_l, spatial.resize_field(disp, shape))
+                chosen = _resolve_metric(metric, m_chk, f_l, w_l)
+        dissim = _Dissimilarity(chosen, max(min(spacing), 1e-3))
+        # Features (MIND) of the warped images, recomputed each step: warping descriptors
+        # instead biased the optimum by 0.3 voxel on a synthetic warp (local rotations and
+        # shears change the descriptors).
+        ffeat = dissim.features(f_l)
+        fcat = torch.cat([f_l, w_l if w_l is not None else f_l], dim=1)
+        taper = _taper(vshape, vspacing, lo, hi, grid.shape, margin_mm, device)
+        if velocity is None:
+            param = torch.zeros(1, 3, *vshape, device=device)
+        else:
+            param = spatial.resize_field(velocity, vshape).detach().clone()
+        param.requires_grad_()
+        opt = Adam([param])
+        first = last = None
+        t_level = time.perf_counter()
+        for it in range(int(iters)):
+            v = param * taper
+            if symmetric:
+                fwd = _exp(v / 2, half_steps, exact_gradient)
+                bwd = _exp(-v / 2, half_steps, exact_gradient)
+                moved = dissim.features(spatial.warp_voxel(m_l, spatial.resize_field(fwd, shape)))
+                # the weight rides along with the fixed image (one sampling, no gradient)
+                target = spatial.warp_voxel(fcat, spatial.resize_field(bwd, shape))
+                target, wt = dissim.features(target[:, :1]), target[:, 1:].detach()
+                wt = wt if w_l is not None else None
+            else:
+                disp = spatial.resize_field(_exp(v, steps, exact_gradient), shape)
+                moved = dissim.features(spatial.warp_voxel(m_l, disp))
+                target, wt = ffeat, w_l
+            sim = dissim(moved, target, wt)
+            loss = (1 - lam) * sim + lam * SMOOTHNESS_SCALE * _smoothness(v, vspacing)
+            loss.backward()
+            opt.step(_lr_schedule(lr, it, int(iters), final=0.2))
+            last = float(sim.detach())
+            if first is None:
+                first = last
+        velocity = (param * taper).detach()
+        if verbose:
+            log.info(
+                'svf level %g mm (%s, images %s, field %s): dissimilarity %.4f -> %.4f in '
+                '%d iterations, %.1f s',
+                level,
+                chosen,
+                'x'.join(map(str, shape)),
+                'x'.join(map(str, vshape)),
+                first if first is not None else float('nan'),
+                last if last is not None else float('nan'),
+                iters,
+                time.perf_counter() - t_level,
+            )
+    out = torch.zeros(1, 3, *grid.shape, device=device)
+    if velocity is None:
+        return out
+    out[(..., *sl)] = spatial.resize_field(velocity, roi_shape)
+    return out

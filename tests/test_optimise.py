@@ -1,0 +1,297 @@
+"""Tests of the test-time optimisers: affine recovery, robust initialisation, SVF registration."""
+
+from __future__ import annotations
+
+import logging
+
+import nibabel as nb
+import numpy as np
+import pytest
+import torch
+
+from synthmorph_app.engine import masks, optimise, spatial
+from synthmorph_app.engine.optimise import blur
+from synthmorph_app.io.images import Geometry, load_image
+
+GEN = torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """One thread: these small volumes run faster without threading on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+RNG = np.random.default_rng(0)
+
+GRID = Geometry((40, 44, 36), np.diag([2.0, 2.0, 2.0, 1.0]))
+
+
+def _phantom(shape=GRID.shape) -> torch.Tensor:
+    """Smooth random structure (blurred noise) inside a soft ellipsoid, zero outside."""
+    noise = blur(torch.rand(1, 1, *shape, generator=GEN), (1.2, 1.2, 1.2))
+    noise = (noise - noise.mean()) / noise.std()
+    coords = spatial.identity_coords(shape)
+    centre = torch.tensor([(s - 1) / 2 for s in shape]).view(3, 1, 1, 1)
+    radii = torch.tensor([0.4 * s for s in shape]).view(3, 1, 1, 1)
+    r = (((coords - centre) / radii) ** 2).sum(0).sqrt()
+    inside = torch.sigmoid((1 - r) * 12)[None, None]
+    return inside * (1 + 0.3 * noise)
+
+
+def _velocity(shape=GRID.shape, rms=1.5) -> torch.Tensor:
+    """A smooth random velocity (voxels) of root mean square length ``rms``."""
+    v = blur(torch.randn(1, 3, *shape, generator=GEN), (3.0, 3.0, 3.0))
+    return v * rms / v.norm(dim=1).square().mean().sqrt()
+
+
+def _inside(shape=GRID.shape, fraction=0.3) -> torch.Tensor:
+    coords = spatial.identity_coords(shape)
+    centre = torch.tensor([(s - 1) / 2 for s in shape]).view(3, 1, 1, 1)
+    radii = torch.tensor([fraction * s for s in shape]).view(3, 1, 1, 1)
+    return (((coords - centre) / radii) ** 2).sum(0) < 1
+
+
+def _log_jacobian_sd(disp: torch.Tensor, mask: torch.Tensor) -> float:
+    d = disp[0].numpy()
+    grads = np.stack([np.stack(np.gradient(d[c]), 0) for c in range(3)], 0)  # (3, 3, ...)
+    jac = np.moveaxis(grads, (0, 1), (-2, -1)) + np.eye(3)
+    det = np.linalg.det(jac)[mask.numpy()]
+    return float(np.log(np.clip(det, 1e-3, None)).std())
+
+
+# --------------------------------------------------------------------------------------------
+# Deformable
+
+
+@pytest.fixture(scope='module')
+def warped_pair():
+    moving = _phantom()
+    true_v = _velocity()
+    fixed = spatial.warp_voxel(moving, spatial.integrate_svf(true_v))
+    return moving, fixed, true_v
+
+
+def _error(v, true_v, mask):
+    err = (spatial.integrate_svf(v) - spatial.integrate_svf(true_v)).norm(dim=1)[0]
+    return float(err[mask].mean())
+
+
+def test_svf_recovers_known_warp(warped_pair):
+    moving, fixed, true_v = warped_pair
+    mask = _inside()
+    before = _error(torch.zeros_like(true_v), true_v, mask)
+    v = optimise.optimise_svf(
+        moving, fixed, GRID, lam=0.1, metric='lncc', levels=(4, 2), iterations=(60, 60)
+    )
+    assert v.shape == (1, 3, *GRID.shape)
+    after = _error(v, true_v, mask)
+    assert after < 0.5
+    assert after < 0.3 * before
+    # the inverse is exp(-v): composing forward and inverse gives the identity
+    fwd = spatial.integrate_svf(v)
+    bwd = spatial.integrate_svf(-v)
+    composed = fwd + spatial.warp_voxel(bwd, fwd, padding='border')
+    assert float(composed.norm(dim=1)[0][mask].mean()) < 0.1
+
+
+def test_svf_mind_is_contrast_blind(warped_pair):
+    """MIND on an inverted copy does as well as LNCC on the same contrast (within 10 %)."""
+    moving, fixed, true_v = warped_pair
+    mask = _inside()
+    kwargs = {'lam': 0.1, 'levels': (4, 2), 'iterations': (30, 20)}
+    same = _error(
+        optimise.optimise_svf(moving, fixed, GRID, metric='lncc', **kwargs), true_v, mask
+    )
+    inverted = _error(
+        optimise.optimise_svf(moving, 2 - fixed, GRID, metric='auto', **kwargs), true_v, mask
+    )
+    assert inverted < 1.1 * same
+
+
+def test_svf_identical_images_give_identity():
+    image = _phantom()
+    v = optimise.optimise_svf(
+        image, image, GRID, metric='lncc', levels=(4, 2), iterations=(20, 20)
+    )
+    disp_mm = spatial.integrate_svf(v).abs().max() * 2.0
+    assert float(disp_mm) < 0.01
+
+
+def test_svf_lambda_is_monotone(warped_pair):
+    moving, fixed, _ = warped_pair
+    mask = _inside()
+    spread = []
+    for lam in (0.1, 0.5, 0.9):
+        v = optimise.optimise_svf(
+            moving, fixed, GRID, lam=lam, metric='lncc', levels=(4, 2), iterations=(40, 20)
+        )
+        spread.append(_log_jacobian_sd(spatial.integrate_svf(v), mask))
+    assert spread[2] < spread[1] < spread[0]
+
+
+def test_svf_weight_limits_the_field(warped_pair, caplog):
+    moving, fixed, _ = warped_pair
+    weight = _inside(fraction=0.2).float()[None, None]
+    with caplog.at_level(logging.INFO, logger='synthmorph_app.engine.optimise'):
+        v = optimise.optimise_svf(
+            moving,
+            fixed,
+            GRID,
+            weight=weight,
+            margin_mm=6,
+            levels=(4,),
+            iterations=(10,),
+            verbose=True,
+        )
+    assert float(v[..., :2].abs().max()) == 0  # outside the weight's box plus margin
+    assert any('svf level 4' in r.getMessage() for r in caplog.records)
+
+
+def test_svf_input_errors(warped_pair):
+    moving, fixed, _ = warped_pair
+    with pytest.raises(ValueError, match='grid'):
+        optimise.optimise_svf(moving[..., :-1], fixed, GRID)
+    with pytest.raises(ValueError, match='lam'):
+        optimise.optimise_svf(moving, fixed, GRID, lam=1.5)
+    with pytest.raises(ValueError, match='metric'):
+        optimise.optimise_svf(moving, fixed, GRID, metric='mi', iterations=(1, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Affine
+
+
+def _head(shared_data, voxel=4.0):
+    """sub-01's T1w head resampled to ``voxel`` mm (LIA grid over its FOV) and its brain mask."""
+    img = load_image(shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
+    lab = nb.load(
+        shared_data
+        / 'bids'
+        / 'derivatives'
+        / 'dlmuse'
+        / 'sub-01'
+        / 'anat'
+        / 'sub-01_space-T1w_desc-dlmuse_dseg.nii.gz'
+    )
+    geom = Geometry.from_image(img)
+    grid = optimise.iso_grid(*optimise._world_bbox(geom), voxel)
+    vol = spatial.volume_tensor(img.get_fdata(dtype=np.float32))
+    head = spatial.resample_linear(optimise.blur(vol, [0.4 * voxel / 2] * 3), geom, grid)
+    brain = (
+        spatial.resample_linear(
+            spatial.volume_tensor((np.asarray(lab.dataobj) > 0).astype(np.float32)), geom, grid
+        )[0, 0]
+        > 0.5
+    )
+    return head, grid, brain
+
+
+def _rotation(axis, degrees):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def _known_affine(centre, axis, degrees, shift, scale=1.0):
+    m = np.eye(4)
+    m[:3, :3] = _rotation(axis, degrees) * scale
+    m[:3, 3] = centre - m[:3, :3] @ centre + np.asarray(shift, float)
+    return m
+
+
+def _mean_error(a, b, grid, mask):
+    ijk = np.argwhere(np.asarray(mask))
+    ras = ijk @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    pa = ras @ a[:3, :3].T + a[:3, 3]
+    pb = ras @ b[:3, :3].T + b[:3, 3]
+    return float(np.linalg.norm(pa - pb, axis=1).mean()), float(
+        np.sqrt((np.linalg.norm(pa - pb, axis=1) ** 2).mean())
+    )
+
+
+def _moving(head, grid, truth):
+    """The head pulled through inv(truth): registering it to ``head`` must give ``truth``."""
+    return spatial.resample_linear(head, grid, grid, np.linalg.inv(truth))
+
+
+def test_affine_recovers_known_affine(shared_data):
+    head, grid, brain = _head(shared_data)
+    centre = optimise._weighted_centre(grid, brain[None, None].float())
+    truth = _known_affine(centre, (0.3, 1.0, 0.2), 15.0, (6.0, -5.0, 6.0), scale=1.04)
+    moving = _moving(head, grid, truth)
+    weight = masks.similarity_weight(head, grid, 'head')
+    mweight = masks.similarity_weight(moving, grid, 'head')
+    found = optimise.optimise_affine(
+        moving, grid, head, grid, fixed_weight=weight, moving_weight=mweight, metric='lncc'
+    )
+    _, rms = _mean_error(found, truth, grid, masks.head_mask(head, grid) > 0)
+    assert rms < 1.0
+
+
+def test_rigid_keeps_rotation(shared_data):
+    head, grid, brain = _head(shared_data)
+    centre = optimise._weighted_centre(grid, brain[None, None].float())
+    truth = _known_affine(centre, (1.0, 0.0, 0.0), 10.0, (0.0, 8.0, 0.0))
+    moving = _moving(head, grid, truth)
+    found = optimise.optimise_affine(
+        moving,
+        grid,
+        head,
+        grid,
+        rigid=True,
+        metric='lncc',
+        fixed_weight=masks.similarity_weight(head, grid, 'head'),
+    )
+    assert np.allclose(found[:3, :3] @ found[:3, :3].T, np.eye(3), atol=1e-4)
+    mean, _ = _mean_error(found, truth, grid, brain)
+    assert mean < 1.0
+
+
+def test_robust_init_recovers_large_motion(shared_data):
+    head, grid, brain = _head(shared_data)
+    centre = optimise._weighted_centre(grid, brain[None, None].float())
+    truth = _known_affine(centre, (1.0, 0.4, -0.3), 45.0, (20.0, -15.0, 15.0))  # 29 mm
+    moving = _moving(head, grid, truth)
+    init = optimise.robust_affine_init(moving, grid, head, grid)
+    found = optimise.optimise_affine(
+        moving,
+        grid,
+        head,
+        grid,
+        init,
+        metric='lncc',
+        fixed_weight=masks.similarity_weight(head, grid),
+        moving_weight=masks.similarity_weight(moving, grid),
+    )
+    mean, _ = _mean_error(found, truth, grid, brain)
+    assert mean < 1.0
+
+
+def test_robust_init_takes_candidates(shared_data):
+    head, grid, brain = _head(shared_data, voxel=8.0)
+    centre = optimise._weighted_centre(grid, brain[None, None].float())
+    truth = _known_affine(centre, (0.0, 0.0, 1.0), 170.0, (0.0, 0.0, 0.0))  # beyond the search
+    moving = _moving(head, grid, truth)
+    near = _known_affine(centre, (0.0, 0.0, 1.0), 160.0, (0.0, 0.0, 0.0))
+    found = optimise.robust_affine_init(
+        moving, grid, head, grid, candidates=[near], max_angle=15.0
+    )
+    mean, _ = _mean_error(found, truth, grid, brain)
+    assert mean < 4.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_matches_cpu(warped_pair):
+    moving, fixed, true_v = warped_pair
+    mask = _inside()
+    kwargs = {'lam': 0.1, 'metric': 'lncc', 'levels': (4, 2), 'iterations': (30, 30)}
+    cpu = optimise.optimise_svf(moving, fixed, GRID, **kwargs)
+    gpu = optimise.optimise_svf(moving.cuda(), fixed.cuda(), GRID, **kwargs)
+    assert gpu.device.type == 'cuda'
+    assert abs(_error(gpu.cpu(), true_v, mask) - _error(cpu, true_v, mask)) < 0.05

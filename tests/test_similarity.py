@@ -1,0 +1,87 @@
+"""Tests of the similarities: box sums, local NCC, MIND-SSC and the automatic choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synthmorph_app.engine import similarity
+from synthmorph_app.engine.optimise import blur
+
+GEN = torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """One thread: these small volumes run faster without threading on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _phantom(shape=(24, 28, 20)) -> torch.Tensor:
+    """A smooth random image with structure everywhere (no flat windows)."""
+    noise = torch.rand(1, 1, *shape, generator=GEN)
+    return blur(noise, (1.5, 1.5, 1.5)) * 4 + 0.05 * torch.rand(1, 1, *shape, generator=GEN)
+
+
+def test_box_sum_matches_convolution():
+    x = torch.rand(2, 3, 9, 10, 11, generator=GEN, dtype=torch.float64)
+    ref = F.conv3d(
+        x.reshape(6, 1, 9, 10, 11), torch.ones(1, 1, 5, 3, 7, dtype=x.dtype), padding=(2, 1, 3)
+    ).reshape_as(x)
+    assert torch.allclose(similarity.box_sum(x, (2, 1, 3)), ref, atol=1e-10)
+
+
+def test_box_mean_counts_only_inside():
+    x = torch.ones(1, 1, 5, 6, 7)
+    assert torch.allclose(similarity.box_mean(x, 2), x)
+
+
+def test_lncc_self_and_inverted():
+    x = _phantom()
+    assert float(similarity.lncc(x, x)) == pytest.approx(1.0, abs=1e-3)
+    inverted = x.max() - x
+    assert float(similarity.lncc(x, inverted)) < -0.99
+    other = _phantom()
+    assert abs(float(similarity.lncc(x, other))) < 0.3
+
+
+def test_lncc_weight_selects_voxels():
+    x = _phantom()
+    y = x.clone()
+    y[..., 10:] = torch.rand_like(y[..., 10:])
+    weight = torch.zeros_like(x)
+    weight[..., :6] = 1
+    assert float(similarity.lncc(x, y, weight=weight)) == pytest.approx(1.0, abs=1e-3)
+    assert float(similarity.lncc(x, y)) < 0.8
+
+
+def test_mind_is_contrast_blind():
+    x = _phantom()
+    mx = similarity.mind_ssc(x)
+    assert mx.shape == (1, 12, *x.shape[2:])
+    assert float(mx.min()) > 0 and float(mx.max()) <= 1 + 1e-6
+    mi = similarity.mind_ssc(3 - 2 * x)  # inverted, rescaled contrast
+    assert float(similarity.mind_ncc(mx, mi)) > 0.99
+    assert float(similarity.mind_mse(mx, mi)) < 1e-6
+    other = similarity.mind_ssc(_phantom())
+    assert float(similarity.mind_ncc(mx, other)) < 0.5
+
+
+def test_choose_metric():
+    x = _phantom()
+    assert similarity.choose_metric(x + 0.01 * torch.rand_like(x), x) == 'lncc'
+    assert similarity.choose_metric(x.max() - x, x) == 'mind'
+
+
+def test_shape_errors():
+    x = _phantom()
+    with pytest.raises(ValueError, match='shape'):
+        similarity.lncc(x, x[..., :-1])
+    with pytest.raises(ValueError, match='B, 1, X, Y, Z'):
+        similarity.mind_ssc(x[0])
+    with pytest.raises(ValueError, match='radius'):
+        similarity.box_sum(x, (1, 2))
