@@ -38,9 +38,13 @@ def citation_markdown(spaces: list[str], *, mode: str = 'joint', lam: float = 0.
 
 
 def _plain(entry: str) -> str:
-    fields = dict(re.findall(r'(\w+) = \{(.*?)\},?\n', entry + '\n'))
+    fields = {k: v.replace('{', '').replace('}', '')  # {{Corporate author}} -> text
+              for k, v in re.findall(r'(\w+) = \{(.*?)\},?\n', entry + '\n')}
     key = re.match(r'@\w+\{([^,]+),', entry).group(1)
     venue = fields.get('journal') or fields.get('booktitle', '')
     doi = f' doi:{fields["doi"]}' if 'doi' in fields else ''
-    return (f'- [{key}] {fields.get("author", "")}. {fields.get("title", "")}. {venue}'
-            f' ({fields.get("year", "")}).{doi}')
+    doi += f' {fields["url"]}' if 'url' in fields and 'doi' not in fields else ''
+    year = f'({fields["year"]})' if 'year' in fields else ''
+    tail = ' '.join(part for part in (venue, year) if part)
+    return (f'- [{key}] {fields.get("author", "")}. {fields.get("title", "")}.'
+            + (f' {tail}.' if tail else '') + doi)

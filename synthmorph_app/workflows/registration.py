@@ -91,7 +91,8 @@ def init_register_template_wf(
                       f'[@{n.lower()}; TemplateFlow ID: {n}]' for n, _ in parsed)
     workflow.__desc__ = f"""\
 The {image_type} image was registered to {len(parsed)} standard space{'s' * (len(parsed) > 1)}
-({names}) with SynthMorph [@synthmorph; @hoffmann2024], using synthmorph-app {__version__},
+({names}) with SynthMorph [@synthmorph; @hoffmann2024], using synthmorph-app {__version__}
+[@synthmorphapp],
 a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
 {_mode_text(mode, lam)} Templates were accessed offline through *TemplateFlow* [@templateflow].
 """
