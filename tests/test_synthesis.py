@@ -14,6 +14,7 @@ from synthmorph_app.engine.synthesis import (
     SynthesisSettings,
     Synthesizer,
     SynthStream,
+    curriculum_factor,
     downsample_labels,
     fit_prealignment,
     label_map_paths,
@@ -267,3 +268,15 @@ def test_synthesis_runs_on_cuda():
     pair = synth.sample(step_generator(0, 0, 'cuda'), truth=True)
     assert pair.fixed.is_cuda and pair.coords.is_cuda
     assert 0 <= float(pair.fixed.min()) and float(pair.fixed.max()) <= 1
+
+
+def test_curriculum_scales_the_affine_ranges():
+    assert curriculum_factor(0, 0) == 1.0 and curriculum_factor(50, 100) == pytest.approx(0.6)
+    assert curriculum_factor(0, 100) == pytest.approx(0.2) and curriculum_factor(100, 100) == 1
+    settings = SynthesisSettings(**FLAT, same_map_probability=1.0, warp_probability=0.0)
+    assert settings.scaled(0.5).rotate == settings.rotate / 2
+    synth = Synthesizer(_blob_maps(), settings)
+    pair = synth.sample(step_generator(0, 0), affine_factor=0.0)
+    assert torch.allclose(pair.affine[0], torch.eye(4, dtype=torch.float64), atol=1e-6)
+    with pytest.raises(ValueError, match='factor'):
+        settings.scaled(2.0)

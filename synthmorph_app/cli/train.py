@@ -104,10 +104,14 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help='start the affine/rigid network from these weights (.pt or name)')
     p.add_argument('--init-deform', metavar='MODEL',
                    help='start the deformable network from these weights (.pt or name)')
+    p.add_argument('--curriculum', type=_positive_int, default=0, metavar='N',
+                   help='grow the affine ranges of the synthesis from 20%% to 100%% over the '
+                        'first N steps (default 0: full ranges from the start)')
     p.add_argument('--workers', type=_positive_int, default=0,
                    help='DataLoader workers synthesising on the CPU (default 0: in process)')
     p.add_argument('--threads', type=_positive_int, default=None,
-                   help='torch CPU threads (default: torch decides)')
+                   help='torch CPU threads (default: torch decides; on a machine shared with '
+                        'other jobs 1 is often faster than more)')
     p.add_argument('--config', type=_json_object, default=None, metavar='JSON',
                    help='more settings as a JSON object or file: any field of '
                         'engine.training.TrainConfig, e.g. \'{"synthesis": {"rotate": 20}, '
@@ -156,7 +160,7 @@ def run_train(args) -> int:
             batch_size=args.batch_size, voxel_size=args.voxel_size, shape=args.shape,
             checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
             init_affine=args.init_affine, init_deform=args.init_deform, workers=args.workers,
-            threads=args.threads, **extra,
+            threads=args.threads, curriculum=args.curriculum, **extra,
         )
     except TypeError as err:
         print(f'synthmorph-app train: error: --config: {err}', file=sys.stderr)
@@ -173,7 +177,8 @@ def run_train(args) -> int:
     val = summary.get('validation') or {}
     text = f'step {summary["step"]}'
     if val:
-        text += f', validation Dice {val["dice"]:.4f} (before registration {val["dice_before"]:.4f})'
+        text += (f'; validation Dice at step {val["step"]}: {val["dice"]:.4f} (before '
+                 f'registration {val["dice_before"]:.4f})')
     if summary['interrupted']:
         print(f'synthmorph-app train: interrupted at {text}; checkpoint saved in {args.out} '
               '(continue with --resume)', file=sys.stderr)
@@ -269,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``train`` or ``synth`` (stand-alone entry point; returns an exit code)."""
     args = build_parser().parse_args(argv)
+    logging.addLevelName(25, 'IMPORTANT')
     logging.basicConfig(
         level=logging.INFO if args.verbose else 25,
         format='%(asctime)s %(name)s %(levelname)s: %(message)s',

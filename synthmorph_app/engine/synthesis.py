@@ -63,6 +63,7 @@ __all__ = [
     'SynthStream',
     'SynthesisSettings',
     'Synthesizer',
+    'curriculum_factor',
     'downsample_labels',
     'fit_prealignment',
     'label_map_paths',
@@ -242,6 +243,16 @@ class SynthesisSettings:
         if task not in presets:
             raise ValueError(f'task must be one of {sorted(presets)}, got {task!r}')
         return cls(**{**presets[task], **overrides})
+
+    def scaled(self, factor: float) -> SynthesisSettings:
+        """The same settings with the affine ranges (shift, rotate, scale, shear) times
+        ``factor`` in [0, 1]: easier pairs for a curriculum (:func:`curriculum_factor`)."""
+        if not 0 <= factor <= 1:
+            raise ValueError(f'factor must lie in [0, 1], got {factor}')
+        if factor == 1:
+            return self
+        return replace(self, shift=self.shift * factor, rotate=self.rotate * factor,
+                       scale=self.scale * factor, shear=self.shear * factor)
 
     def to_dict(self) -> dict:
         """JSON-able dict of the settings."""
@@ -442,6 +453,18 @@ def _to_index(data: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 # -- random draws --------------------------------------------------------------------------
+
+
+def curriculum_factor(step: int, steps: int, start: float = 0.2) -> float:
+    """Fraction of the affine ranges at ``step`` of a curriculum of ``steps`` steps.
+
+    Grows linearly from ``start`` at step 0 to 1 at ``steps`` (1 throughout when ``steps`` is
+    0). Large misalignments give the overlap loss no gradient (the warped labels do not touch
+    their targets), so small ones first help a network from scratch on a small budget.
+    """
+    if steps <= 0 or step >= steps:
+        return 1.0
+    return start + (1 - start) * step / steps
 
 
 def step_generator(
@@ -691,10 +714,18 @@ class Synthesizer:
         return self.maps.voxel_size
 
     def sample(
-        self, gen: torch.Generator, batch_size: int = 1, truth: bool = False
+        self,
+        gen: torch.Generator,
+        batch_size: int = 1,
+        truth: bool = False,
+        affine_factor: float = 1.0,
     ) -> SynthPair:
-        """``batch_size`` pairs drawn with ``gen`` (on ``gen.device``, like the maps)."""
-        items = [self._one(gen, truth) for _ in range(batch_size)]
+        """``batch_size`` pairs drawn with ``gen`` (on ``gen.device``, like the maps).
+
+        ``affine_factor`` scales the affine ranges (:meth:`SynthesisSettings.scaled`).
+        """
+        affine = self.settings.scaled(affine_factor)
+        items = [self._one(gen, truth, affine) for _ in range(batch_size)]
         out = {}
         for f in fields(SynthPair):
             values = [item[f.name] for item in items]
@@ -706,7 +737,7 @@ class Synthesizer:
                 out[f.name] = torch.cat(values)
         return SynthPair(**out)
 
-    def _one(self, gen: torch.Generator, truth: bool) -> dict:
+    def _one(self, gen: torch.Generator, truth: bool, affine: SynthesisSettings) -> dict:
         s = self.settings
         dev = gen.device
         shape = self.shape
@@ -732,8 +763,8 @@ class Synthesizer:
             pre_m = self.maps.prealign[j] if s.prealign else eye
             info = {'fixed': self.maps.names[i], 'moving': self.maps.names[j]}
 
-        mat_f = pre_f @ random_affine(gen, s, shape, vox)
-        mat_m = pre_m @ random_affine(gen, s, shape, vox)
+        mat_f = pre_f @ random_affine(gen, affine, shape, vox)
+        mat_m = pre_m @ random_affine(gen, affine, shape, vox)
         vel_f = self._velocity(gen)
         vel_m = self._velocity(gen)
         grid = spatial.identity_coords(shape, dev)
@@ -806,7 +837,8 @@ class SynthStream(torch.utils.data.IterableDataset):
     depend on the number of workers (worker ``w`` of ``W`` makes steps ``start + w``,
     ``start + w + W``, ...; the DataLoader returns them in order) and restarts exactly at
     ``start``. Use ``DataLoader(stream, batch_size=None, num_workers=...)``: items are batches.
-    Synthesis runs on the CPU in the workers.
+    Synthesis runs on the CPU in the workers. ``curriculum`` (steps) grows the affine ranges
+    (:func:`curriculum_factor`).
     """
 
     def __init__(
@@ -817,6 +849,7 @@ class SynthStream(torch.utils.data.IterableDataset):
         stop: int | None = None,
         batch_size: int = 1,
         truth: bool = False,
+        curriculum: int = 0,
     ):
         super().__init__()
         self.synthesizer = synthesizer
@@ -825,6 +858,7 @@ class SynthStream(torch.utils.data.IterableDataset):
         self.stop = stop
         self.batch_size = int(batch_size)
         self.truth = truth
+        self.curriculum = int(curriculum)
 
     def __iter__(self) -> Iterator[tuple[int, SynthPair]]:
         info = torch.utils.data.get_worker_info()
@@ -834,5 +868,6 @@ class SynthStream(torch.utils.data.IterableDataset):
         step = self.start + worker
         while self.stop is None or step < self.stop:
             gen = step_generator(self.seed, step)
-            yield step, self.synthesizer.sample(gen, self.batch_size, self.truth)
+            factor = curriculum_factor(step, self.curriculum)
+            yield step, self.synthesizer.sample(gen, self.batch_size, self.truth, factor)
             step += workers

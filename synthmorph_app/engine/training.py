@@ -60,6 +60,7 @@ from .synthesis import (
     Synthesizer,
     SynthPair,
     SynthStream,
+    curriculum_factor,
     label_map_paths,
     load_label_maps,
     step_generator,
@@ -133,6 +134,10 @@ class TrainConfig:
         ``device``).
     threads : int or None
         ``torch.set_num_threads`` for the run.
+    curriculum : int
+        Steps over which the affine ranges of the synthesis grow from 20 % to 100 %
+        (:func:`.synthesis.curriculum_factor`; 0: full ranges from the start). Validation
+        always uses the full ranges.
     """
 
     task: str
@@ -160,6 +165,7 @@ class TrainConfig:
     synthesis: dict = field(default_factory=dict)
     workers: int = 0
     threads: int | None = None
+    curriculum: int = 0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -167,7 +173,7 @@ class TrainConfig:
         if self.arch not in ARCHS:
             raise ValueError(f'arch must be one of {sorted(ARCHS)}, got {self.arch!r}')
         for name in ('steps', 'checkpoint_every', 'validate_every', 'workers',
-                     'validation_pairs', 'integration_steps'):
+                     'validation_pairs', 'integration_steps', 'curriculum'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
         if self.batch_size < 1:
@@ -394,7 +400,8 @@ class Trainer:
     def synthesize(self, step: int) -> SynthPair:
         """The training batch of ``step`` (synthesised in this process)."""
         gen = step_generator(self.config.seed, step, self.synthesizer.maps.index.device)
-        return self.synthesizer.sample(gen, self.config.batch_size)
+        factor = curriculum_factor(step, self.config.curriculum)
+        return self.synthesizer.sample(gen, self.config.batch_size, affine_factor=factor)
 
     def train_step(self, pair: SynthPair, step: int | None = None) -> dict:
         """One optimisation step on ``pair``; returns the logged values."""
@@ -558,7 +565,7 @@ class Trainer:
                 yield step, pair, time.perf_counter() - start
                 step += 1
         stream = SynthStream(self.synthesizer, cfg.seed, start=self.step,
-                             batch_size=cfg.batch_size)
+                             batch_size=cfg.batch_size, curriculum=cfg.curriculum)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers)
         start = time.perf_counter()
         for step, pair in loader:
