@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault('NIPYPE_NO_ET', '1')
+# The CLIs default to 20 refinement iterations; tests of plumbing run the networks only (fast),
+# and the tests of refinement ask for it explicitly.
+os.environ.setdefault('SYNTHMORPH_REFINE', '0')
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get('SYNTHMORPH_SHARED_DATA', REPO.parent / 'shared' / 'data'))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import SynthMorphError
-from .parser import _at_least, _unit_interval
+from .parser import _at_least, _unit_interval, add_refine_arguments
 
 LOGGER = logging.getLogger('synthmorph_app.cli.bids')
 
@@ -133,8 +133,7 @@ def build_bids_parser() -> argparse.ArgumentParser:
     g.add_argument('--lambda', dest='lam', type=_unit_interval, default=0.5, metavar='LAMBDA',
                    help='deformation regularisation in [0, 1]: 0 sharpest, 1 smoothest '
                         '(default 0.5)')
-    g.add_argument('--refine', type=_non_negative_int, default=0, metavar='N',
-                   help='test-time optimisation iterations after the networks (default 0)')
+    add_refine_arguments(g)
     g.add_argument('--weights', nargs='+', metavar='FILE',
                    help='model weights (packaged name, .pt/.json or official SynthMorph .h5); '
                         'a name with affine/rigid/deform serves that model')

@@ -59,6 +59,55 @@ def _positive_float(text: str) -> float:
     return value
 
 
+#: Default test-time optimisation iterations at the finest level ($SYNTHMORPH_REFINE overrides).
+DEFAULT_REFINE = 20
+
+
+def default_refine() -> int:
+    """``$SYNTHMORPH_REFINE`` when set (e.g. 0 on a cluster that trusts the networks), else 20."""
+    value = os.environ.get('SYNTHMORPH_REFINE', '')
+    try:
+        return max(0, int(value)) if value.strip() else DEFAULT_REFINE
+    except ValueError:
+        return DEFAULT_REFINE
+
+
+def add_refine_arguments(p) -> None:
+    """Options of test-time refinement, shared by ``register`` and the BIDS-App."""
+    p.add_argument('--refine', type=_at_least(0), default=default_refine(), metavar='N',
+                   help='test-time optimisation after the networks: N iterations at the finest '
+                        'level (more at coarser ones), affine first, then the velocity field, '
+                        'with the same lambda; 0: networks only (default %(default)s, or '
+                        '$SYNTHMORPH_REFINE)')
+    p.add_argument('--refine-metric', choices=('auto', 'lncc', 'mind'), default='auto',
+                   help='similarity of the refinement: local NCC for the same contrast, NCC of '
+                        'MIND descriptors across contrasts; auto compares the two images '
+                        '(default auto)')
+    p.add_argument('--refine-levels', type=_levels, metavar='MM,MM,..',
+                   help='spacings (mm) of the deformable refinement levels, coarse to fine '
+                        '(default 8,4,2)')
+    p.add_argument('--init', dest='init_method', default='network',
+                   choices=('network', 'moments', 'identity'),
+                   help='how the refined affine starts: network (its prediction competes with '
+                        'a coarse pose search over rotations and axis flips), moments (the '
+                        'search only) or identity (from -i FILE or the identity, no search); '
+                        'default network')
+    p.add_argument('--refine-weight', choices=('brain', 'head', 'none'), default='brain',
+                   help='where the refinement similarity counts: brain (a rough brain weight '
+                        'of our own, so neck and face do not pull), head or none '
+                        '(default brain)')
+
+
+def _levels(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of mm') from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f'levels must be positive mm, got {text!r}')
+    return values
+
+
 def add_register_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         'register',
@@ -116,9 +165,7 @@ examples:
                         'name says affine/rigid/deform serves that model; otherwise the order '
                         'is affine (or rigid), then deform. Default: $SYNTHMORPH_WEIGHTS_DIR '
                         'or the packaged models.')
-    p.add_argument('--refine', type=_at_least(0), default=0, metavar='N',
-                   help='test-time optimisation iterations after the networks (0: networks '
-                        'only)')
+    add_refine_arguments(p)
     p.add_argument('--field-convention', choices=('itk', 'synthmorph'), default='itk',
                    help='vector convention of displacement-field files (default itk: LPS, as '
                         'ANTs reads; synthmorph: RAS mm, as mri_synthmorph apply reads)')

@@ -151,6 +151,8 @@ def run_register(args) -> int:
     result = register(
         moving, fixed, mode=args.mode, lam=args.lam, steps=args.steps, extent=args.extent,
         weights=weights, init=init, refine=args.refine, device=_device(args.gpu),
+        init_method=args.init_method, refine_metric=args.refine_metric,
+        refine_levels=args.refine_levels, refine_weight=args.refine_weight,
     )
     _warn_untrained(result.info)
     outputs = _Outputs()

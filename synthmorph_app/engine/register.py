@@ -105,7 +105,11 @@ def register(
     extent: float = DEFAULT_EXTENT,
     weights: dict | None = None,
     init: Transform | None = None,
+    init_method: str = 'network',
     refine: int = 0,
+    refine_metric: str = 'auto',
+    refine_levels: tuple | None = None,
+    refine_weight: str = 'brain',
     device: str | torch.device | None = 'cpu',
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (3D nibabel images, any orientation and voxel size).
@@ -128,8 +132,23 @@ def register(
     init
         A linear Transform (fixed RAS -> moving RAS) that aligns the inputs roughly; the
         registration starts from it and the result includes it.
+    init_method
+        How the linear stage starts when ``refine`` is on: ``'network'`` (the affine network's
+        prediction competes with a coarse pose search: centres of mass, principal axes,
+        rotations and axis flips; the best by similarity wins), ``'moments'`` (the pose search
+        only) or ``'identity'`` (from ``init``, or the identity, with no search). Without
+        ``refine`` the network's prediction is used as it is.
     refine
-        Test-time optimisation iterations at the finest level (0: networks only).
+        Test-time optimisation iterations at the finest level (0: networks only). The affine
+        is optimised first (linear modes and joint), then the velocity field from the network's
+        prediction, with the same lambda (:mod:`.optimise`).
+    refine_metric
+        ``'auto'``, ``'lncc'`` or ``'mind'`` (:mod:`.similarity`).
+    refine_levels
+        Spacings (mm) of the deformable levels, coarse to fine (default ``(8, 4, 2)``).
+    refine_weight
+        Where the similarity counts: ``'brain'`` (a rough brain weight of our own, so neck and
+        face do not pull), ``'head'`` or ``'none'``.
     device
         ``'cpu'``, ``'cuda'`` or ``'auto'``.
     """
@@ -139,6 +158,12 @@ def register(
         raise ValueError(f'the regularisation weight lambda must lie in [0, 1], got {lam}')
     if steps < 5:
         raise ValueError(f'integrate with at least 5 steps, got {steps}')
+    if init_method not in ('network', 'moments', 'identity'):
+        raise ValueError(
+            f"init_method must be 'network', 'moments' or 'identity', got {init_method!r}"
+        )
+    if refine < 0:
+        raise ValueError(f'refine must be 0 or more iterations, got {refine}')
     if init is not None and not init.is_linear:
         raise ValueError('the initial transform must be linear (affine or rigid)')
     device = resolve_device(device)
@@ -156,7 +181,11 @@ def register(
             )
 
         affine = np.eye(4) if init is None else init.affine.copy()
-        if mode in ('joint', 'affine', 'rigid'):
+        start = affine.copy()
+        use_network = mode in ('joint', 'affine', 'rigid') and not (
+            refine and init_method != 'network'
+        )
+        if use_network:
             kind = 'rigid' if mode == 'rigid' else 'affine'
             with timer('load models'):
                 model, card = _get_model(weights.get(kind), kind, device)
@@ -176,14 +205,20 @@ def register(
             found = mgrid.affine @ mat_vox @ np.linalg.inv(fgrid.affine)
             affine = affine @ found
 
-        if refine and mode in ('affine', 'rigid'):
-            from .optimise import optimise_affine
+        if refine:
+            from . import masks
 
             with timer('refine'):
-                affine = optimise_affine(
-                    moving_t, moving_geom, fixed_t, fixed_geom, init=affine,
-                    rigid=mode == 'rigid',
+                fixed_w = masks.similarity_weight(fixed_t, fixed_geom, refine_weight)
+                moving_w = masks.similarity_weight(moving_t, moving_geom, refine_weight)
+            if mode in ('joint', 'affine', 'rigid'):
+                affine = _refine_affine(
+                    timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w,
+                    rigid=mode == 'rigid', init_method=init_method, start=start,
+                    network=affine if use_network else None, metric=refine_metric,
                 )
+            info['refine'] = {'iterations': int(refine), 'metric': refine_metric,
+                              'init': init_method, 'weight': refine_weight}
 
         reference, moving_ref = fixed_geom, moving_geom
         if mode in ('affine', 'rigid'):
@@ -215,10 +250,15 @@ def register(
 
             with timer('refine'):
                 init_velocity = spatial.upsample_field(velocity, coarse_to_fine, mid.shape)
+                levels = tuple(refine_levels or (8.0, 4.0, 2.0))
+                iterations = _level_iterations(levels, refine)
+                mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=half_inv)
                 with torch.inference_mode(False):
                     velocity = optimise_svf(
                         m_mid.clone(), f_mid.clone(), mid, init_velocity=init_velocity.clone(),
-                        lam=lam, steps=steps,
+                        lam=lam, steps=steps, metric=refine_metric, levels=levels,
+                        iterations=iterations, weight=mid_w.clone(),
+                        verbose=LOGGER.isEnabledFor(logging.INFO),
                     ).detach()
                 coarse_to_fine = None  # the refined velocity lives on ``mid`` itself
 
@@ -241,6 +281,36 @@ def register(
         )
 
     return RegistrationResult(forward, make_inverse, timer.timings, info)
+
+
+def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w, *,
+                   rigid, init_method, start, network, metric) -> np.ndarray:
+    """The linear stage of test-time refinement: a robust start, then multi-scale Adam."""
+    from .optimise import optimise_affine, robust_affine_init
+
+    verbose = LOGGER.isEnabledFor(logging.INFO)
+    with timer('refine'), torch.inference_mode(False):
+        # inference tensors cannot enter autograd: work on ordinary copies
+        moving_t, fixed_t = moving_t.clone(), fixed_t.clone()
+        weights = {'fixed_weight': fixed_w.clone(), 'moving_weight': moving_w.clone()}
+        if init_method == 'identity':
+            begin = start
+        else:
+            candidates = [start] + ([network] if network is not None else [])
+            begin = robust_affine_init(
+                moving_t, moving_geom, fixed_t, fixed_geom, rigid=rigid, candidates=candidates,
+                metric=metric, verbose=verbose, **weights,
+            )
+        return optimise_affine(
+            moving_t, moving_geom, fixed_t, fixed_geom, init=begin, rigid=rigid, metric=metric,
+            verbose=verbose, **weights,
+        )
+
+
+def _level_iterations(levels, finest: int) -> tuple:
+    """Iterations per level: ``finest`` at the last, more at coarser (cheaper) levels."""
+    n = len(levels)
+    return tuple(int(finest * (1 + (n - 1 - i))) for i in range(n))
 
 
 def _integrate(velocity, steps, coarse_to_fine, shape) -> torch.Tensor:
