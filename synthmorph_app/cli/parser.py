@@ -72,8 +72,17 @@ def default_refine() -> int:
         return DEFAULT_REFINE
 
 
-def add_refine_arguments(p) -> None:
-    """Options of test-time refinement, shared by ``register`` and the BIDS-App."""
+INIT_METHODS = ('network', 'moments', 'identity')
+INIT_HELP = ('how the affine starts: network (with --refine, its prediction competes with a '
+             'coarse pose search over rotations and axis flips; the best by similarity wins), '
+             'moments (the search only), identity (no search)')
+
+
+def add_refine_arguments(p, init_files: bool = False) -> None:
+    """Options of test-time refinement, shared by ``register`` and the BIDS-App.
+
+    ``init_files``: the caller's own ``-i/--init`` also takes a transform file.
+    """
     p.add_argument('--refine', type=_at_least(0), default=default_refine(), metavar='N',
                    help='test-time optimisation after the networks: N iterations at the finest '
                         'level (more at coarser ones), affine first, then the velocity field, '
@@ -86,12 +95,9 @@ def add_refine_arguments(p) -> None:
     p.add_argument('--refine-levels', type=_levels, metavar='MM,MM,..',
                    help='spacings (mm) of the deformable refinement levels, coarse to fine '
                         '(default 8,4,2)')
-    p.add_argument('--init', dest='init_method', default='network',
-                   choices=('network', 'moments', 'identity'),
-                   help='how the refined affine starts: network (its prediction competes with '
-                        'a coarse pose search over rotations and axis flips), moments (the '
-                        'search only) or identity (from -i FILE or the identity, no search); '
-                        'default network')
+    if not init_files:
+        p.add_argument('--init', dest='init_method', default='network',
+                       choices=INIT_METHODS, help=INIT_HELP + ' (default network)')
     p.add_argument('--refine-weight', choices=('brain', 'head', 'none'), default='brain',
                    help='where the refinement similarity counts: brain (a rough brain weight '
                         'of our own, so neck and face do not pull), head or none '
@@ -143,8 +149,9 @@ examples:
     p.add_argument('-H', '--header-only', action='store_true',
                    help='affine/rigid only: move -o/-O images by editing their header, '
                         'without resampling')
-    p.add_argument('-i', '--init', metavar='FILE',
-                   help='initial linear transform (.lta/.txt/.mat/.h5) to start from')
+    p.add_argument('-i', '--init', metavar='METHOD|FILE', default='network',
+                   help=INIT_HELP + '; or an initial linear transform file (.lta/.txt/.mat/.h5) '
+                        'to start from (default network)')
     p.add_argument('-M', '--mid-space', action='store_true',
                    help='write -o/-O images in the mid-space between the inputs (affine/rigid)')
     p.add_argument('-j', '--threads', type=_at_least(1), metavar='N',
@@ -165,7 +172,7 @@ examples:
                         'name says affine/rigid/deform serves that model; otherwise the order '
                         'is affine (or rigid), then deform. Default: $SYNTHMORPH_WEIGHTS_DIR '
                         'or the packaged models.')
-    add_refine_arguments(p)
+    add_refine_arguments(p, init_files=True)
     p.add_argument('--field-convention', choices=('itk', 'synthmorph'), default='itk',
                    help='vector convention of displacement-field files (default itk: LPS, as '
                         'ANTs reads; synthmorph: RAS mm, as mri_synthmorph apply reads)')

@@ -117,6 +117,8 @@ class _Outputs:
 def run_register(args) -> int:
     import numpy as np
 
+    from .parser import INIT_METHODS
+
     from ..io.images import Geometry, load_image, save_image
     from ..io.transforms import Transform, load_transform, save_transform
 
@@ -137,7 +139,8 @@ def run_register(args) -> int:
     moving = load_image(args.moving, kind='moving image')
     fixed = load_image(args.fixed, kind='fixed image')
     init = None
-    if args.init:
+    init_method = args.init if args.init in INIT_METHODS else 'network'
+    if args.init not in INIT_METHODS:
         init = load_transform(
             args.init, reference=Geometry.from_image(fixed), moving=Geometry.from_image(moving)
         )
@@ -151,7 +154,7 @@ def run_register(args) -> int:
     result = register(
         moving, fixed, mode=args.mode, lam=args.lam, steps=args.steps, extent=args.extent,
         weights=weights, init=init, refine=args.refine, device=_device(args.gpu),
-        init_method=args.init_method, refine_metric=args.refine_metric,
+        init_method=init_method, refine_metric=args.refine_metric,
         refine_levels=args.refine_levels, refine_weight=args.refine_weight,
     )
     _warn_untrained(result.info)
