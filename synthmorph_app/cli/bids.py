@@ -430,6 +430,9 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
     workflow = init_synthmorph_wf(
         plan=plan, out_dir=str(out_dir), bids_dir=str(bids_dir), mode=args.mode, lam=args.lam,
         extent=args.extent, refine=args.refine, weights=weights, device=device,
+        refine_options={'init_method': args.init_method, 'refine_metric': args.refine_metric,
+                        'refine_levels': args.refine_levels,
+                        'refine_weight': args.refine_weight},
         omp_nthreads=omp, figures=args.figures, command_line=command_line,
     )
     workflow.base_dir = str(work_dir)

@@ -91,7 +91,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     device = torch.device(device)
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SynthMorphError('A CUDA device was requested (-g/--device cuda) but none is available.')
+        raise SynthMorphError(
+            'A CUDA device was requested (-g/--device cuda) but none is available.'
+        )
     return device
 
 

@@ -42,6 +42,9 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
     steps = traits.Int(7, usedefault=True, desc='integration steps of the velocity field')
     extent = traits.Float(256.0, usedefault=True, desc='side of the network space in mm')
     refine = traits.Int(0, usedefault=True, desc='test-time optimisation iterations')
+    refine_options = traits.Dict(traits.Str, traits.Any, desc='more refinement settings: '
+                                 'init_method, refine_metric, refine_levels, refine_weight '
+                                 '(keywords of engine.register.register)')
     weights = traits.Dict(traits.Str, traits.Str, desc='model weights by kind '
                           '({"affine": path, "deform": path}); default: packaged models')
     device = traits.Enum('cpu', 'cuda', 'auto', usedefault=True, desc='torch device')
@@ -88,6 +91,8 @@ class SynthMorphRegister(SimpleInterface):
                 steps=self.inputs.steps,
                 extent=self.inputs.extent,
                 refine=self.inputs.refine,
+                refine_options=self.inputs.refine_options
+                if isdefined(self.inputs.refine_options) else None,
                 weights=weights,
                 device=self.inputs.device,
                 num_threads=self.inputs.num_threads,
@@ -109,6 +114,7 @@ def register_files(
     steps: int = 7,
     extent: float = 256.0,
     refine: int = 0,
+    refine_options: dict | None = None,
     weights: dict | None = None,
     device: str = 'cpu',
     num_threads: int | None = None,
@@ -135,7 +141,7 @@ def register_files(
     moving = load_image(moving_image, kind='moving image')
     fixed = load_image(fixed_image, kind='fixed image')
     result = register(moving, fixed, mode=mode, lam=lam, steps=steps, extent=extent,
-                      weights=weights, refine=refine, device=device)
+                      weights=weights, refine=refine, device=device, **(refine_options or {}))
     out = {
         'forward_xfm': str(save_transform(result.forward, forward_xfm)),
         'inverse_xfm': str(save_transform(result.inverse, inverse_xfm)),
@@ -145,8 +151,11 @@ def register_files(
                        device=device)
         out['moved_image'] = str(save_image(img, moved_image))
     if jacobian and result.forward.field is not None:
-        geom = result.forward.field_geometry
-        det = jacobian_determinant(result.forward.field, geom.affine, result.forward.affine)
+        geom = Geometry.from_image(fixed)  # the field sampled on the fixed grid
+        ijk = np.indices(geom.shape).reshape(3, -1).T
+        points = ijk @ geom.affine[:3, :3].T + geom.affine[:3, 3]
+        field = result.forward.displacement_at(points).reshape(*geom.shape, 3)
+        det = jacobian_determinant(field, geom.affine, result.forward.affine)
         out['log_jacobian'] = str(save_image(nb.Nifti1Image(det, geom.affine), jacobian))
     timings = dict(result.timings)
     timings['total'] = time.perf_counter() - start

@@ -29,6 +29,7 @@ def init_synthmorph_wf(
     lam: float = 0.5,
     extent: float = 256.0,
     refine: int = 0,
+    refine_options: dict | None = None,
     weights: dict | None = None,
     device: str = 'cpu',
     omp_nthreads: int = 1,
@@ -55,7 +56,7 @@ def init_synthmorph_wf(
         Subject label -> list of ``(image path, output spaces still to compute)``.
     out_dir, bids_dir
         Derivatives root and input BIDS root.
-    mode, lam, extent, refine, weights, device, omp_nthreads
+    mode, lam, extent, refine, refine_options, weights, device, omp_nthreads
         Registration settings (see :func:`init_register_template_wf`).
     figures
         Draw the report figures.
@@ -66,7 +67,8 @@ def init_synthmorph_wf(
     for subject, images in sorted(plan.items()):
         workflow.add_nodes([init_single_subject_wf(
             subject_id=subject, images=images, out_dir=out_dir, bids_dir=bids_dir, mode=mode,
-            lam=lam, extent=extent, refine=refine, weights=weights, device=device,
+            lam=lam, extent=extent, refine=refine, refine_options=refine_options,
+            weights=weights, device=device,
             omp_nthreads=omp_nthreads, figures=figures, command_line=command_line,
         )])
     return workflow
@@ -116,6 +118,7 @@ def init_anat_image_wf(
     lam: float = 0.5,
     extent: float = 256.0,
     refine: int = 0,
+    refine_options: dict | None = None,
     weights: dict | None = None,
     device: str = 'cpu',
     omp_nthreads: int = 1,
@@ -141,7 +144,8 @@ def init_anat_image_wf(
         The BIDS image.
     templates
         Output spaces (fMRIPrep syntax).
-    out_dir, bids_dir, mode, lam, extent, refine, weights, device, omp_nthreads, figures,
+    out_dir, bids_dir, mode, lam, extent, refine, refine_options, weights, device, omp_nthreads,
+    figures,
     command_line
         See :func:`init_synthmorph_wf`.
 
@@ -161,7 +165,8 @@ def init_anat_image_wf(
     inputnode.inputs.in_file = in_file
     outputnode = pe.Node(niu.IdentityInterface(fields=['out_files']), name='outputnode')
     register_wf = init_register_template_wf(
-        templates=templates, mode=mode, lam=lam, extent=extent, refine=refine, weights=weights,
+        templates=templates, mode=mode, lam=lam, extent=extent, refine=refine,
+        refine_options=refine_options, weights=weights,
         device=device, omp_nthreads=omp_nthreads, image_type=entities['suffix'],
     )
     image_qc = pe.Node(ImageQC(figures=figures), name='image_qc', mem_gb=1.0)

@@ -31,6 +31,7 @@ def init_register_template_wf(
     lam: float = 0.5,
     extent: float = 256.0,
     refine: int = 0,
+    refine_options: dict | None = None,
     weights: dict | None = None,
     device: str = 'cpu',
     omp_nthreads: int = 1,
@@ -55,7 +56,7 @@ def init_register_template_wf(
     ----------
     templates
         Output spaces in fMRIPrep syntax (``MNI152NLin6Asym:res-2``).
-    mode, lam, extent, refine, weights, device
+    mode, lam, extent, refine, refine_options, weights, device
         Passed to :class:`~synthmorph_app.interfaces.synthmorph.SynthMorphRegister`.
     omp_nthreads
         CPU threads of the registration node (its ``n_procs``).
@@ -117,7 +118,8 @@ a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
     registration = pe.Node(
         SynthMorphRegister(mode=mode, lam=lam, extent=extent, refine=refine, device=device,
                            use_gpu=on_gpu, num_threads=omp_nthreads,
-                           **({'weights': weights} if weights else {})),
+                           **({'weights': weights} if weights else {}),
+                           **({'refine_options': refine_options} if refine_options else {})),
         name='registration', n_procs=omp_nthreads,
         mem_gb=tunables['mem_gb']['cuda' if on_gpu else 'cpu'],
     )
