@@ -18,9 +18,10 @@ How a joint registration runs (as ``mri_synthmorph``'s, in world space throughou
 4. Optional test-time refinement (``refine > 0``) optimises ``v`` (and ``A`` first) from the
    network's prediction.
 5. The result is stored as ``T(x) = A (x + w(x))``, the order of an ITK composite
-   ``[affine, field]``, with the field ``w`` on the mid-space network grid mapped into the fixed
-   space by ``H^-1`` (the inverse's into the moving space by ``H``): network resolution, no
-   resampling, whatever the images' voxel sizes.
+   ``[affine, field]``, with the field ``w`` on the fixed image's grid when that grid is at
+   most 4 times the network's (a 1 or 2 mm template), else on the mid-space network grid mapped into
+   the fixed space by ``H^-1`` (network resolution, no resampling onto a 1 mm grid); the
+   inverse's likewise on the moving side.
 
 Nothing depends on how the inputs are stored on disk: every step works in RAS millimetres.
 """
@@ -266,7 +267,7 @@ def register(
 
         with timer('resample'):
             disp = _integrate(velocity, steps, coarse_to_fine, mid.shape)
-            field, field_grid = _mid_field(disp, mid, half_inv)
+            field, field_grid = _mid_field(disp, mid, half, half_inv, fixed_geom)
 
     forward = Transform(
         affine=affine, field=field, field_geometry=field_grid,
@@ -276,7 +277,7 @@ def register(
     def make_inverse() -> Transform:
         with torch.inference_mode():
             disp_inv = _integrate(-velocity, steps, coarse_to_fine, mid.shape)
-            field, field_grid = _mid_field(disp_inv, mid, half)
+            field, field_grid = _mid_field(disp_inv, mid, half_inv, half, moving_geom)
         return Transform(
             affine=np.linalg.inv(affine), field=field, field_geometry=field_grid,
             reference=moving_geom, moving=fixed_geom,
@@ -327,18 +328,26 @@ def _integrate(velocity, steps, coarse_to_fine, shape) -> torch.Tensor:
     return spatial.upsample_field(disp, coarse_to_fine, shape)
 
 
-def _mid_field(disp, mid, lin) -> tuple[np.ndarray, Geometry]:
+def _mid_field(disp, mid, to_mid, lin, image) -> tuple[np.ndarray, Geometry]:
     """A mid-space voxel displacement as a RAS field ``(X, Y, Z, 3)`` and its grid.
 
-    The forward transform is ``A (x + H^-1 u(H x))``: its field, sampled where ``H x`` falls on
-    the mid-space grid's voxels, lives on that grid mapped by ``H^-1`` (``lin``), with vectors
-    mapped by the same matrix; likewise the inverse with ``H``. No resampling is needed, and
-    the field keeps the network's resolution whatever the images' voxel sizes.
+    The forward transform is ``A (x + H^-1 u(H x))`` (``to_mid`` = ``H``, ``lin`` = ``H^-1``;
+    the inverse swaps them). When the image's own grid is at most 4 times the network grid's
+    size, the field is sampled there (what ANTs writes, and readers agree on it everywhere on
+    that grid, e.g. a template's); otherwise it stays on the mid-space grid mapped by ``lin``, with its vectors mapped
+    by the same matrix: network resolution, no resampling onto a large (1 mm) image grid.
     """
-    world = spatial.field_voxel_to_world(disp, mid.affine)[0]
+    world = spatial.field_voxel_to_world(disp, mid.affine)
     lin_t = spatial.as_tensor(lin[:3, :3], disp.device)
-    out = torch.einsum('ij,j...->i...', lin_t, world)
-    return out.permute(1, 2, 3, 0).cpu().numpy(), Geometry(mid.shape, lin @ mid.affine)
+    if np.prod(image.shape) <= 4 * np.prod(mid.shape):
+        vox = np.linalg.inv(mid.affine) @ to_mid @ image.affine
+        coords = spatial.affine_coords(vox, image.shape, disp.device)
+        world = spatial.sample_grid(world, coords, 'linear', padding='border')
+        grid = image
+    else:
+        grid = Geometry(mid.shape, lin @ mid.affine)
+    out = torch.einsum('ij,j...->i...', lin_t, world[0])
+    return out.permute(1, 2, 3, 0).cpu().numpy(), grid
 
 
 def _half_to_full(model, coarse_shape, fine_shape) -> np.ndarray:
