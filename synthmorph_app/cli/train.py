@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .parser import _at_least, _positive_float
+
 LOGGER = logging.getLogger('synthmorph_app.cli.train')
 
 TASKS = ('affine', 'rigid', 'deform', 'joint')
@@ -33,24 +35,7 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'must be positive, got {value}')
-    return value
+_non_negative_int = _at_least(0)
 
 
 def _json_object(text: str) -> dict:
@@ -83,33 +68,33 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--out', required=True, metavar='DIR', help='output folder')
     p.add_argument('--arch', default='detector', choices=('detector', 'encoder', 'decomposer'),
                    help='affine/rigid architecture (default: detector)')
-    p.add_argument('--steps', type=_positive_int, default=10000,
+    p.add_argument('--steps', type=_non_negative_int, default=10000,
                    help='total optimisation steps (default 10000)')
     p.add_argument('--resume', action='store_true',
                    help='continue from --out/checkpoint.pt if it exists')
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='(default cpu)')
-    p.add_argument('--checkpoint-every', type=_positive_int, default=500, metavar='N',
+    p.add_argument('--checkpoint-every', type=_non_negative_int, default=500, metavar='N',
                    help='steps between checkpoints (default 500; 0: only at the end)')
-    p.add_argument('--validate-every', type=_positive_int, default=1000, metavar='N',
+    p.add_argument('--validate-every', type=_non_negative_int, default=1000, metavar='N',
                    help='steps between validations (default 1000; 0: only at the end)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--lr', type=_positive_float, default=1e-4,
                    help='Adam learning rate (default 1e-4)')
-    p.add_argument('--batch-size', type=_positive_int, default=1, help='(default 1)')
+    p.add_argument('--batch-size', type=_non_negative_int, default=1, help='(default 1)')
     p.add_argument('--voxel-size', type=_positive_float, default=4.0, metavar='MM',
                    help='voxel size of the working grid (default 4 mm)')
-    p.add_argument('--shape', type=_positive_int, default=64, metavar='N',
+    p.add_argument('--shape', type=_non_negative_int, default=64, metavar='N',
                    help='working grid of N^3 voxels (default 64: 256 mm at 4 mm)')
     p.add_argument('--init-affine', metavar='MODEL',
                    help='start the affine/rigid network from these weights (.pt or name)')
     p.add_argument('--init-deform', metavar='MODEL',
                    help='start the deformable network from these weights (.pt or name)')
-    p.add_argument('--curriculum', type=_positive_int, default=0, metavar='N',
+    p.add_argument('--curriculum', type=_non_negative_int, default=0, metavar='N',
                    help='grow the affine ranges of the synthesis from 20%% to 100%% over the '
                         'first N steps (default 0: full ranges from the start)')
-    p.add_argument('--workers', type=_positive_int, default=0,
+    p.add_argument('--workers', type=_non_negative_int, default=0,
                    help='DataLoader workers synthesising on the CPU (default 0: in process)')
-    p.add_argument('--threads', type=_positive_int, default=None,
+    p.add_argument('--threads', type=_non_negative_int, default=None,
                    help='torch CPU threads (default: torch decides; on a machine shared with '
                         'other jobs 1 is often faster than more)')
     p.add_argument('--config', type=_json_object, default=None, metavar='JSON',
@@ -132,14 +117,14 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument('--label-maps', required=True, metavar='DIR', help='folder of label maps')
     p.add_argument('--out', required=True, metavar='DIR', help='output folder')
-    p.add_argument('-n', type=_positive_int, default=4, dest='count',
+    p.add_argument('-n', type=_non_negative_int, default=4, dest='count',
                    help='number of pairs (default 4)')
     p.add_argument('--task', choices=TASKS, default='affine',
                    help='synthesis settings of this training task (default affine)')
     p.add_argument('--voxel-size', type=_positive_float, default=4.0, metavar='MM')
-    p.add_argument('--shape', type=_positive_int, default=64, metavar='N')
+    p.add_argument('--shape', type=_non_negative_int, default=64, metavar='N')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--maps', type=_positive_int, default=4, metavar='M',
+    p.add_argument('--maps', type=_non_negative_int, default=4, metavar='M',
                    help='use the first M label maps (default 4; loading takes ~1 s each)')
     p.add_argument('--synthesis', type=_json_object, default=None, metavar='JSON',
                    help='overrides of the synthesis settings, e.g. \'{"shapes_probability": 1}\'')
