@@ -34,6 +34,7 @@ import torch
 
 from synthmorph_app.engine import masks, optimise, spatial
 from synthmorph_app.io.images import Geometry, load_image
+from synthmorph_app.io.transforms import Transform
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('SYNTHMORPH_SHARED_DATA', REPO.parent / 'shared' / 'data')) / 'bids'
@@ -151,7 +152,7 @@ def run_ours(moving_path, fixed_path, mlab, args):
             weight=fw,
             verbose=args.verbose,
             lr=args.lr,
-            symmetric=not args.asymmetric,
+            symmetric=args.symmetric,
             roi_threshold=args.roi_threshold,
             velocity_factor=args.velocity_factor,
             exact_gradient=args.exact_gradient,
@@ -169,12 +170,10 @@ def run_ours(moving_path, fixed_path, mlab, args):
     }
     if velocity is not None:
         disp = spatial.integrate_svf(velocity)
-        coords = spatial.identity_coords(fgrid.shape)[None] + disp
-        # labels through the affine then the field: sample the affine-moved labels
-        out['lab'] = spatial.sample_grid(torch.as_tensor(aff_lab)[None, None], coords, 'nearest')[
-            0, 0
-        ].numpy()
         world = spatial.field_voxel_to_world(disp, fgrid.affine)[0].permute(1, 2, 3, 0).numpy()
+        # one resampling of the labels through the affine and the field together
+        xfm = Transform(affine, world, fgrid, reference=fgrid, moving=mgrid)
+        out['lab'] = spatial.apply_transform(lab, mgrid, xfm, fgrid, mode='nearest')[0, 0].numpy()
         out['det'] = jacobian_det(world, fgrid.affine[:3, :3])
     else:
         out['lab'] = aff_lab
@@ -195,7 +194,7 @@ def _quiet():
             os.close(saved)
 
 
-def run_greedy(moving_path, fixed_path, mlab_path, fixed_path_geom, threads):
+def run_greedy(moving_path, fixed_path, mlab_path, threads):
     from picsl_greedy import Greedy3D
 
     sink = io.StringIO()
@@ -239,11 +238,35 @@ def run_greedy(moving_path, fixed_path, mlab_path, fixed_path_geom, threads):
     return {'time': t_all, 't_affine': t_aff, 'aff_lab': aff_lab, 'lab': lab, 'det': det}
 
 
+def run_ants(moving_path, fixed_path, mlab_path, threads):
+    """antspyx SyN (its defaults: rigid, affine, then SyN), side by side with greedy."""
+    os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(threads)
+    import ants
+
+    ants.config.set_ants_deterministic(True, 42)
+    fixed, moving = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
+    mlab = ants.image_read(str(mlab_path))
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        t0 = time.perf_counter()
+        reg = ants.registration(fixed, moving, 'SyN', outprefix=f'{tmp}/syn_')
+        t_all = time.perf_counter() - t0
+        warp, affine = reg['fwdtransforms']
+        aff_lab = ants.apply_transforms(fixed, mlab, [affine], interpolator='nearestNeighbor')
+        lab = ants.apply_transforms(fixed, mlab, [warp, affine], interpolator='nearestNeighbor')
+        wimg = nb.load(warp)
+        field = np.asarray(wimg.dataobj, dtype=np.float64).reshape(*fixed.shape, 3)
+        lps = np.diag([-1.0, -1.0, 1.0])
+        det = jacobian_det(field, lps @ wimg.affine[:3, :3])
+    return {'time': t_all, 'aff_lab': aff_lab.numpy(), 'lab': lab.numpy(), 'det': det}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--pairs', type=int, default=4, help='number of pairs (max 12)')
+    parser.add_argument('--only', type=int, nargs='+', help='indices into PAIRS instead')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--no-greedy', action='store_true')
+    parser.add_argument('--ants', action='store_true', help='also antspyx SyN (defaults)')
     parser.add_argument('--weight', default='brain', choices=('brain', 'head', 'none'))
     parser.add_argument('--metric', default='auto', choices=('auto', 'lncc', 'mind'))
     parser.add_argument('--lam', type=float, default=0.5)
@@ -269,7 +292,7 @@ def main(argv=None):
         nargs='+',
         default=optimise.optimise_affine.__kwdefaults__['iterations'],
     )
-    parser.add_argument('--asymmetric', action='store_true')
+    parser.add_argument('--symmetric', action='store_true')
     parser.add_argument('--exact-gradient', action='store_true')
     parser.add_argument(
         '--roi-threshold',
@@ -307,7 +330,8 @@ def main(argv=None):
         f'{"fold% hd":>8} {"SD logJ":>7} {"time s":>7}'
     )
     print(header, flush=True)
-    for mov, fix in PAIRS[: args.pairs]:
+    selected = [PAIRS[i] for i in args.only] if args.only else PAIRS[: args.pairs]
+    for mov, fix in selected:
         flab_img = nb.load(labels(fix))
         flab = np.asarray(flab_img.dataobj).astype(np.int32)
         mlab = np.asarray(nb.load(labels(mov)).dataobj).astype(np.float32)
@@ -317,18 +341,19 @@ def main(argv=None):
             fimg.get_fdata(dtype=np.float32), Geometry.from_image(fimg), top_mm=None
         )
         results = {'ours': run_ours(t1w(mov), t1w(fix), mlab, args)}
-        if greedy:
-            store = Path(args.cache or '/nonexistent') / f'greedy_{mov}_{fix}.json'
+        others = {'greedy': run_greedy} if greedy else {}
+        if args.ants:
+            others['ants'] = run_ants
+        for name, runner in others.items():
+            store = Path(args.cache or '/nonexistent') / f'{name}_{mov}_{fix}.json'
             if store.exists():
-                rows.append(json.loads(store.read_text()))
-                results['greedy'] = None
+                results[name] = {'cached_row': json.loads(store.read_text())}
             else:
-                results['greedy'] = run_greedy(
-                    t1w(mov), t1w(fix), labels(mov), t1w(fix), args.threads
-                )
+                results[name] = runner(t1w(mov), t1w(fix), labels(mov), args.threads)
         for name, res in results.items():
-            if res is None:
-                row = rows[-1]
+            if 'cached_row' in res:
+                row = res['cached_row']
+                rows.append(row)
                 print(
                     f'{row["pair"]:8} {name:7} {row["dice_aff"]:8.3f} {row["dice"]:6.3f} '
                     f'{row["fold_brain"]:8.3f} {row["fold_head"]:8.3f} {row["sd_logj"]:7.3f} '
@@ -348,9 +373,9 @@ def main(argv=None):
             else:
                 row.update(fold_brain=np.nan, fold_head=np.nan, sd_logj=np.nan)
             rows.append(row)
-            if name == 'greedy' and args.cache:
+            if name != 'ours' and args.cache:
                 Path(args.cache).mkdir(parents=True, exist_ok=True)
-                (Path(args.cache) / f'greedy_{mov}_{fix}.json').write_text(json.dumps(row))
+                (Path(args.cache) / f'{name}_{mov}_{fix}.json').write_text(json.dumps(row))
             extra = ''
             if name == 'ours':
                 extra = (
