@@ -69,7 +69,7 @@ def test_participant_derivatives(main_run, shared_data):
         assert meta['Software']['Name'] == 'synthmorph-app'
         assert 'participant' in meta['CommandLine'] and meta['Device'] == 'cpu'
         assert meta['ElapsedTime'] > 0
-        assert set(meta['QC']) == {'ncc_template', 'logjac_std', 'folding_pct'}
+        assert set(meta['QC']) == {'mind_ncc', 'ncc', 'logjac_sd', 'folding_pct'}
         assert (out / f'sub-{sub}.html').is_file()
         assert (out / f'sub-{sub}' / 'figures' /
                 f'sub-{sub}_space-MNI152NLin6Asym_desc-reg_T1w.svg').is_file()

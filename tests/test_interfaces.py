@@ -67,7 +67,7 @@ def test_qc_and_sink(registered, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     qc = ImageQC(moving_image=str(T1W), moved_image=registered.moved_image, template=str(TPL),
                  template_mask=str(MASK), log_jacobian=registered.log_jacobian).run().outputs
-    assert set(qc.qc) == {'ncc_template', 'logjac_std', 'folding_pct'}
+    assert set(qc.qc) == {'mind_ncc', 'ncc', 'logjac_sd', 'folding_pct'}
     assert Path(qc.before_after).read_text().lstrip().startswith('<')
     out = tmp_path / 'deriv'
     spec = {'res': '2'}

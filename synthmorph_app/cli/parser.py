@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_synth_parser(sub)
+    from .evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
 
 

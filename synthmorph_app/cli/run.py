@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bids import main_demo
 
         return main_demo(words[1:])
-    commands = ('register', 'apply', 'train', 'synth')
+    commands = ('register', 'apply', 'train', 'synth', 'evaluate')
     if words and not words[0].startswith('-') and words[0] not in commands:
         from .bids import main_bids  # BIDS-App: BIDS_DIR OUTPUT_DIR participant|group
 
@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_register(args)
         if args.command == 'apply':
             return run_apply(args)
+        if args.command == 'evaluate':
+            from .evaluate import run_evaluate
+
+            return run_evaluate(args)
         if args.command in ('train', 'synth'):
             from .train import run_synth, run_train
 

@@ -27,7 +27,7 @@ class _ImageQCInputSpec(BaseInterfaceInputSpec):
 
 
 class _ImageQCOutputSpec(TraitedSpec):
-    qc = traits.Dict(desc='ncc_template, logjac_std, folding_pct')
+    qc = traits.Dict(desc='mind_ncc, ncc, logjac_sd, folding_pct (see synthmorph_app.evaluate)')
     before_after = File(desc='flicker SVG: header-only placement vs registered, over contours')
     jacobian_figure = File(desc='SVG of the log Jacobian determinant over the template')
 

@@ -133,7 +133,7 @@ def register_files(
     from ..engine.register import register
     from ..io.images import Geometry, load_image, save_image
     from ..io.transforms import save_transform
-    from ..reports.metrics import jacobian_determinant
+    from ..evaluate import jacobian_determinant
 
     if num_threads:
         torch.set_num_threads(int(num_threads))

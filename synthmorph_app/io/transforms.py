@@ -438,7 +438,7 @@ def _grid_points(geometry: Geometry, z: slice | None = None) -> np.ndarray:
     return apply_affine(geometry.affine, ijk.reshape(3, -1).T)
 
 
-def _folded_displacement(xfm: Transform, grid: Geometry) -> np.ndarray:
+def displacement_on_grid(xfm: Transform, grid: Geometry) -> np.ndarray:
     """``T(x) - x`` (RAS mm, float32, (X, Y, Z, 3)) at the voxel centres of ``grid``.
 
     Computed in slabs of z to bound memory; where ``grid`` is the field's own grid the stored
@@ -845,7 +845,7 @@ def _write_field_image(xfm: Transform, tmp: Path, suffix: str, convention: str) 
     # On the fixed image's grid when known (what mri_synthmorph writes and its apply expects),
     # else on the field's own grid.
     grid = xfm.reference if xfm.reference is not None else xfm.field_geometry
-    disp = _folded_displacement(xfm, grid)
+    disp = displacement_on_grid(xfm, grid)
     if convention == 'itk':
         disp *= np.array([-1.0, -1.0, 1.0], dtype=np.float32)
     if suffix == '.mgz':

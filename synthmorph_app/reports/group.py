@@ -15,8 +15,9 @@ import numpy as np
 
 from ..errors import SynthMorphError
 from ..utils.bids import write_text_atomic
+from .metrics import QC_KEYS
 
-METRICS = ('ncc_template', 'logjac_std', 'folding_pct', 'time_s')
+METRICS = (*QC_KEYS, 'time_s')
 COLUMNS = ('participant_id', 'image', 'template', 'mode', 'lambda', *METRICS, 'outlier')
 
 
@@ -34,8 +35,7 @@ def collect_qc(out_dir: str | os.PathLike) -> list[dict]:
             'template': ':'.join([meta['Template'], *(f'{k}-{v}' for k, v in
                                                       meta.get('TemplateSpec', {}).items())]),
             'mode': meta.get('RegistrationMode'), 'lambda': meta.get('Lambda'),
-            'ncc_template': qc.get('ncc_template'), 'logjac_std': qc.get('logjac_std'),
-            'folding_pct': qc.get('folding_pct'), 'time_s': meta.get('ElapsedTime'),
+            **{key: qc.get(key) for key in QC_KEYS}, 'time_s': meta.get('ElapsedTime'),
         })
     return rows
 
