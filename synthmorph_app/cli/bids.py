@@ -36,7 +36,11 @@ outputs (BIDS Derivatives, sMRIPrep/fMRIPrep names), per image and output space:
   (each with a JSON sidecar: Sources, template, mode, lambda, model sha256, version, command
   line, device, time, QC), sub-<label>.html (report), logs/CITATION.md (methods text).
   The .h5 files are ITK composite transforms that antsApplyTransforms, nitransforms and
-  fMRIPrep read.
+  fMRIPrep read. With --output-lta, FreeSurfer LTA files too:
+  sub-<label>/anat/sub-<label>_from-T1w_to-<tpl>_mode-image_xfm.lta   (affine, rigid)
+  sub-<label>/anat/sub-<label>_from-T1w_to-<tpl>_mode-image_desc-linear_xfm.lta
+      (joint, deform: the LINEAR PART ONLY, without the deformation) and their inverses.
+  With sessions, files go to sub-<label>/ses-<label>/anat/ and carry ses-<label>.
 
 templates come from $TEMPLATEFLOW_HOME (nothing is downloaded); MNI152NLin6Asym:res-2 ships
 with synthmorph-app.
@@ -143,6 +147,11 @@ def build_bids_parser() -> argparse.ArgumentParser:
                    help='where the networks run (default auto: CUDA when available)')
     g.add_argument('--no-figures', dest='figures', action='store_false',
                    help='skip the report figures (faster)')
+    g.add_argument('--output-lta', action='store_true',
+                   help='also write FreeSurfer LTA files next to the .h5 transforms. An LTA '
+                        'holds one matrix: for --mode affine/rigid the whole transform; for '
+                        'joint/deform only its linear part, named desc-linear (use the .h5 '
+                        'for the full transform)')
 
     g = parser.add_argument_group('resources and execution')
     g.add_argument('-w', '--work-dir', type=Path, metavar='DIR',
@@ -312,12 +321,14 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         return EXIT_FAILURE
 
     labels = [space_label(n, s) for n, s in spaces]
+    lta_mode = args.mode if args.output_lta else None
     plan: dict[str, list[tuple[str, list[str]]]] = {}
     done: list[str] = []
     for sub, images in subjects.items():
         for image in images:
             todo = [lab for lab, (n, s) in zip(labels, spaces)
-                    if not (args.resume and is_complete(out_dir, image, n, s))]
+                    if not (args.resume and is_complete(out_dir, image, n, s,
+                                                        lta_mode=lta_mode))]
             if todo:
                 plan.setdefault(sub, []).append((str(image), todo))
             else:
@@ -352,7 +363,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         'bids_filters': filters, 'output_spaces': labels, 'mode': args.mode,
         'lambda': args.lam, 'refine': args.refine, 'weights': weights, 'extent': args.extent,
         'device': device, 'nprocs': nprocs, 'omp_nthreads': omp, 'mem_gb': args.mem_gb,
-        'resume': args.resume, 'figures': args.figures,
+        'resume': args.resume, 'figures': args.figures, 'output_lta': args.output_lta,
     }
     write_json_atomic(out_dir / 'logs' / f'config_{run_id}.json', config)
 
@@ -434,6 +445,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
                         'refine_levels': args.refine_levels,
                         'refine_weight': args.refine_weight},
         omp_nthreads=omp, figures=args.figures, command_line=command_line,
+        output_lta=args.output_lta,
     )
     workflow.base_dir = str(work_dir)
     if nprocs > 1:
@@ -456,7 +468,8 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
     for images in plan.values():
         for image, todo in images:
             spaces = parse_output_spaces(todo)
-            if all(is_complete(out_dir, image, n, s) for n, s in spaces):
+            lta_mode = args.mode if args.output_lta else None
+            if all(is_complete(out_dir, image, n, s, lta_mode=lta_mode) for n, s in spaces):
                 continue
             from ..utils.bids import image_id, parse_entities
 

@@ -4,6 +4,15 @@ Everything is copied to hidden temporary names first and then renamed into place
 transform's JSON sidecar is renamed last and marks the set as complete (:func:`is_complete`),
 so an interrupted run never leaves a set that looks finished, and a rerun redoes it.
 
+With ``output_lta``, FreeSurfer LTA copies of both transforms go next to the ``.h5`` files. An
+LTA holds one matrix: for the linear modes (affine, rigid) it is the whole transform and shares
+the ``.h5``'s name and sidecar; for joint and deform it is only the affine of the composite
+``[affine, field]``, named ``*_mode-image_desc-linear_xfm.lta`` with its own sidecar saying so.
+
+>>> from synthmorph_app.interfaces.derivatives import lta_desc
+>>> lta_desc('affine') is None, lta_desc('joint')
+(True, 'linear')
+
 >>> from synthmorph_app.interfaces.derivatives import DerivativesSink
 >>> sorted(DerivativesSink().output_spec().get())
 ['done', 'out_files']
@@ -13,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -33,15 +43,28 @@ from ..utils.bids import (
     xfm_name,
 )
 
+#: Registration modes whose transform is one matrix (an LTA holds all of it).
+LINEAR_MODES = ('affine', 'rigid')
 
-def derivative_paths(out_dir, in_file, template: str, spec: dict) -> dict:
-    """Where the derivatives of ``in_file`` in ``template`` go (keys: kinds of file)."""
+
+def lta_desc(mode: str | None) -> str | None:
+    """The ``desc`` entity of the LTA files: None for linear modes, ``'linear'`` otherwise."""
+    return None if mode in LINEAR_MODES else 'linear'
+
+
+def derivative_paths(out_dir, in_file, template: str, spec: dict, *,
+                     lta_mode: str | None = None) -> dict:
+    """Where the derivatives of ``in_file`` in ``template`` go (keys: kinds of file).
+
+    With ``lta_mode`` (the registration mode) the keys ``forward_lta`` and ``inverse_lta``
+    name the LTA files too (see :func:`lta_desc`).
+    """
     ent = parse_entities(in_file)
     sub_dir = Path(out_dir) / f'sub-{ent["sub"]}'
     anat = sub_dir / (f'ses-{ent["ses"]}' if ent.get('ses') else '') / 'anat'
     figs = sub_dir / 'figures'
     fig_spec = {k: v for k, v in spec.items() if k == 'cohort'}
-    return {
+    paths = {
         'space_image': anat / space_name(ent, template, spec),
         'inverse_xfm': anat / xfm_name(ent, template, inverse=True),
         'forward_xfm': anat / xfm_name(ent, template),
@@ -49,29 +72,80 @@ def derivative_paths(out_dir, in_file, template: str, spec: dict) -> dict:
         'jacobian_figure': figs / space_name(ent, template, fig_spec, desc='jacobian',
                                              ext='.svg'),
     }
+    if lta_mode:
+        desc = lta_desc(lta_mode)
+        paths['inverse_lta'] = anat / xfm_name(ent, template, inverse=True, ext='.lta',
+                                               desc=desc)
+        paths['forward_lta'] = anat / xfm_name(ent, template, ext='.lta', desc=desc)
+    return paths
 
 
 def sidecar(path: Path) -> Path:
+    """The JSON sidecar of a derivative (same name up to the extension)."""
     name = path.name
-    for ext in ('.nii.gz', '.nii', '.h5'):
+    for ext in ('.nii.gz', '.nii', '.h5', '.lta'):
         if name.endswith(ext):
             return path.with_name(name[: -len(ext)] + '.json')
     return path.with_suffix('.json')
 
 
-def is_complete(out_dir, in_file, template: str, spec: dict) -> bool:
-    """True when the derivatives of ``in_file`` in ``template`` were all written."""
-    return sidecar(derivative_paths(out_dir, in_file, template, spec)['forward_xfm']).is_file()
+def is_complete(out_dir, in_file, template: str, spec: dict, *,
+                lta_mode: str | None = None) -> bool:
+    """True when the derivatives of ``in_file`` in ``template`` were all written.
+
+    With ``lta_mode`` (``--output-lta``), the LTA files must be there too, so a rerun that
+    asks for them redoes the images written without them.
+    """
+    paths = derivative_paths(out_dir, in_file, template, spec, lta_mode=lta_mode)
+    done = sidecar(paths['forward_xfm']).is_file()
+    return done and all(paths[k].is_file() for k in ('forward_lta', 'inverse_lta')
+                        if k in paths)
+
+
+def write_linear_lta(xfm_file, out_file) -> Path:
+    """Write the linear part of the transform file ``xfm_file`` as a FreeSurfer LTA.
+
+    The affine of ``T(x) = A (x + w(x))`` (:class:`~synthmorph_app.io.transforms.Transform`),
+    i.e. the whole transform when there is no field, with the fixed (``dst``) and moving
+    (``src``) grids that our ``.h5`` files record.
+    """
+    from ..io.transforms import Transform, load_transform, save_transform
+
+    xfm = load_transform(xfm_file)
+    linear = Transform(xfm.affine, reference=xfm.reference, moving=xfm.moving)
+    return save_transform(linear, out_file)
 
 
 def save_derivatives(
     out_dir, bids_dir, in_file, template: str, spec: dict, files: dict, *, metadata: dict,
     qc: dict, template_file=None, command_line: str = '', templateflow_home=None,
+    output_lta: bool = False,
 ) -> list[str]:
-    """Copy ``files`` (keys as :func:`derivative_paths`) into ``out_dir`` with sidecars."""
+    """Copy ``files`` (keys as :func:`derivative_paths`) into ``out_dir`` with sidecars.
+
+    ``output_lta`` adds LTA files made from the ``.h5`` transforms (see the module docstring).
+    """
+    with tempfile.TemporaryDirectory(prefix='synthmorph-lta-') as scratch:
+        if output_lta:
+            files = {**files,
+                     'forward_lta': write_linear_lta(files['forward_xfm'],
+                                                     Path(scratch) / 'forward.lta'),
+                     'inverse_lta': write_linear_lta(files['inverse_xfm'],
+                                                     Path(scratch) / 'inverse.lta')}
+        return _save_derivatives(out_dir, bids_dir, in_file, template, spec, files,
+                                 metadata=metadata, qc=qc, template_file=template_file,
+                                 command_line=command_line,
+                                 templateflow_home=templateflow_home)
+
+
+def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, metadata, qc,
+                      template_file, command_line, templateflow_home) -> list[str]:
     from .. import __version__
 
-    dest = derivative_paths(out_dir, in_file, template, spec)
+    mode = metadata.get('mode')
+    output_lta = 'forward_lta' in files
+    dest = derivative_paths(out_dir, in_file, template, spec,
+                            lta_mode=(mode or 'joint') if output_lta else None)
     sources = [bids_uri(in_file, bids_dir)]
     if template_file:
         home = templateflow_home or os.environ.get('TEMPLATEFLOW_HOME')
@@ -99,11 +173,31 @@ def save_derivatives(
                  {'Sources': sources, 'SpatialReference': template, **common}))
     xfm_meta = {'Sources': sources, 'Type': 'ITK composite [affine, displacement field]'
                 if metadata.get('mode') in ('joint', 'deform') else 'ITK composite [affine]'}
+    linear_lta = output_lta and lta_desc(mode) is None
+    if linear_lta:  # same name as the .h5 up to the extension: the sidecar serves both
+        xfm_meta['LTA'] = ('The .lta file of this name holds this same transform as a '
+                           'FreeSurfer LTA (LINEAR_RAS_TO_RAS; src = the FromSpace image grid, '
+                           'dst = the ToSpace grid).')
     plan.append((dest['inverse_xfm'], files['inverse_xfm'],
                  {**xfm_meta, 'FromSpace': template, 'ToSpace': ent['suffix'], **common}))
     for key in ('before_after', 'jacobian_figure'):
         if files.get(key):
             plan.append((dest[key], files[key], None))
+    for key, src_space, dst_space in (('inverse_lta', template, ent['suffix']),
+                                      ('forward_lta', ent['suffix'], template)):
+        if not output_lta:
+            break
+        meta = None if linear_lta else {
+            'Sources': [bids_uri(dest[key.replace('_lta', '_xfm')], out_dir, '')],
+            'Type': 'FreeSurfer LTA (LINEAR_RAS_TO_RAS)',
+            'Description': (
+                f'LINEAR PART ONLY of the {mode} registration: the affine of the ITK '
+                f'composite {dest[key.replace("_lta", "_xfm")].name}, without its '
+                'displacement field. It is NOT the full transform from '
+                f'{src_space} to {dst_space}; resample with the .h5 for that.'),
+            'FromSpace': src_space, 'ToSpace': dst_space, **common,
+        }
+        plan.append((dest[key], files[key], meta))
     plan.append((dest['forward_xfm'], files['forward_xfm'],
                  {**xfm_meta, 'FromSpace': ent['suffix'], 'ToSpace': template, **common,
                   'Timings': metadata.get('timings', {}), 'QC': qc}))
@@ -142,6 +236,9 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     metadata = traits.Dict(desc='registration metadata (mode, lambda, models, timings)')
     qc = traits.Dict(desc='QC metrics')
     command_line = traits.Str('', usedefault=True, desc='command line of this run')
+    output_lta = traits.Bool(False, usedefault=True,
+                             desc='also write FreeSurfer LTA files (the linear part of '
+                                  'deformable transforms, named desc-linear)')
 
 
 class _DerivativesSinkOutputSpec(TraitedSpec):
@@ -166,7 +263,7 @@ class DerivativesSink(SimpleInterface):
             self.inputs.out_dir, self.inputs.bids_dir, self.inputs.in_file, self.inputs.template,
             opt('template_spec') or {}, files, metadata=opt('metadata') or {},
             qc=opt('qc') or {}, template_file=opt('template_file'),
-            command_line=self.inputs.command_line,
+            command_line=self.inputs.command_line, output_lta=self.inputs.output_lta,
         )
         self._results['done'] = True
         return runtime

@@ -7,6 +7,8 @@
 'sub-01_ses-A_run-2_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5'
 >>> xfm_name(entities, 'MNI152NLin6Asym', inverse=True)
 'sub-01_ses-A_run-2_from-MNI152NLin6Asym_to-T1w_mode-image_xfm.h5'
+>>> xfm_name(entities, 'MNI152NLin6Asym', desc='linear', ext='.lta')
+'sub-01_ses-A_run-2_from-T1w_to-MNI152NLin6Asym_mode-image_desc-linear_xfm.lta'
 >>> space_name(entities, 'MNI152NLin6Asym', {'res': '2'})
 'sub-01_ses-A_run-2_space-MNI152NLin6Asym_res-2_T1w.nii.gz'
 """
@@ -18,6 +20,7 @@ import logging
 import os
 import re
 import uuid
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import SynthMorphError
@@ -29,7 +32,10 @@ ANAT_CONTRASTS = ('T1w', 'T2w', 'PDw', 'FLAIR', 'T2starw', 'inplaneT1', 'inplane
                   'UNIT1', 'angio')
 #: Entities of an input name kept in derivative names, in BIDS order.
 KEPT_ENTITIES = ('sub', 'ses', 'acq', 'ce', 'rec', 'run', 'echo', 'part', 'chunk')
-CODE_URL = 'https://github.com/synthmorph-app/synthmorph-app'
+#: Labels of ``[project.urls]`` (pyproject.toml) tried in turn for ``GeneratedBy.CodeURL``.
+CODE_URL_LABELS = ('source', 'repository', 'homepage')
+#: Derivatives outside the BIDS specification (reports, figures, group QC), for ``.bidsignore``.
+BIDSIGNORE = ('*.html', 'sub-*/figures/', 'group/')
 
 
 class BIDSError(SynthMorphError):
@@ -57,12 +63,17 @@ def _prefix(entities: dict) -> str:
     return '_'.join(f'{k}-{entities[k]}' for k in KEPT_ENTITIES if entities.get(k))
 
 
-def xfm_name(entities: dict, template: str, *, inverse: bool = False, ext: str = '.h5') -> str:
-    """sMRIPrep's transform name: ``<prefix>_from-<contrast>_to-<tpl>_mode-image_xfm<ext>``."""
+def xfm_name(entities: dict, template: str, *, inverse: bool = False, ext: str = '.h5',
+             desc: str | None = None) -> str:
+    """sMRIPrep's transform name: ``<prefix>_from-<contrast>_to-<tpl>_mode-image[_desc-X]_xfm``.
+
+    ``desc`` goes after ``mode``, where fMRIPrep puts it (``mode-image_desc-coreg_xfm``).
+    """
     src, dst = entities['suffix'], template
     if inverse:
         src, dst = dst, src
-    return f'{_prefix(entities)}_from-{src}_to-{dst}_mode-image_xfm{ext}'
+    tail = f'_desc-{desc}' if desc else ''
+    return f'{_prefix(entities)}_from-{src}_to-{dst}_mode-image{tail}_xfm{ext}'
 
 
 def space_name(entities: dict, template: str, spec: dict, *, desc: str | None = None,
@@ -225,9 +236,50 @@ def _version() -> str:
     return __version__
 
 
+@lru_cache
+def code_url() -> str | None:
+    """The project's source URL, from ``[project.urls]`` in ``pyproject.toml``.
+
+    Read from the installed package's metadata (``Project-URL``, through
+    :mod:`importlib.metadata`); when that has none (an editable install older than the entry),
+    from the ``pyproject.toml`` of a source checkout; else None, and ``GeneratedBy`` goes
+    without a ``CodeURL`` (recommended, not required, by BIDS) rather than with a made-up one.
+    The first of :data:`CODE_URL_LABELS` found wins.
+    """
+    from importlib import metadata
+
+    urls: dict[str, str] = {}
+    try:
+        for entry in metadata.metadata('synthmorph-app').get_all('Project-URL') or []:
+            label, _, url = entry.partition(',')
+            urls[label.strip().lower()] = url.strip()
+    except metadata.PackageNotFoundError:
+        pass
+    if not urls:
+        urls = _pyproject_urls(Path(__file__).resolve().parents[2] / 'pyproject.toml')
+    return next((urls[k] for k in CODE_URL_LABELS if urls.get(k)), None)
+
+
+def _pyproject_urls(path: Path) -> dict[str, str]:
+    """``[project.urls]`` of a source checkout's ``pyproject.toml`` (labels lower-cased)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        return {}
+    try:
+        project = tomllib.loads(path.read_text()).get('project', {})
+    except (OSError, ValueError):
+        return {}
+    if project.get('name') != 'synthmorph-app':
+        return {}
+    return {k.lower(): v for k, v in project.get('urls', {}).items()}
+
+
 def dataset_description(bids_dir: str | os.PathLike) -> dict:
     """The derivatives' ``dataset_description.json`` (deterministic for one version)."""
-    generated = {'Name': 'synthmorph-app', 'Version': _version(), 'CodeURL': CODE_URL}
+    generated = {'Name': 'synthmorph-app', 'Version': _version()}
+    if code_url():
+        generated['CodeURL'] = code_url()
     container = in_container()
     if container:
         generated['Container'] = {k: v for k, v in container.items() if v}
@@ -262,6 +314,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_dataset_description(out_dir: str | os.PathLike, bids_dir: str | os.PathLike) -> Path:
-    """Write ``<out_dir>/dataset_description.json`` atomically (concurrent runs agree)."""
+    """Write ``<out_dir>/dataset_description.json`` and ``.bidsignore`` atomically.
+
+    Concurrent runs write the same content, so either write wins. ``.bidsignore`` lists the
+    files that BIDS does not specify (:data:`BIDSIGNORE`: HTML reports, their figures, the
+    group QC), so the BIDS validator checks only the derivatives themselves.
+    """
+    write_text_atomic(Path(out_dir) / '.bidsignore', '\n'.join(BIDSIGNORE) + '\n')
     return write_json_atomic(Path(out_dir) / 'dataset_description.json',
                              dataset_description(bids_dir))

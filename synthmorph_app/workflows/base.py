@@ -35,6 +35,7 @@ def init_synthmorph_wf(
     omp_nthreads: int = 1,
     figures: bool = True,
     command_line: str = '',
+    output_lta: bool = False,
     name: str = 'synthmorph_wf',
 ):
     """Build the app's workflow: one sub-workflow per subject.
@@ -62,6 +63,8 @@ def init_synthmorph_wf(
         Draw the report figures.
     command_line
         Recorded in the derivatives' sidecars.
+    output_lta
+        Also write FreeSurfer LTA files next to the ``.h5`` transforms.
     """
     workflow = Workflow(name=name)
     for subject, images in sorted(plan.items()):
@@ -70,6 +73,7 @@ def init_synthmorph_wf(
             lam=lam, extent=extent, refine=refine, refine_options=refine_options,
             weights=weights, device=device,
             omp_nthreads=omp_nthreads, figures=figures, command_line=command_line,
+            output_lta=output_lta,
         )])
     return workflow
 
@@ -124,6 +128,7 @@ def init_anat_image_wf(
     omp_nthreads: int = 1,
     figures: bool = True,
     command_line: str = '',
+    output_lta: bool = False,
     name: str | None = None,
 ):
     """One image: register to every template, QC, and write the derivatives.
@@ -146,7 +151,7 @@ def init_anat_image_wf(
         Output spaces (fMRIPrep syntax).
     out_dir, bids_dir, mode, lam, extent, refine, refine_options, weights, device, omp_nthreads,
     figures,
-    command_line
+    command_line, output_lta
         See :func:`init_synthmorph_wf`.
 
     Inputs
@@ -171,7 +176,7 @@ def init_anat_image_wf(
     )
     image_qc = pe.Node(ImageQC(figures=figures), name='image_qc', mem_gb=1.0)
     ds_wf = init_ds_registration_wf(out_dir=out_dir, bids_dir=bids_dir, in_file=in_file,
-                                    command_line=command_line)
+                                    command_line=command_line, output_lta=output_lta)
     gather = pe.JoinNode(niu.IdentityInterface(fields=['out_files']), name='gather',
                          joinsource='register_template_wf.inputnode', joinfield=['out_files'])
     workflow.connect([

@@ -18,6 +18,7 @@ def init_ds_registration_wf(
     bids_dir: str,
     in_file: str,
     command_line: str = '',
+    output_lta: bool = False,
     name: str = 'ds_registration_wf',
 ):
     """Write one image's registration to one template as BIDS derivatives, atomically.
@@ -39,6 +40,9 @@ def init_ds_registration_wf(
         The registered BIDS image (its entities name the outputs).
     command_line
         Recorded in the sidecars.
+    output_lta
+        Also write FreeSurfer LTA files (for joint/deform only the linear part, named
+        ``desc-linear``).
 
     Inputs
     ------
@@ -57,7 +61,7 @@ def init_ds_registration_wf(
     outputnode = pe.Node(niu.IdentityInterface(fields=['out_files']), name='outputnode')
     sink = pe.Node(
         DerivativesSink(out_dir=str(out_dir), bids_dir=str(bids_dir), in_file=str(in_file),
-                        command_line=command_line),
+                        command_line=command_line, output_lta=output_lta),
         name='ds_registration', run_without_submitting=True,
     )
     workflow.connect([
