@@ -91,6 +91,11 @@ def test_header_only_and_mid_space(pair, tmp_path):
     assert main(['register', '-m', 'affine', '-M', '-e', '128', '-o', str(mid),
                  str(moving), str(fixed)]) == 0
     assert mid.exists()
+    mids = [tmp_path / 'mid_m.nii.gz', tmp_path / 'mid_f.nii.gz']
+    assert main(['register', '-M', '-e', '128', '-o', str(mids[0]), '-O', str(mids[1]),
+                 '--refine', '0', str(moving), str(fixed)]) == 0  # joint: deformable halves
+    a, b = (nb.load(str(m)) for m in mids)
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine)
 
 
 @pytest.mark.parametrize('make_bad,message', [

@@ -153,7 +153,8 @@ examples:
                    help=INIT_HELP + '; or an initial linear transform file (.lta/.txt/.mat/.h5) '
                         'to start from (default network)')
     p.add_argument('-M', '--mid-space', action='store_true',
-                   help='write -o/-O images in the mid-space between the inputs (affine/rigid)')
+                   help='write -o/-O images in the mid-space halfway between the inputs (the matrix '
+                        'square root of the affine, and half the warp in deformable modes)')
     p.add_argument('-j', '--threads', type=_at_least(1), metavar='N',
                    help='CPU threads (default: all cores torch sees)')
     p.add_argument('-g', '--gpu', action='store_true', help='run on the CUDA GPU')

@@ -119,19 +119,15 @@ class _Outputs:
 
 
 def run_register(args) -> int:
-    import numpy as np
-
-    from .parser import INIT_METHODS
 
     from ..io.images import Geometry, load_image, save_image
-    from ..io.transforms import Transform, load_transform, save_transform
+    from ..io.transforms import load_transform, save_transform
+    from .parser import INIT_METHODS
 
     _set_threads(args.threads)
     start = time.perf_counter()
     if args.header_only and args.mode not in ('affine', 'rigid'):
         raise SynthMorphError('-H/--header-only needs a linear mode: use -m affine or -m rigid')
-    if args.mid_space and args.mode not in ('affine', 'rigid'):
-        raise SynthMorphError('-M/--mid-space is available for -m affine and -m rigid')
     if not any((args.out_moving, args.out_fixed, args.trans, args.inverse)):
         LOGGER.warning('no output requested (-o, -O, -t, -T): registering without writing')
     # Check every output name before the long work starts.
@@ -172,13 +168,7 @@ def run_register(args) -> int:
             outputs.add(save_transform(result.inverse, args.inverse,
                                        field_convention=args.field_convention))
         if args.mid_space:
-            from ..engine.spatial import matrix_sqrt
-
-            half = matrix_sqrt(result.forward.affine)
-            fgeom = Geometry.from_image(fixed)
-            mid = Geometry(fgeom.shape, half @ fgeom.affine)
-            to_moving = Transform(affine=half, reference=mid)
-            to_fixed = Transform(affine=np.linalg.inv(half), reference=mid)
+            to_moving, to_fixed = result.mid_space()
         else:
             to_moving, to_fixed = result.forward, result.inverse
         if args.out_moving:

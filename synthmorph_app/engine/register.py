@@ -55,13 +55,30 @@ class RegistrationResult:
     ``forward`` maps fixed RAS to moving RAS (it moves the moving image onto the fixed grid);
     ``inverse`` the other way. A deformable inverse is built on first access, on the moving
     image's grid, so a caller that does not need it does not pay for it.
+    :meth:`mid_space` gives the transforms of both images into the halfway space.
     """
 
-    def __init__(self, forward: Transform, inverse, timings=None, info=None):
+    def __init__(self, forward: Transform, inverse, timings=None, info=None, mid_space=None):
         self.forward = forward
         self._inverse = inverse
         self.timings = {} if timings is None else timings
         self.info = {} if info is None else info
+        self._mid_space = mid_space
+
+    def mid_space(self) -> tuple[Transform, Transform]:
+        """``(to_moving, to_fixed)``: mid-space points to moving and to fixed points.
+
+        Resampling the moving image through ``to_moving`` and the fixed image through
+        ``to_fixed`` puts both halfway between them (``mri_synthmorph -M``): linearly through
+        the matrix square root ``H`` of ``A`` (``H @ H = A``), and for deformable modes also
+        through half the velocity field, ``exp(+v/2)`` and ``exp(-v/2)``. The mid-space grid is
+        the fixed image's grid moved by ``H`` (same shape and voxel size).
+        """
+        if self._mid_space is None:
+            raise ValueError('this registration result has no mid-space transforms')
+        if callable(self._mid_space):
+            self._mid_space = self._mid_space()
+        return self._mid_space
 
     @property
     def inverse(self) -> Transform:
@@ -226,8 +243,8 @@ def register(
         reference, moving_ref = fixed_geom, moving_geom
         if mode in ('affine', 'rigid'):
             forward = Transform(affine=affine, reference=reference, moving=moving_ref)
-            result = RegistrationResult(forward, forward.linear_inverse(), timer.timings, info)
-            return result
+            return RegistrationResult(forward, forward.linear_inverse(), timer.timings, info,
+                                      mid_space=lambda: _linear_mid_space(affine, fixed_geom))
 
         with timer('load models'):
             model, card = _get_model(weights.get('deform'), 'deform', device)
@@ -283,7 +300,30 @@ def register(
             reference=moving_geom, moving=fixed_geom,
         )
 
-    return RegistrationResult(forward, make_inverse, timer.timings, info)
+    def make_mid_space() -> tuple[Transform, Transform]:
+        to_moving, to_fixed = _linear_mid_space(affine, fixed_geom)
+        with torch.inference_mode():
+            for xfm, sign in ((to_moving, 0.5), (to_fixed, -0.5)):
+                disp = _integrate(sign * velocity, steps, coarse_to_fine, mid.shape)
+                world = spatial.field_voxel_to_world(disp, mid.affine)[0]
+                xfm.field = world.permute(1, 2, 3, 0).cpu().numpy().astype(np.float32)
+                xfm.field_geometry = mid
+        return to_moving, to_fixed
+
+    return RegistrationResult(forward, make_inverse, timer.timings, info,
+                              mid_space=make_mid_space)
+
+
+def _linear_mid_space(affine: np.ndarray, fixed_geom: Geometry) -> tuple[Transform, Transform]:
+    """Linear mid-space transforms ``(H, H^-1)`` on the fixed grid moved by ``H``.
+
+    With ``z = H x`` for fixed points ``x``: the moving point ``A x = H z``, the fixed point
+    ``H^-1 z``, so both images meet halfway.
+    """
+    half = spatial.matrix_sqrt(affine)
+    mid = Geometry(fixed_geom.shape, half @ fixed_geom.affine)
+    return (Transform(affine=half, reference=mid),
+            Transform(affine=np.linalg.inv(half), reference=mid))
 
 
 def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w, *,
