@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,3 +86,29 @@ def test_shape_errors():
         similarity.mind_ssc(x[0])
     with pytest.raises(ValueError, match='radius'):
         similarity.box_sum(x, (1, 2))
+
+
+def test_fast_box_sum_and_lncc_gradient_match_the_plain_ones(monkeypatch):
+    """Shifted-view box sums and the analytic LNCC gradient equal the cumulative-sum box sums
+    and autograd through ``lncc_map`` (float64, to rounding)."""
+    from scipy.ndimage import gaussian_filter
+
+    import synthmorph_app.engine.similarity as S
+
+    rng = np.random.default_rng(5)
+    a0 = torch.tensor(gaussian_filter(rng.random((14, 12, 13)), 1.5)[None, None])
+    b0 = 0.5 * a0 + torch.tensor(gaussian_filter(rng.random((14, 12, 13)), 1.5)[None, None])
+    weight = torch.tensor(rng.random((1, 1, 14, 12, 13)))
+    fast = S.box_sum(a0, (2, 1, 3))
+    assert torch.autograd.gradcheck(lambda v: S.box_sum(v, (2, 1, 3)),
+                                    (a0.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda x, y: S.lncc(x, y, 2, weight),
+                                    (a0.clone().requires_grad_(), b0.clone().requires_grad_()))
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    S.lncc(a, b, 2, weight).backward()
+    monkeypatch.setattr(S, 'SHIFT_ADD_MAX_RADIUS', 0)  # the cumulative-sum path
+    assert torch.allclose(S.box_sum(a0, (2, 1, 3)), fast, atol=1e-12)
+    a2, b2 = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    S.weighted_mean(S.lncc_map(a2, b2, 2), weight).backward()
+    assert torch.allclose(a.grad, a2.grad, atol=1e-10) and torch.allclose(b.grad, b2.grad,
+                                                                          atol=1e-10)

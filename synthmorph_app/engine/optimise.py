@@ -64,6 +64,7 @@ from . import masks, spatial
 from .similarity import (
     METRICS,
     choose_metric,
+    lncc,
     lncc_map,
     mind_ssc,
     weighted_mean,
@@ -242,6 +243,8 @@ class _Dissimilarity:
         return 1 - lncc_map(moved, fixed, LNCC_RADIUS)
 
     def __call__(self, moved, fixed, weight=None) -> torch.Tensor:
+        if self.metric == 'lncc':  # the fused value and analytic gradient
+            return 1 - lncc(moved, fixed, LNCC_RADIUS, weight)
         return weighted_mean(self.map(moved, fixed), weight)
 
 

@@ -53,6 +53,10 @@ AUTO_THRESHOLD = 0.25
 METRICS = ('auto', 'lncc', 'mind')
 
 
+#: Largest window radius summed by shifted views rather than cumulative sums.
+SHIFT_ADD_MAX_RADIUS = 4
+
+
 def _radii(radius: int | Sequence[int]) -> tuple[int, int, int]:
     radii = (int(radius),) * 3 if isinstance(radius, (int, float)) else tuple(map(int, radius))
     if len(radii) != 3 or min(radii) < 0:
@@ -63,25 +67,59 @@ def _radii(radius: int | Sequence[int]) -> tuple[int, int, int]:
 def box_sum(volume: torch.Tensor, radius: int | Sequence[int]) -> torch.Tensor:
     """Sum of ``volume`` (B, C, X, Y, Z) over cubic windows of ``2 * radius + 1`` voxels.
 
-    Zero padding: windows that overlap the border sum fewer voxels. Computed by a cumulative sum
-    (in float64, 25 % slower than float32 but exact enough for small local variances) and one
-    difference per axis, so the cost does not grow with the window.
+    Zero padding: windows that overlap the border sum fewer voxels. Separable, one axis at a
+    time. Small windows (radius <= :data:`SHIFT_ADD_MAX_RADIUS`) add shifted views in place:
+    exact in float32 (each sum holds a few numbers) and several times faster forward and
+    backward on the CPU than cumulative sums, whose memory-bound float64 scans and flipped
+    backward were the most expensive step of the optimiser. The box sum with zero padding is a
+    symmetric linear map, so its backward pass is the same box sum of the gradient (no autograd
+    graph of the views). Larger windows use a cumulative sum (float64: in float32 the running
+    sums lose the small variances of smooth regions), whose cost does not grow with the window.
     """
     if volume.ndim != 5:
         raise ValueError(f'volume must be (B, C, X, Y, Z), got shape {tuple(volume.shape)}')
+    radii = _radii(radius)
+    if max(radii) <= SHIFT_ADD_MAX_RADIUS:
+        return _BoxSum.apply(volume, radii)
     out = volume
-    for axis, r in zip((2, 3, 4), _radii(radius)):
+    for axis, r in zip((2, 3, 4), radii):
         if r == 0:
             continue
+        n = out.shape[axis]
         pad = [0] * 6
         pad[2 * (4 - axis)] = r + 1
         pad[2 * (4 - axis) + 1] = r
-        # float64 sums: in float32 the running sums lose the small variances of smooth regions
-        # (local NCC above 1.2 on identical images)
         csum = torch.cumsum(F.pad(out, pad), axis, dtype=torch.float64)
-        n = out.shape[axis]
         out = (csum.narrow(axis, 2 * r + 1, n) - csum.narrow(axis, 0, n)).to(volume.dtype)
     return out
+
+
+def _shift_add(volume: torch.Tensor, radii) -> torch.Tensor:
+    """Separable zero-padded box sums by in-place adds of shifted views (no autograd)."""
+    out = volume
+    for axis, r in zip((2, 3, 4), radii):
+        n = out.shape[axis]
+        if r == 0 or n == 0:
+            continue
+        acc = out.clone()
+        for shift in range(1, min(r, n - 1) + 1):
+            acc.narrow(axis, shift, n - shift).add_(out.narrow(axis, 0, n - shift))
+            acc.narrow(axis, 0, n - shift).add_(out.narrow(axis, shift, n - shift))
+        out = acc
+    return out
+
+
+class _BoxSum(torch.autograd.Function):
+    """Box sum whose backward is itself (the operator is symmetric)."""
+
+    @staticmethod
+    def forward(ctx, volume, radii):
+        ctx.radii = radii
+        return _shift_add(volume.detach(), radii)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _BoxSum.apply(grad, ctx.radii), None
 
 
 def box_count(shape, radius: int | Sequence[int], device=None, dtype=torch.float32):
@@ -152,9 +190,80 @@ def lncc(
     """Mean signed squared local NCC of ``a`` and ``b`` (B, C, X, Y, Z); a scalar in [-1, 1].
 
     1 for identical images (where they are not flat), -1 for an intensity-inverted copy.
-    ``weight`` (B, 1, X, Y, Z) weights the mean over voxels.
+    ``weight`` (B, 1, X, Y, Z) weights the mean over voxels (no gradient flows to it).
+    The same value as ``weighted_mean(lncc_map(a, b), weight)``, with an analytic gradient
+    (:class:`_LNCC`): four box sums instead of autograd's graph, about twice as fast.
     """
-    return weighted_mean(lncc_map(a, b, radius, eps), weight)
+    if a.shape != b.shape:
+        raise ValueError(f'images must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}')
+    if weight is None:
+        weight = torch.ones_like(a[:, :1])
+    weight = weight.detach().expand_as(a)
+    radii = _radii(radius)
+    if max(radii) > SHIFT_ADD_MAX_RADIUS:
+        return weighted_mean(lncc_map(a, b, radius, eps), weight)
+    return _LNCC.apply(a, b, weight, radii, eps)
+
+
+class _LNCC(torch.autograd.Function):
+    """Weighted mean of the signed squared local NCC with its analytic gradient.
+
+    With window means ``A, B``, covariance ``c``, variances ``va, vb`` over ``n`` voxels and
+    ``f = c |c| / (va vb)``, a voxel ``x`` of ``a`` enters every window ``W`` that holds it:
+    ``df_W / da(x) = alpha_W (b(x) - B_W) - beta_W (a(x) - A_W)`` with
+    ``alpha = 2 |c| / (va vb n)`` and ``beta = 2 f / (va n)``. Summing over windows is a box
+    sum (the box operator is symmetric), so the gradient is
+    ``b box(w alpha) - box(w alpha B) - a box(w beta) + box(w beta A)``, divided by the sum
+    of the weights; likewise for ``b``. Flat windows (see :func:`lncc_map`) give 0 and no
+    gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, weight, radii, eps):
+        with torch.no_grad():
+            ch = a.shape[1]
+            sums = box_sum(torch.cat([a, b, a * a, b * b, a * b], dim=1), radii)
+            sa, sb, saa, sbb, sab = sums.split(ch, dim=1)
+            inv_n = 1.0 / box_count(a.shape[2:], radii, a.device, a.dtype)
+            mean_a, mean_b = sa * inv_n, sb * inv_n
+            cross = sab * inv_n - mean_a * mean_b
+            var_a = saa * inv_n - mean_a * mean_a
+            var_b = sbb * inv_n - mean_b * mean_b
+            dims = tuple(range(2, a.ndim))
+            flat_a = eps * a.var(dim=dims, keepdim=True).clamp(min=1e-30)
+            flat_b = eps * b.var(dim=dims, keepdim=True).clamp(min=1e-30)
+            valid = (var_a > flat_a) & (var_b > flat_b)
+            var_a = torch.where(valid, var_a, torch.ones_like(var_a))
+            var_b = torch.where(valid, var_b, torch.ones_like(var_b))
+            value = torch.where(valid, cross * cross.abs() / (var_a * var_b),
+                                torch.zeros_like(cross))
+            total = weight.sum().clamp(min=1e-8)
+            out = (value * weight).sum() / total
+        ctx.save_for_backward(a, b, weight, mean_a, mean_b, cross, var_a, var_b, value, inv_n,
+                              total)
+        ctx.radii = radii
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, weight, mean_a, mean_b, cross, var_a, var_b, value, inv_n, total = ctx.saved_tensors
+        w = weight * (grad / total)
+        alpha = w * 2 * cross.abs() / (var_a * var_b) * inv_n  # 0 where value is 0 (flat)
+        alpha = torch.where(value != 0, alpha, torch.zeros_like(alpha))
+        grads = []
+        for this, other, mean_this, mean_other, var_this, needed in (
+            (a, b, mean_a, mean_b, var_a, ctx.needs_input_grad[0]),
+            (b, a, mean_b, mean_a, var_b, ctx.needs_input_grad[1]),
+        ):
+            if not needed:
+                grads.append(None)
+                continue
+            beta = w * 2 * value / var_this * inv_n
+            boxes = box_sum(torch.cat([alpha, alpha * mean_other, beta, beta * mean_this], 1),
+                            ctx.radii)
+            ba, bab, bb, bbm = boxes.split(this.shape[1], dim=1)
+            grads.append(other * ba - bab - this * bb + bbm)
+        return grads[0], grads[1], None, None, None
 
 
 def _shift(volume: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
