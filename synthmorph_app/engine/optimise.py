@@ -829,11 +829,17 @@ def optimise_svf(
         to_field = torch.tensor(
             [(vm - 1) / max(m - 1, 1) for vm, m in zip(vshape, shape)], device=device
         ).view(1, 3, 1, 1, 1)
-        pos_field = pos * to_field
 
-        def level_disp(disp_field, pos_field=pos_field, to_field=to_field):
-            """The field's displacement (level voxels) at the inner box's voxels."""
-            return spatial.sample_grid(disp_field, pos_field, padding='border') / to_field
+        def level_disp(disp_field, shape=shape, inner=inner, to_field=to_field):
+            """The field's displacement (level voxels) at the inner box's voxels.
+
+            The field grid spans the level grid corner to corner, so trilinear upsampling
+            (align_corners) is sampling at ``pos * to_field``: 2-3 times cheaper than
+            ``grid_sample`` forward and backward, even with the margin upsampled too.
+            """
+            up = F.interpolate(disp_field, size=tuple(shape), mode='trilinear',
+                               align_corners=True)
+            return up[(..., *inner)] / to_field
 
         f_in, w_in = f_l[(..., *inner)], w_l[(..., *inner)]
         if chosen is None:
