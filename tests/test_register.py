@@ -235,6 +235,8 @@ def test_refine_registers_real_cross_subject_pair(shared_data):
     dice = _dice(moved, flab.get_fdata())
     assert dice > 0.5, dice  # greedy reaches about 0.6 on such pairs, no registration < 0.2
     assert res.info['refine']['iterations'] == 10
+    for kind, card in res.info['models'].items():  # random networks are left out when refining
+        assert card['used'] is bool(card['trained']), kind
     pts = np.argwhere(flab.get_fdata() > 0)[::500] @ flab.affine[:3, :3].T + flab.affine[:3, 3]
     back = res.inverse.map_points(res.forward.map_points(pts))
     assert np.median(np.linalg.norm(back - pts, axis=1)) < 0.5

@@ -169,13 +169,14 @@ def run_register(args) -> int:
                                        field_convention=args.field_convention))
         if args.mid_space:
             to_moving, to_fixed = result.mid_space()
-        else:
-            to_moving, to_fixed = result.forward, result.inverse
+        else:  # the deformable inverse is built only when -O asks for it
+            to_moving, to_fixed = result.forward, None
         if args.out_moving:
             img = (header_moved_image(moving, to_moving) if args.header_only
                    else moved_image(moving, to_moving, device=_device(args.gpu)))
             outputs.add(save_image(img, args.out_moving))
         if args.out_fixed:
+            to_fixed = to_fixed or result.inverse
             img = (header_moved_image(fixed, to_fixed) if args.header_only
                    else moved_image(fixed, to_fixed, device=_device(args.gpu)))
             outputs.add(save_image(img, args.out_fixed))
@@ -260,7 +261,7 @@ def _check_transform_name(path, linear: bool):
 
 def _warn_untrained(info: dict) -> None:
     for kind, card in info.get('models', {}).items():
-        if card.get('trained') is False:
+        if card.get('trained') is False and card.get('used', True):
             print(
                 f'WARNING: the {kind} model ({card.get("name", "?")}) has UNTRAINED random '
                 'weights: its registrations are NOT meaningful. Give trained weights with '

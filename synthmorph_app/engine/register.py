@@ -210,6 +210,8 @@ def register(
             with timer('load models'):
                 model, card = _get_model(weights.get(kind), kind, device)
             info['models'][kind] = _model_info(card)
+            use_network = not _skip_untrained(card, kind, refine, info)
+        if use_network:
             vox, shape = _network_space(card, extent)
             with timer('preprocess'):
                 fgrid = spatial.network_grid(fixed_geom, vox, shape)
@@ -261,21 +263,25 @@ def register(
             m_mid = normalize_intensity(
                 spatial.resample_linear(moving_t, moving_geom, mid, matrix=half)
             )
-        with timer('networks'):
-            velocity = _symmetric_velocity(model, m_mid, f_mid, float(lam))
-            coarse_to_fine = _half_to_full(model, velocity.shape[2:], mid.shape)
+        velocity = init_velocity = None
+        if not _skip_untrained(card, 'deform', refine, info):
+            with timer('networks'):
+                velocity = _symmetric_velocity(model, m_mid, f_mid, float(lam))
+                coarse_to_fine = _half_to_full(model, velocity.shape[2:], mid.shape)
 
         if refine:
             from .optimise import optimise_svf
 
             with timer('refine'):
-                init_velocity = spatial.upsample_field(velocity, coarse_to_fine, mid.shape)
+                if velocity is not None:
+                    init_velocity = spatial.upsample_field(velocity, coarse_to_fine, mid.shape)
                 levels = tuple(refine_levels or (8.0, 4.0, 2.0))
                 iterations = _level_iterations(levels, refine)
                 mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=half_inv)
                 with torch.inference_mode(False):
                     velocity = optimise_svf(
-                        m_mid.clone(), f_mid.clone(), mid, init_velocity=init_velocity.clone(),
+                        m_mid.clone(), f_mid.clone(), mid,
+                        init_velocity=None if init_velocity is None else init_velocity.clone(),
                         lam=lam, steps=steps, metric=refine_metric, levels=levels,
                         iterations=iterations, weight=mid_w.clone(),
                         verbose=LOGGER.isEnabledFor(logging.INFO),
@@ -430,6 +436,21 @@ def _network_space(card: dict, extent: float) -> tuple[float, tuple[int, int, in
     div = int(space.get('divisor', 16))
     n = int(np.ceil(float(extent) / vox / div) * div)
     return vox, (n, n, n)
+
+
+def _skip_untrained(card: dict, kind: str, refine: int, info: dict) -> bool:
+    """Whether to leave out an untrained (random) network because the refinement replaces it.
+
+    Random weights predict nothing useful: with ``refine`` on, the affine search and the
+    optimiser start without them (a zero velocity), which is faster and never worse. The
+    model stays in ``info['models']`` marked ``used: False``.
+    """
+    skip = bool(refine) and card.get('trained') is False
+    info['models'][kind]['used'] = not skip
+    if skip:
+        LOGGER.info('the %s model %s is untrained: left out, the refinement starts without it',
+                    kind, card.get('name', '?'))
+    return skip
 
 
 def _model_info(card: dict) -> dict:

@@ -152,7 +152,7 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
         tpl_uri = bids_uri(template_file, home, 'templateflow') if home else None
         sources.append(tpl_uri or str(template_file))
     ent = parse_entities(in_file)
-    models = {kind: {k: v for k, v in card.items() if k in ('name', 'sha256', 'trained')}
+    models = {kind: {k: v for k, v in card.items() if k in ('name', 'sha256', 'trained', 'used')}
               for kind, card in metadata.get('models', {}).items()}
     common = {
         'Template': template,

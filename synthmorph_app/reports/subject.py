@@ -57,7 +57,7 @@ def write_subject_report(out_dir: str | os.PathLike, subject: str, *,
         parts.append(f'<p class="warn failed">FAILED {html.escape(Path(image).name)}: '
                      f'{html.escape(reason)}</p>')
     untrained = {c.get('name') for it in items for c in it['meta'].get('Models', {}).values()
-                 if c.get('trained') is False}
+                 if c.get('trained') is False and c.get('used', True)}
     if untrained:
         parts.append('<p class="warn">The models ' + html.escape(', '.join(sorted(
             n for n in untrained if n))) + ' have UNTRAINED random weights: these results are '
