@@ -422,6 +422,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
     from ..interfaces.derivatives import is_complete
     from ..utils.templates import parse_output_spaces
     from ..workflows.base import init_synthmorph_wf
+    from ..workflows.settings import OutputSettings, RegistrationSettings
 
     crash_dir = work_dir / 'crash' / run_id
     ncfg.update_config({
@@ -438,15 +439,17 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
     ncfg.update_config({'logging': {'workflow_level': nlevel, 'interface_level': nlevel,
                                     'utils_level': 'WARNING'}})
     nlogging.update_logging(ncfg)
-    workflow = init_synthmorph_wf(
-        plan=plan, out_dir=str(out_dir), bids_dir=str(bids_dir), mode=args.mode, lam=args.lam,
-        extent=args.extent, refine=args.refine, weights=weights, device=device,
+    settings = RegistrationSettings(
+        mode=args.mode, lam=args.lam, extent=args.extent, refine=args.refine,
         refine_options={'init_method': args.init_method, 'refine_metric': args.refine_metric,
                         'refine_levels': args.refine_levels,
                         'refine_weight': args.refine_weight},
-        omp_nthreads=omp, figures=args.figures, command_line=command_line,
-        output_lta=args.output_lta,
+        weights=weights or {}, device=device, omp_nthreads=omp,
     )
+    outputs = OutputSettings(figures=args.figures, command_line=command_line,
+                             output_lta=args.output_lta)
+    workflow = init_synthmorph_wf(plan=plan, out_dir=str(out_dir), bids_dir=str(bids_dir),
+                                  settings=settings, outputs=outputs)
     workflow.base_dir = str(work_dir)
     if nprocs > 1:
         plugin_args = {'n_procs': nprocs, 'raise_insufficient': False,

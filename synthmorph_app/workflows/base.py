@@ -18,6 +18,7 @@ from ..interfaces.reports import ImageQC
 from ..utils.bids import image_id, parse_entities
 from .outputs import init_ds_registration_wf
 from .registration import init_register_template_wf
+from .settings import OutputSettings, RegistrationSettings
 
 
 def init_synthmorph_wf(
@@ -25,17 +26,8 @@ def init_synthmorph_wf(
     plan: dict[str, list[tuple[str, list[str]]]],
     out_dir: str,
     bids_dir: str,
-    mode: str = 'joint',
-    lam: float = 0.5,
-    extent: float = 256.0,
-    refine: int = 0,
-    refine_options: dict | None = None,
-    weights: dict | None = None,
-    device: str = 'cpu',
-    omp_nthreads: int = 1,
-    figures: bool = True,
-    command_line: str = '',
-    output_lta: bool = False,
+    settings: RegistrationSettings | None = None,
+    outputs: OutputSettings | None = None,
     name: str = 'synthmorph_wf',
 ):
     """Build the app's workflow: one sub-workflow per subject.
@@ -57,23 +49,16 @@ def init_synthmorph_wf(
         Subject label -> list of ``(image path, output spaces still to compute)``.
     out_dir, bids_dir
         Derivatives root and input BIDS root.
-    mode, lam, extent, refine, refine_options, weights, device, omp_nthreads
-        Registration settings (see :func:`init_register_template_wf`).
-    figures
-        Draw the report figures.
-    command_line
-        Recorded in the derivatives' sidecars.
-    output_lta
-        Also write FreeSurfer LTA files next to the ``.h5`` transforms.
+    settings
+        How images are registered (:class:`~.settings.RegistrationSettings`, defaults).
+    outputs
+        Figures, recorded command line, LTA copies (:class:`~.settings.OutputSettings`).
     """
     workflow = Workflow(name=name)
     for subject, images in sorted(plan.items()):
         workflow.add_nodes([init_single_subject_wf(
-            subject_id=subject, images=images, out_dir=out_dir, bids_dir=bids_dir, mode=mode,
-            lam=lam, extent=extent, refine=refine, refine_options=refine_options,
-            weights=weights, device=device,
-            omp_nthreads=omp_nthreads, figures=figures, command_line=command_line,
-            output_lta=output_lta,
+            subject_id=subject, images=images, out_dir=out_dir, bids_dir=bids_dir,
+            settings=settings, outputs=outputs,
         )])
     return workflow
 
@@ -118,17 +103,8 @@ def init_anat_image_wf(
     templates: list[str],
     out_dir: str,
     bids_dir: str,
-    mode: str = 'joint',
-    lam: float = 0.5,
-    extent: float = 256.0,
-    refine: int = 0,
-    refine_options: dict | None = None,
-    weights: dict | None = None,
-    device: str = 'cpu',
-    omp_nthreads: int = 1,
-    figures: bool = True,
-    command_line: str = '',
-    output_lta: bool = False,
+    settings: RegistrationSettings | None = None,
+    outputs: OutputSettings | None = None,
     name: str | None = None,
 ):
     """One image: register to every template, QC, and write the derivatives.
@@ -149,9 +125,7 @@ def init_anat_image_wf(
         The BIDS image.
     templates
         Output spaces (fMRIPrep syntax).
-    out_dir, bids_dir, mode, lam, extent, refine, refine_options, weights, device, omp_nthreads,
-    figures,
-    command_line, output_lta
+    out_dir, bids_dir, settings, outputs
         See :func:`init_synthmorph_wf`.
 
     Inputs
@@ -169,14 +143,15 @@ def init_anat_image_wf(
     inputnode = pe.Node(niu.IdentityInterface(fields=['in_file']), name='inputnode')
     inputnode.inputs.in_file = in_file
     outputnode = pe.Node(niu.IdentityInterface(fields=['out_files']), name='outputnode')
+    settings = settings or RegistrationSettings()
+    outputs = outputs or OutputSettings()
     register_wf = init_register_template_wf(
-        templates=templates, mode=mode, lam=lam, extent=extent, refine=refine,
-        refine_options=refine_options, weights=weights,
-        device=device, omp_nthreads=omp_nthreads, image_type=entities['suffix'],
+        templates=templates, image_type=entities['suffix'], **settings.register_kwargs(),
     )
-    image_qc = pe.Node(ImageQC(figures=figures), name='image_qc', mem_gb=1.0)
+    image_qc = pe.Node(ImageQC(figures=outputs.figures), name='image_qc', mem_gb=1.0)
     ds_wf = init_ds_registration_wf(out_dir=out_dir, bids_dir=bids_dir, in_file=in_file,
-                                    command_line=command_line, output_lta=output_lta)
+                                    command_line=outputs.command_line,
+                                    output_lta=outputs.output_lta)
     gather = pe.JoinNode(niu.IdentityInterface(fields=['out_files']), name='gather',
                          joinsource='register_template_wf.inputnode', joinfield=['out_files'])
     workflow.connect([
