@@ -239,4 +239,5 @@ def test_refine_registers_real_cross_subject_pair(shared_data):
         assert card['used'] is bool(card['trained']), kind
     pts = np.argwhere(flab.get_fdata() > 0)[::500] @ flab.affine[:3, :3].T + flab.affine[:3, 3]
     back = res.inverse.map_points(res.forward.map_points(pts))
-    assert np.median(np.linalg.norm(back - pts, axis=1)) < 0.5
+    error = np.linalg.norm(back - pts, axis=1)  # mm on a 2 mm grid: within 0.1 voxel on average
+    assert error.mean() < 0.2 and np.median(error) < 0.15, (error.mean(), np.median(error))
