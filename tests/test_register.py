@@ -147,6 +147,21 @@ def test_mid_space_halves_the_transform():
             assert 0.35 < np.median(half) / np.median(full) < 0.65  # about half the warp
 
 
+def test_refine_level_finer_than_the_network_grid():
+    """A refinement level finer than the network's grid runs on a finer mid-space grid, and
+    forward and inverse stay consistent."""
+    fixed = _phantom(_grid('RAS'), CENTRES, SIGMAS)
+    moving = _phantom(_grid('LIA', shape=(40, 40, 40)), CENTRES, SIGMAS[::-1])
+    weights = _models(FixedAffine(), FixedVelocity(amplitude=0.1))
+    res = register(moving, fixed, mode='deform', extent=128, weights=weights, refine=3,
+                   refine_levels=(8.0, 2.5), refine_weight='none')
+    # the network grid has 4 mm voxels (32^3); the velocity now lives on a 2.5 mm grid
+    assert np.allclose(res.mid_space()[0].field_geometry.voxel_sizes, 2.5)
+    pts = RNG.uniform(-15, 15, (200, 3))
+    back = res.inverse.map_points(res.forward.map_points(pts))
+    assert np.median(np.linalg.norm(back - pts, axis=1)) < 0.1
+
+
 def _reorient(img, codes):
     ornt = nb.orientations.ornt_transform(
         nb.orientations.io_orientation(img.affine), nb.orientations.axcodes2ornt(codes))

@@ -29,6 +29,7 @@ Nothing depends on how the inputs are stored on disk: every step works in RAS mi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 
@@ -165,7 +166,9 @@ def register(
     refine_metric
         ``'auto'``, ``'lncc'`` or ``'mind'`` (:mod:`.similarity`).
     refine_levels
-        Spacings (mm) of the deformable levels, coarse to fine (default ``(8, 4, 2)``).
+        Spacings (mm) of the deformable levels, coarse to fine (default ``(8, 4, 2)``). A
+        level finer than the network's grid (2 mm) makes the refinement run on a finer
+        mid-space grid of the same extent (e.g. ``(8, 4, 2, 1.5)`` for 1 mm inputs).
     refine_weight
         Where the similarity counts: ``'brain'`` (a rough brain weight of our own, so neck and
         face do not pull), ``'head'`` or ``'none'``.
@@ -273,10 +276,26 @@ def register(
             from .optimise import optimise_svf
 
             with timer('refine'):
-                if velocity is not None:
-                    init_velocity = spatial.upsample_field(velocity, coarse_to_fine, mid.shape)
                 levels = tuple(refine_levels or (8.0, 4.0, 2.0))
                 iterations = _level_iterations(levels, refine)
+                net_grid = mid
+                if min(levels) < 0.99 * vox:
+                    # a level finer than the network's grid: refine on a finer mid-space grid
+                    # of the same extent, and keep the result there
+                    finer = float(min(levels))
+                    mid = spatial.network_grid(
+                        fixed_geom, finer, [math.ceil(n * vox / finer) for n in shape],
+                        center=centre,
+                    )
+                    f_mid = normalize_intensity(
+                        spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=half_inv)
+                    )
+                    m_mid = normalize_intensity(
+                        spatial.resample_linear(moving_t, moving_geom, mid, matrix=half)
+                    )
+                if velocity is not None:
+                    to_mid = np.linalg.inv(mid.affine) @ net_grid.affine @ coarse_to_fine
+                    init_velocity = spatial.upsample_field(velocity, to_mid, mid.shape)
                 mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=half_inv)
                 with torch.inference_mode(False):
                     velocity = optimise_svf(
