@@ -34,7 +34,7 @@ import torch
 from synthmorph_app.engine import losses as L
 from synthmorph_app.engine import spatial
 from synthmorph_app.engine.synthesis import Synthesizer, step_generator
-from synthmorph_app.engine.training import Trainer, TrainConfig
+from synthmorph_app.engine.training import TrainConfig, Trainer
 
 BENCH_SEED = 20261129
 
@@ -60,15 +60,20 @@ def cross_map_dice(trainer: Trainer, pairs: int) -> tuple[float, float]:
     return float(np.mean(before)), float(np.mean(after))
 
 
-def rotation_error(trainer: Trainer, rotate: float, pairs: int) -> tuple[float, float]:
-    """Mean (and worst-pair) error in mm inside the fixed brain on known-affine pairs."""
+def rotation_error(trainer: Trainer, rotate: float, pairs: int,
+                   identity: bool = False) -> tuple[float, float]:
+    """Mean (and worst-pair) error in mm inside the fixed brain on known-affine pairs
+    (``identity``: of no registration, the reference)."""
     settings = trainer.settings.replace(rotate=rotate, warp_probability=0.0,
                                         same_map_probability=1.0)
     synth = Synthesizer(trainer.val_maps, settings, trainer.groups)
     errors = []
     for i in range(pairs):
         pair = synth.sample(step_generator(BENCH_SEED + 1, i), 1, truth=True)
-        coords = trainer.predict_coords(pair)
+        if identity:
+            coords = spatial.identity_coords(trainer.shape)[None]
+        else:
+            coords = trainer.predict_coords(pair)
         dist = (coords - pair.coords).norm(dim=1) * trainer.synthesizer.voxel_size
         brain = pair.fixed_seg[:, 0] > 0
         errors.append(dist[brain].mean().item())
@@ -99,6 +104,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     rotations = [float(r) for r in args.rotations.split(',')]
     rows = []
+    reference = load_run(args.runs[0], args.runs[0] / args.checkpoint_name)
+    row = {'run': '-', 'arch': 'no registration', 'step': 0, 'params': 0, 'forward_s': 0.0}
+    row['dice_before'] = row['dice'] = round(cross_map_dice(reference, args.pairs)[0], 4)
+    for rot in rotations:
+        mean, worst = rotation_error(reference, rot, args.pairs, identity=True)
+        row[f'err_{rot:g}'], row[f'worst_{rot:g}'] = round(mean, 2), round(worst, 2)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
     for run in args.runs:
         trainer = load_run(run, run / args.checkpoint_name)
         model = trainer.models[trainer.linear_kind]
