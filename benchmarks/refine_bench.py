@@ -1,16 +1,22 @@
 """Benchmark of the engine's test-time optimisation on cross-subject T1w pairs.
 
-For each pair (moving ``sub-A`` T1w -> fixed ``sub-B`` T1w from ``../shared/data/bids``):
-robust affine initialisation + affine optimisation + symmetric SVF optimisation
-(``synthmorph_app.engine.optimise``), and, when ``picsl_greedy`` is installed, greedy (affine
-then deformable) on the same pair, side by side. Reported per pair and as a mean: Dice over the
-DLMUSE labels (moving labels pulled onto the fixed grid with nearest-neighbour interpolation,
-after the affine and after the deformable step), % of brain and of head voxels where the
-Jacobian determinant is <= 0, the SD of its log over the brain, and wall time.
+For each pair (moving ``sub-A`` T1w -> fixed ``sub-B`` T1w from ``../shared/data/bids``, 2 mm,
+whole head with neck): ours (robust affine initialisation + affine optimisation + SVF
+optimisation, ``synthmorph_app.engine.optimise``, tunable below), and on the same pair greedy
+(``picsl_greedy``: affine then deformable, NCC), and with flags ANTs SyN (antspyx defaults),
+FireANTs (greedy deformable on the CPU, after greedy's affine by default), ConvexAdam (MIND-SSC,
+after antspyx ``Affine`` by default) and ``synthmorph-app register``'s defaults through the public API.
+
+Every method runs in its own child process (peak memory is its own) and is scored by one code
+path (``benchmarks/_common.py``, ``synthmorph_app.evaluate``): Dice over the DLMUSE labels present
+in both maps after the affine part and after the whole transform (moving labels resampled once,
+nearest neighbour), MIND-NCC of the moved image in the fixed brain (DLMUSE labels > 0), % of
+voxels with a Jacobian determinant <= 0 in the fixed brain and head, SD of the log Jacobian in
+the brain, wall time (also as a ratio to greedy's on the same pair) and peak memory.
 
 Run from the repository root, e.g.::
 
-    python benchmarks/refine_bench.py --pairs 4 --threads 1
+    python benchmarks/refine_bench.py --pairs 4 --ants --fireants --convexadam
 
 This is a script, not a timed test. See ``benchmarks/README.md`` for figures.
 """
@@ -18,26 +24,16 @@ This is a script, not a timed test. See ``benchmarks/README.md`` for figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nb
+import _common as C
 import numpy as np
-import torch
 
-from synthmorph_app.engine import masks, optimise, spatial
-from synthmorph_app.io.images import Geometry, load_image
-from synthmorph_app.io.transforms import Transform
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get('SYNTHMORPH_SHARED_DATA', REPO.parent / 'shared' / 'data')) / 'bids'
+DATA = C.DATA / 'bids'
 
 #: Cross-subject pairs (moving, fixed): disjoint subjects first, then a ring.
 PAIRS = [
@@ -55,7 +51,6 @@ PAIRS = [
     ('12', '01'),
 ]
 
-
 def t1w(sub: str) -> Path:
     return DATA / f'sub-{sub}' / 'anat' / f'sub-{sub}_T1w.nii.gz'
 
@@ -71,29 +66,15 @@ def labels(sub: str) -> Path:
     )
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean Dice over the labels (> 0) present in both maps."""
-    common = np.intersect1d(np.unique(a[a > 0]), np.unique(b[b > 0]))
-    scores = [2 * np.sum((a == k) & (b == k)) / (np.sum(a == k) + np.sum(b == k)) for k in common]
-    return float(np.mean(scores))
+def run_ours(moving_path, fixed_path, args) -> dict:
+    """The optimiser path (child process): brain weights, robust init, affine, SVF."""
+    torch = C._torch_threads()
+    from synthmorph_app.engine import masks, optimise, spatial
+    from synthmorph_app.io.images import Geometry, load_image
 
-
-def jacobian_det(disp: np.ndarray, to_world: np.ndarray) -> np.ndarray:
-    """det(I + du/dx) of a displacement (X, Y, Z, 3) in mm whose voxel->mm matrix is to_world."""
-    grads = np.stack([np.stack(np.gradient(disp[..., c]), -1) for c in range(3)], -2)
-    jac = grads @ np.linalg.inv(to_world)  # du/dijk @ dijk/dx
-    return np.linalg.det(jac + np.eye(3))
-
-
-def field_stats(det: np.ndarray, brain: np.ndarray, head: np.ndarray) -> dict:
-    return {
-        'fold_brain': 100.0 * float(np.mean(det[brain] <= 0)),
-        'fold_head': 100.0 * float(np.mean(det[head] <= 0)),
-        'sd_logj': float(np.std(np.log(np.clip(det[brain], 1e-3, None)))),
-    }
-
-
-def run_ours(moving_path, fixed_path, mlab, args):
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format='%(name)s: %(message)s'
+    )
     mimg, fimg = load_image(moving_path), load_image(fixed_path)
     mgrid, fgrid = Geometry.from_image(mimg), Geometry.from_image(fimg)
     mov = spatial.volume_tensor(mimg.get_fdata(dtype=np.float32))
@@ -103,7 +84,7 @@ def run_ours(moving_path, fixed_path, mlab, args):
     mw = masks.similarity_weight(mov, mgrid, args.weight)
     t_mask = time.perf_counter() - t0
     store = None
-    if args.cache:  # tuning aid: reuse the affines (and greedy's figures) of an earlier run
+    if args.cache:  # tuning aid: reuse the affines of an earlier run
         key = f'{Path(moving_path).name}_{Path(fixed_path).name}_{args.weight}'
         store = Path(args.cache) / f'{key}.npy'
     if store is not None and store.exists():
@@ -111,301 +92,222 @@ def run_ours(moving_path, fixed_path, mlab, args):
         t_init = t_aff = time.perf_counter() - t0
     else:
         init = optimise.robust_affine_init(
-            mov,
-            mgrid,
-            fix,
-            fgrid,
-            fixed_weight=fw,
-            moving_weight=mw,
-            metric=args.metric,
+            mov, mgrid, fix, fgrid, fixed_weight=fw, moving_weight=mw, metric=args.metric,
             verbose=args.verbose,
         )
         t_init = time.perf_counter() - t0
         affine = optimise.optimise_affine(
-            mov,
-            mgrid,
-            fix,
-            fgrid,
-            init,
-            metric=args.metric,
-            fixed_weight=fw,
-            moving_weight=mw,
-            verbose=args.verbose,
-            levels=args.affine_levels,
+            mov, mgrid, fix, fgrid, init, metric=args.metric, fixed_weight=fw,
+            moving_weight=mw, verbose=args.verbose, levels=args.affine_levels,
             iterations=args.affine_iterations,
         )
         t_aff = time.perf_counter() - t0
         if store is not None:
             store.parent.mkdir(parents=True, exist_ok=True)
             np.save(store, affine)
-    moved = spatial.resample_linear(mov, mgrid, fgrid, affine)
-    velocity = None
+    field = None
     if not args.affine_only:
+        moved = spatial.resample_linear(mov, mgrid, fgrid, affine)
         velocity = optimise.optimise_svf(
-            moved,
-            fix,
-            fgrid,
-            lam=args.lam,
-            metric=args.metric,
-            levels=args.levels,
-            iterations=args.iterations,
-            weight=fw,
-            verbose=args.verbose,
-            lr=args.lr,
-            symmetric=args.symmetric,
-            roi_threshold=args.roi_threshold,
-            velocity_factor=args.velocity_factor,
-            exact_gradient=args.exact_gradient,
+            moved, fix, fgrid, lam=args.lam, metric=args.metric, levels=args.levels,
+            iterations=args.iterations, weight=fw, verbose=args.verbose, lr=args.lr,
+            symmetric=args.symmetric, roi_threshold=args.roi_threshold,
+            velocity_factor=args.velocity_factor, exact_gradient=args.exact_gradient,
         )
+        with torch.no_grad():
+            disp = spatial.integrate_svf(velocity.detach())
+            world = spatial.field_voxel_to_world(disp, fgrid.affine)
+            field = world[0].permute(1, 2, 3, 0).numpy()
     t_all = time.perf_counter() - t0
-    lab = spatial.volume_tensor(mlab)
-    aff_lab = spatial.resample_linear(lab, mgrid, fgrid, affine, mode='nearest')[0, 0].numpy()
-    out = {
-        'time': t_all,
-        't_mask': t_mask,
-        't_init': t_init - t_mask,
-        't_affine': t_aff - t_init,
-        't_svf': t_all - t_aff,
-        'aff_lab': aff_lab,
-    }
-    if velocity is not None:
-        disp = spatial.integrate_svf(velocity)
-        world = spatial.field_voxel_to_world(disp, fgrid.affine)[0].permute(1, 2, 3, 0).numpy()
-        # one resampling of the labels through the affine and the field together
-        xfm = Transform(affine, world, fgrid, reference=fgrid, moving=mgrid)
-        out['lab'] = spatial.apply_transform(lab, mgrid, xfm, fgrid, mode='nearest')[0, 0].numpy()
-        out['det'] = jacobian_det(world, fgrid.affine[:3, :3])
-    else:
-        out['lab'] = aff_lab
+    out = C._transform_dict(affine, field, fgrid if field is not None else None)
+    out.update(time=t_all, affine_time=t_aff, stages={
+        'mask': t_mask, 'init': t_init - t_mask, 'affine': t_aff - t_init, 'svf': t_all - t_aff,
+    })
     return out
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence greedy, whose C++ code prints to the process's stdout."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(os.devnull, 'w') as null:
-        os.dup2(null.fileno(), 1)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-
-
-def run_greedy(moving_path, fixed_path, mlab_path, threads):
-    from picsl_greedy import Greedy3D
-
-    sink = io.StringIO()
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        aff, warp = f'{tmp}/aff.mat', f'{tmp}/warp.nii.gz'
-        out_aff, out_lab = f'{tmp}/aff_lab.nii.gz', f'{tmp}/lab.nii.gz'
-        t0 = time.perf_counter()
-        g = Greedy3D()
-        g.execute(
-            f'-threads {threads} -d 3 -a -dof 12 -i {fixed_path} {moving_path} -o {aff} '
-            '-ia-image-centers -n 100x50x10 -m NCC 2x2x2',
-            out=sink,
-            err=sink,
+def _runners(args) -> dict:
+    runners = {}
+    if not args.no_ours:
+        runners['ours'] = lambda m, f: C.in_child(run_ours, str(m), str(f), args)
+    if args.register:
+        runners['register'] = lambda m, f: C.in_child(
+            C.run_register, str(m), str(f), 'joint', args.threads
         )
-        t_aff = time.perf_counter() - t0
-        g.execute(
-            f'-threads {threads} -d 3 -i {fixed_path} {moving_path} -it {aff} -o {warp} '
-            '-n 100x50x10 -m NCC 2x2x2',
-            out=sink,
-            err=sink,
+    if not args.no_greedy:
+        runners['greedy'] = lambda m, f: C.in_child(C.run_greedy, str(m), str(f), 'NCC 2x2x2',
+                                                    args.threads)
+    if args.ants:
+        runners['ants'] = lambda m, f: C.in_child(C.run_ants, str(m), str(f), 'SyN',
+                                                  args.threads)
+    if args.fireants:
+        runners['fireants'] = lambda m, f: C.in_child(C.run_fireants, str(m), str(f),
+                                                      args.threads, args.fireants_affine)
+    if args.convexadam:
+        runners['convexadam'] = lambda m, f: C.in_child(
+            C.run_convexadam, str(m), str(f), args.threads, args.convexadam_affine
         )
-        t_all = time.perf_counter() - t0
-        g.execute(
-            f'-threads {threads} -d 3 -rf {fixed_path} -ri NN -rm {mlab_path} {out_aff} -r {aff}',
-            out=sink,
-            err=sink,
-        )
-        g.execute(
-            f'-threads {threads} -d 3 -rf {fixed_path} -ri NN -rm {mlab_path} {out_lab} '
-            f'-r {warp} {aff}',
-            out=sink,
-            err=sink,
-        )
-        aff_lab = np.asarray(nb.load(out_aff).dataobj)
-        lab = np.asarray(nb.load(out_lab).dataobj)
-        wimg = nb.load(warp)
-        field = np.asarray(wimg.dataobj, dtype=np.float64).reshape(*lab.shape, 3)
-        # greedy's warp is an ITK field: LPS millimetres; use LPS coordinates for the Jacobian.
-        lps = np.diag([-1.0, -1.0, 1.0])
-        det = jacobian_det(field, lps @ wimg.affine[:3, :3])
-    return {'time': t_all, 't_affine': t_aff, 'aff_lab': aff_lab, 'lab': lab, 'det': det}
+    return runners
 
 
-def run_ants(moving_path, fixed_path, mlab_path, threads):
-    """antspyx SyN (its defaults: rigid, affine, then SyN), side by side with greedy."""
-    os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(threads)
-    import ants
-
-    ants.config.set_ants_deterministic(True, 42)
-    fixed, moving = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
-    mlab = ants.image_read(str(mlab_path))
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        t0 = time.perf_counter()
-        reg = ants.registration(fixed, moving, 'SyN', outprefix=f'{tmp}/syn_')
-        t_all = time.perf_counter() - t0
-        warp, affine = reg['fwdtransforms']
-        aff_lab = ants.apply_transforms(fixed, mlab, [affine], interpolator='nearestNeighbor')
-        lab = ants.apply_transforms(fixed, mlab, [warp, affine], interpolator='nearestNeighbor')
-        wimg = nb.load(warp)
-        field = np.asarray(wimg.dataobj, dtype=np.float64).reshape(*fixed.shape, 3)
-        lps = np.diag([-1.0, -1.0, 1.0])
-        det = jacobian_det(field, lps @ wimg.affine[:3, :3])
-    return {'time': t_all, 'aff_lab': aff_lab.numpy(), 'lab': lab.numpy(), 'det': det}
+COLUMNS = [
+    ('pair', 'pair', 0),
+    ('method', 'method', 0),
+    ('dice_aff', 'Dice after affine', 3),
+    ('dice', 'Dice', 3),
+    ('mind_ncc', 'MIND-NCC', 3),
+    ('fold_brain', 'fold % brain', 3),
+    ('fold_head', 'fold % head', 3),
+    ('sd_logj', 'SD log J', 3),
+    ('time', 'time (s)', 1),
+    ('time_ratio', 'time / greedy', 2),
+    ('peak_mb', 'peak MB', 0),
+]
+SUMMARY = [
+    ('method', 'method', 0),
+    ('pairs', 'pairs', 0),
+    ('dice_aff', 'mean Dice after affine', 3),
+    ('dice', 'mean Dice', 3),
+    ('worst_dice', 'worst pair', 3),
+    ('mind_ncc', 'MIND-NCC', 3),
+    ('fold_brain', 'fold % brain', 3),
+    ('fold_head', 'fold % head', 3),
+    ('sd_logj', 'SD log J', 3),
+    ('time', 'time (s)', 1),
+    ('time_ratio', 'time / greedy', 2),
+    ('peak_mb', 'peak MB', 0),
+]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--pairs', type=int, default=4, help='number of pairs (max 12)')
-    parser.add_argument('--only', type=int, nargs='+', help='indices into PAIRS instead')
-    parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--no-greedy', action='store_true')
-    parser.add_argument('--ants', action='store_true', help='also antspyx SyN (defaults)')
-    parser.add_argument('--weight', default='brain', choices=('brain', 'head', 'none'))
-    parser.add_argument('--metric', default='auto', choices=('auto', 'lncc', 'mind'))
-    parser.add_argument('--lam', type=float, default=0.5)
-    parser.add_argument('--lr', type=float, default=optimise.optimise_svf.__kwdefaults__['lr'])
-    parser.add_argument(
-        '--levels', type=float, nargs='+', default=optimise.optimise_svf.__kwdefaults__['levels']
+    # The optimiser's own defaults (torch is imported here, not at the top: children that
+    # re-import this script for other methods stay light).
+    from synthmorph_app.engine import optimise
+
+    svf = optimise.optimise_svf.__kwdefaults__
+    aff = optimise.optimise_affine.__kwdefaults__
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        epilog='Writes all figures to --json and prints Markdown tables.',
     )
-    parser.add_argument(
-        '--iterations',
-        type=int,
-        nargs='+',
-        default=optimise.optimise_svf.__kwdefaults__['iterations'],
-    )
-    parser.add_argument(
-        '--affine-levels',
-        type=float,
-        nargs='+',
-        default=optimise.optimise_affine.__kwdefaults__['levels'],
-    )
-    parser.add_argument(
-        '--affine-iterations',
-        type=int,
-        nargs='+',
-        default=optimise.optimise_affine.__kwdefaults__['iterations'],
-    )
-    parser.add_argument('--symmetric', action='store_true')
-    parser.add_argument('--exact-gradient', action='store_true')
-    parser.add_argument(
-        '--roi-threshold',
-        type=float,
-        default=optimise.optimise_svf.__kwdefaults__['roi_threshold'],
-    )
-    parser.add_argument(
-        '--velocity-factor',
-        type=float,
-        default=optimise.optimise_svf.__kwdefaults__['velocity_factor'],
-    )
-    parser.add_argument('--affine-only', action='store_true')
-    parser.add_argument('--cache', help='folder to keep affines and greedy results (tuning)')
-    parser.add_argument('-v', '--verbose', action='store_true')
+    sel = parser.add_argument_group('pairs and methods')
+    sel.add_argument('--pairs', type=int, default=4, help='number of pairs, from the first '
+                     '(max 12; default 4)')
+    sel.add_argument('--only', type=int, nargs='+', help='indices into the pair list instead')
+    sel.add_argument('--no-ours', action='store_true', help='skip the optimiser path')
+    sel.add_argument('--register', action='store_true',
+                     help="also ours through the public API, as 'synthmorph-app register' "
+                          'runs by default (joint, --refine 20 or $SYNTHMORPH_REFINE)')
+    sel.add_argument('--no-greedy', action='store_true', help='skip greedy (no time ratios)')
+    sel.add_argument('--ants', action='store_true', help='also antspyx SyN (its defaults)')
+    sel.add_argument('--fireants', action='store_true',
+                     help='also FireANTs (greedy deformable after an affine, --fireants-affine)')
+    sel.add_argument('--fireants-affine', choices=('greedy', 'ants', 'own'), default='greedy',
+                     help="the affine FireANTs' deformable step starts from (default greedy; "
+                          "own: FireANTs' moments + affine, which fails on these whole-head "
+                          'pairs)')
+    sel.add_argument('--convexadam', action='store_true',
+                     help='also ConvexAdam (MIND-SSC) after an affine (--convexadam-affine)')
+    sel.add_argument('--convexadam-affine', choices=('ants', 'greedy'), default='ants',
+                     help='the affine ConvexAdam starts from (default ants: antspyx Affine)')
+    sel.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
+    sel.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
+                                            'refine_bench.json'), help='output JSON')
+    sel.add_argument('--from-json', nargs='+', metavar='JSON',
+                     help='run nothing: print the tables of the rows in these JSON files '
+                          '(e.g. two runs over different pairs)')
+    opt = parser.add_argument_group("the optimiser path's settings ('ours')")
+    opt.add_argument('--weight', default='brain', choices=('brain', 'head', 'none'))
+    opt.add_argument('--metric', default='auto', choices=('auto', 'lncc', 'mind'))
+    opt.add_argument('--lam', type=float, default=0.5)
+    opt.add_argument('--lr', type=float, default=svf['lr'])
+    opt.add_argument('--levels', type=float, nargs='+', default=svf['levels'])
+    opt.add_argument('--iterations', type=int, nargs='+', default=svf['iterations'])
+    opt.add_argument('--affine-levels', type=float, nargs='+', default=aff['levels'])
+    opt.add_argument('--affine-iterations', type=int, nargs='+',
+                     default=aff['iterations'])
+    opt.add_argument('--symmetric', action='store_true')
+    opt.add_argument('--exact-gradient', action='store_true')
+    opt.add_argument('--roi-threshold', type=float, default=svf['roi_threshold'])
+    opt.add_argument('--velocity-factor', type=float, default=svf['velocity_factor'])
+    opt.add_argument('--affine-only', action='store_true')
+    opt.add_argument('--cache', help='folder to keep our affines and the other methods\' rows '
+                     '(a tuning aid)')
+    opt.add_argument('-v', '--verbose', action='store_true')
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format='%(name)s: %(message)s'
-    )
-    try:
-        import picsl_greedy  # noqa: F401
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.loads(Path(f).read_text())['rows']]
+        report(rows)
+        return 0
+    C.pin_threads(args.threads)
+    import nibabel as nb
 
-        greedy = not args.no_greedy
-    except ImportError:
-        greedy = False
+    from synthmorph_app.engine import masks
 
-    rows = []
-    print(
-        f'threads {args.threads}; lam {args.lam}; levels {args.levels}; iterations '
-        f'{args.iterations}; weight {args.weight}; metric {args.metric}',
-        flush=True,
-    )
-    header = (
-        f'{"pair":8} {"method":7} {"Dice aff":>8} {"Dice":>6} {"fold% br":>8} '
-        f'{"fold% hd":>8} {"SD logJ":>7} {"time s":>7}'
-    )
-    print(header, flush=True)
+    runners = _runners(args)
+    print(f'threads {args.threads}; methods {", ".join(runners)}; ours: lam {args.lam}, levels '
+          f'{args.levels}, iterations {args.iterations}, weight {args.weight}, metric '
+          f'{args.metric}', flush=True)
     selected = [PAIRS[i] for i in args.only] if args.only else PAIRS[: args.pairs]
+    rows = []
     for mov, fix in selected:
-        flab_img = nb.load(labels(fix))
-        flab = np.asarray(flab_img.dataobj).astype(np.int32)
+        pair = f'{mov}->{fix}'
+        flab = np.asarray(nb.load(labels(fix)).dataobj).astype(np.int32)
         mlab = np.asarray(nb.load(labels(mov)).dataobj).astype(np.float32)
-        fimg = load_image(t1w(fix))
+        fixed, moving = C.load(t1w(fix)), C.load(t1w(mov))
         brain = flab > 0
-        head = masks.head_mask(
-            fimg.get_fdata(dtype=np.float32), Geometry.from_image(fimg), top_mm=None
-        )
-        results = {'ours': run_ours(t1w(mov), t1w(fix), mlab, args)}
-        others = {'greedy': run_greedy} if greedy else {}
-        if args.ants:
-            others['ants'] = run_ants
-        for name, runner in others.items():
+        head = masks.head_mask(fixed[0], fixed[1], top_mm=None)
+        common = np.intersect1d(np.unique(flab[flab > 0]), np.unique(mlab[mlab > 0]))
+        pair_rows = []
+        for name, runner in runners.items():
             store = Path(args.cache or '/nonexistent') / f'{name}_{mov}_{fix}.json'
-            if store.exists():
-                results[name] = {'cached_row': json.loads(store.read_text())}
+            if name != 'ours' and store.exists():
+                row = json.loads(store.read_text())
+                row['cached'] = True
             else:
-                results[name] = runner(t1w(mov), t1w(fix), labels(mov), args.threads)
-        for name, res in results.items():
-            if 'cached_row' in res:
-                row = res['cached_row']
-                rows.append(row)
-                print(
-                    f'{row["pair"]:8} {name:7} {row["dice_aff"]:8.3f} {row["dice"]:6.3f} '
-                    f'{row["fold_brain"]:8.3f} {row["fold_head"]:8.3f} {row["sd_logj"]:7.3f} '
-                    f'{row["time"]:7.1f}  (cached)',
-                    flush=True,
-                )
-                continue
-            row = {
-                'pair': f'{mov}->{fix}',
-                'method': name,
-                'time': res['time'],
-                'dice_aff': dice(res['aff_lab'], flab),
-                'dice': dice(res['lab'], flab),
-            }
-            if 'det' in res:
-                row.update(field_stats(res['det'], brain, head))
-            else:
-                row.update(fold_brain=np.nan, fold_head=np.nan, sd_logj=np.nan)
-            rows.append(row)
-            if name != 'ours' and args.cache:
-                Path(args.cache).mkdir(parents=True, exist_ok=True)
-                (Path(args.cache) / f'{name}_{mov}_{fix}.json').write_text(json.dumps(row))
-            extra = ''
-            if name == 'ours':
-                extra = (
-                    '  (mask {t_mask:.1f} init {t_init:.1f} affine {t_affine:.1f} svf {t_svf:.1f})'
-                ).format(**res)
-            print(
-                f'{row["pair"]:8} {name:7} {row["dice_aff"]:8.3f} {row["dice"]:6.3f} '
-                f'{row["fold_brain"]:8.3f} {row["fold_head"]:8.3f} {row["sd_logj"]:7.3f} '
-                f'{row["time"]:7.1f}{extra}',
-                flush=True,
-            )
-    print()
-    for name in dict.fromkeys(r['method'] for r in rows):
-        sel = [r for r in rows if r['method'] == name]
-        mean = {
-            k: np.mean([r[k] for r in sel])
-            for k in ('dice_aff', 'dice', 'fold_brain', 'fold_head', 'sd_logj', 'time')
-        }
-        worst = min(r['dice'] for r in sel)
-        print(
-            f'{"mean":8} {name:7} {mean["dice_aff"]:8.3f} {mean["dice"]:6.3f} '
-            f'{mean["fold_brain"]:8.3f} {mean["fold_head"]:8.3f} {mean["sd_logj"]:7.3f} '
-            f'{mean["time"]:7.1f}   worst pair Dice {worst:.3f}'
-        )
-    if greedy:
-        ours = {r['pair']: r['dice'] for r in rows if r['method'] == 'ours'}
-        theirs = {r['pair']: r['dice'] for r in rows if r['method'] == 'greedy'}
-        diffs = [ours[p] - theirs[p] for p in ours]
-        print(f'ours - greedy Dice: mean {np.mean(diffs):+.3f}, worst {min(diffs):+.3f}')
+                res = runner(t1w(mov), t1w(fix))
+                row = {'pair': pair, 'method': name, 'time': res['time'],
+                       'affine_time': res.get('affine_time'), 'peak_mb': res['peak_mb'],
+                       'stages': res.get('stages')}
+                kw = {'moving_labels': mlab, 'fixed_labels': flab, 'labels': common}
+                row['dice_aff'] = C.score(res, moving, fixed, linear=True, **kw)['dice']
+                row.update(C.score(res, moving, fixed, mind_mask=brain, sd_mask='brain',
+                                   jac_masks={'brain': brain, 'head': head}, **kw))
+                if name != 'ours' and args.cache:
+                    store.parent.mkdir(parents=True, exist_ok=True)
+                    store.write_text(json.dumps(row, default=C._json_default))
+            pair_rows.append(row)
+            stages = ''
+            if row.get('stages'):
+                stages = '  (' + ', '.join(f'{k} {v:.1f}' for k, v in row['stages'].items()) + ')'
+            print(f'{pair} {name:10} Dice aff {C.fmt(row["dice_aff"])} Dice {C.fmt(row["dice"])}'
+                  f' MIND {C.fmt(row.get("mind_ncc"))} fold {C.fmt(row.get("fold_brain"))}/'
+                  f'{C.fmt(row.get("fold_head"))} SDlogJ {C.fmt(row.get("sd_logj"))} '
+                  f'{row["time"]:.1f} s {row["peak_mb"]:.0f} MB{stages}', flush=True)
+        greedy = next((r['time'] for r in pair_rows if r['method'] == 'greedy'), None)
+        for row in pair_rows:
+            row['time_ratio'] = row['time'] / greedy if greedy else None
+        rows.extend(pair_rows)
+        summary = C.summarise(rows, [k for k, _, _ in SUMMARY[2:] if k != 'worst_dice'])
+        C.write_json(args.json, {'script': 'refine_bench', 'argv': sys.argv[1:] if argv is None
+                                 else argv, 'environment': C.environment(), 'rows': rows,
+                                 'summary': summary})
+    report(rows)
     return 0
+
+
+def report(rows: list[dict]) -> None:
+    """Print the per-pair and summary tables, and ours minus greedy."""
+    summary = C.summarise(rows, [k for k, _, _ in SUMMARY[2:] if k != 'worst_dice'])
+    print()
+    print(C.markdown(rows, COLUMNS))
+    print()
+    print(C.markdown(summary, SUMMARY))
+    ours = {r['pair']: r['dice'] for r in rows if r['method'] == 'ours'}
+    theirs = {r['pair']: r['dice'] for r in rows if r['method'] == 'greedy'}
+    diffs = [ours[p] - theirs[p] for p in ours if p in theirs]
+    if diffs:
+        print(f'\nours - greedy Dice: mean {np.mean(diffs):+.3f}, worst {min(diffs):+.3f}')
 
 
 if __name__ == '__main__':
