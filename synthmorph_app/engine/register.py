@@ -48,6 +48,11 @@ LOGGER = logging.getLogger('synthmorph_app.engine.register')
 MODES = ('joint', 'deform', 'affine', 'rigid')
 #: Default side of the network space in mm (``-e``): 256 mm holds any adult head.
 DEFAULT_EXTENT = 256.0
+#: Levels (mm) and Adam iterations of the affine refinement. The few steps at 2 mm sharpen
+#: same-subject cross-contrast alignment (sub-chris PDw -> T1w: MIND-NCC in the brain 0.494 ->
+#: 0.516, greedy 0.512, ANTs 0.514) for a few seconds.
+AFFINE_LEVELS = (8.0, 4.0, 2.0)
+AFFINE_ITERATIONS = (60, 40, 6)
 
 
 class RegistrationResult:
@@ -371,7 +376,7 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
             )
         return optimise_affine(
             moving_t, moving_geom, fixed_t, fixed_geom, init=begin, rigid=rigid, metric=metric,
-            verbose=verbose, **weights,
+            verbose=verbose, levels=AFFINE_LEVELS, iterations=AFFINE_ITERATIONS, **weights,
         )
 
 
