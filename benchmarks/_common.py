@@ -154,10 +154,12 @@ def _itk_field_ras(path: str):
 # --- runners (each in its own child) -----------------------------------------------------------
 
 
-def run_register(moving: str, fixed: str, mode: str, threads: int = 1) -> dict:
+def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
+                 options: list[str] | tuple = ()) -> dict:
     """Ours through the public API, exactly as ``synthmorph-app register -m MODE -j N`` runs.
 
-    The options are the register parser's defaults (``--refine`` 20 unless
+    ``options`` are further ``register`` arguments (e.g. ``['-r', '0.3']``); the others are
+    the register parser's defaults (``--refine`` 20 unless
     ``$SYNTHMORPH_REFINE`` is set, ``--init network``, metric ``auto``, weight ``brain``, lambda
     0.5, the packaged models); the call mirrors ``cli.run.run_register``. The time covers
     ``register(...)`` (it reads the lazily loaded image data, as the command does).
@@ -168,7 +170,8 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1) -> dict:
     from synthmorph_app.engine.register import register
     from synthmorph_app.io.images import load_image
 
-    args = build_parser().parse_args(['register', '-m', mode, '-j', str(threads), moving, fixed])
+    args = build_parser().parse_args(
+        ['register', '-m', mode, '-j', str(threads), *options, moving, fixed])
     torch.set_num_threads(args.threads)
     mimg = load_image(args.moving, kind='moving image')
     fimg = load_image(args.fixed, kind='fixed image')

@@ -19,42 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import _common as C
 from refine_bench import PAIRS, labels, t1w
 
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 0.9)
-
-
-def run_lambda(moving: str, fixed: str, lam: float, threads: int, weights=None) -> dict:
-    """``synthmorph-app register -r LAM`` with every other option at its default (child)."""
-    torch = C._torch_threads()
-    from synthmorph_app.cli.parser import INIT_METHODS, build_parser
-    from synthmorph_app.cli.run import assign_weights
-    from synthmorph_app.engine.register import register
-    from synthmorph_app.io.images import load_image
-
-    argv = ['register', '-r', str(lam), '-j', str(threads)]
-    for w in weights or []:
-        argv += ['-w', w]
-    args = build_parser().parse_args([*argv, moving, fixed])
-    torch.set_num_threads(args.threads)
-    mimg = load_image(args.moving, kind='moving image')
-    fimg = load_image(args.fixed, kind='fixed image')
-    t0 = time.perf_counter()
-    result = register(
-        mimg, fimg, mode=args.mode, lam=args.lam, steps=args.steps, extent=args.extent,
-        weights=assign_weights(args.weights, args.mode), refine=args.refine, device='cpu',
-        init_method=args.init if args.init in INIT_METHODS else 'network',
-        refine_metric=args.refine_metric, refine_levels=args.refine_levels,
-        refine_weight=args.refine_weight,
-    )
-    fwd = result.forward
-    out = C._transform_dict(fwd.affine, fwd.field, fwd.field_geometry)
-    out.update(time=time.perf_counter() - t0, refine=args.refine)
-    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -98,8 +68,9 @@ def main(argv=None) -> int:
         mlab, flab = C.load(labels(mov))[0], C.load(labels(fix))[0]
         brain = flab > 0
         for lam in lams:
-            result = C.in_child(run_lambda, str(t1w(mov)), str(t1w(fix)), lam, args.threads,
-                                args.weights)
+            options = ['-r', str(lam)] + [x for w in args.weights or [] for x in ('-w', w)]
+            result = C.in_child(C.run_register, str(t1w(mov)), str(t1w(fix)), 'joint',
+                                args.threads, options)
             row = {'pair': f'{mov}->{fix}', 'lambda': lam, 'time': result['time'],
                    'peak_mb': result['peak_mb']}
             row.update(C.score(result, moving, fixed, moving_labels=mlab, fixed_labels=flab,
