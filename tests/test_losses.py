@@ -86,6 +86,23 @@ def test_overlap_ignores_labels_outside_the_loss():
         L.overlap_mse(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4))
 
 
+def test_overlap_is_the_mse_of_hard_maps_and_does_not_reward_blur():
+    k = GROUPS.num_channels
+    fixed = L.onehot(_seg(_labels(seed=0)), k).float()
+    moved = L.onehot(_seg(_labels(seed=1)), k).float()
+    mse = ((moved - fixed) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(L.overlap_mse(moved, fixed), mse)
+    # The moved map pulled half a voxel along one axis by linear interpolation is the mean of
+    # two placements; the plain MSE of that blend is lower than either's, ours is their mean.
+    nudged = torch.roll(moved, 1, dims=2)
+    blend = 0.5 * (moved + nudged)
+    plain = ((blend - fixed) ** 2).flatten(1).mean(1)
+    ours = L.overlap_mse(blend, fixed)
+    ends = torch.stack([L.overlap_mse(moved, fixed), L.overlap_mse(nudged, fixed)])
+    assert float(plain) < float(ends.min())
+    torch.testing.assert_close(ours, ends.mean(0))
+
+
 def test_grad_l2_by_hand():
     disp = torch.zeros(2, 3, 6, 6, 6)
     assert torch.equal(L.grad_l2(disp), torch.zeros(2))

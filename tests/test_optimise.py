@@ -151,6 +151,23 @@ def test_svf_weight_limits_the_field(warped_pair, caplog):
     assert any('svf level 4' in r.getMessage() for r in caplog.records)
 
 
+def test_svf_cropped_velocity_is_the_same_field(warped_pair):
+    """``crop=True`` returns the field on its box and the box's place: embedded in the grid it
+    is the default result, and integrated on the box it gives the same warp."""
+    moving, fixed, true_v = warped_pair
+    weight = _inside(fraction=0.3).float()[None, None]
+    kwargs = {'lam': 0.3, 'metric': 'lncc', 'levels': (4, 2), 'iterations': (20, 10),
+              'weight': weight, 'margin_mm': 6}
+    v_grid = optimise.optimise_svf(moving, fixed, GRID, **kwargs)
+    v_box, to_grid = optimise.optimise_svf(moving, fixed, GRID, crop=True, **kwargs)
+    assert all(n < m for n, m in zip(v_box.shape[2:], GRID.shape))
+    assert np.array_equal(to_grid[:3, :3], np.eye(3)) and (to_grid[:3, 3] > 0).all()
+    assert float(v_grid.abs().max()) > 0.1  # a real field
+    torch.testing.assert_close(spatial.upsample_field(v_box, to_grid, GRID.shape), v_grid)
+    disp = spatial.upsample_field(spatial.integrate_svf(v_box), to_grid, GRID.shape)
+    torch.testing.assert_close(disp, spatial.integrate_svf(v_grid), atol=1e-3, rtol=0)
+
+
 def test_svf_input_errors(warped_pair):
     moving, fixed, _ = warped_pair
     with pytest.raises(ValueError, match='grid'):

@@ -159,7 +159,8 @@ def test_refine_level_finer_than_the_network_grid():
     assert np.allclose(res.mid_space()[0].field_geometry.voxel_sizes, 2.5)
     pts = RNG.uniform(-15, 15, (200, 3))
     back = res.inverse.map_points(res.forward.map_points(pts))
-    assert np.median(np.linalg.norm(back - pts, axis=1)) < 0.1
+    # within 0.1 voxel of the 2.5 mm grid (exp(+-v) are integrated on the 5 mm field grid)
+    assert np.median(np.linalg.norm(back - pts, axis=1)) < 0.25
 
 
 def _reorient(img, codes):

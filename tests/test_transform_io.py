@@ -511,13 +511,13 @@ def _linear():
         ('empty.txt', b''),
         (
             'garbage.txt',
-            b'#Insight Transform File V1.0\nTransform: AffineTransform_double_3_3\n'
-            b'Parameters: 1 2 3\nFixedParameters: 0 0 0\n',
+            (b'#Insight Transform File V1.0\nTransform: AffineTransform_double_3_3\n'
+            b'Parameters: 1 2 3\nFixedParameters: 0 0 0\n'),
         ),
         (
             'euler.txt',
-            b'#Insight Transform File V1.0\nTransform: Euler3DTransform_double_3_3\n'
-            b'Parameters: 0 0 0 1 2 3\nFixedParameters: 0 0 0\n',
+            (b'#Insight Transform File V1.0\nTransform: Euler3DTransform_double_3_3\n'
+            b'Parameters: 0 0 0 1 2 3\nFixedParameters: 0 0 0\n'),
         ),
         ('garbage.mat', b'\x00\x01\x02 not matlab'),
         ('garbage.h5', b'not hdf5 at all'),

@@ -199,13 +199,22 @@ def overlap_mse(moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
 
     Only the K selected labels have channels (see :func:`onehot`), so labels outside the loss
     cannot change this value.
+
+    Computed as the mean of ``p (1 - q) + q (1 - p)`` (``p`` moved, ``q`` fixed): the MSE
+    ``(p - q)^2`` itself wherever ``p`` is 0 or 1, but linear in ``p``. The moved map is pulled
+    by linear interpolation, so it is soft wherever the field points between voxels, and the
+    plain MSE rewards that blur (its ``p^2`` term shrinks): on held-out pairs at the 8 mm loss
+    grid, a uniform shift of a quarter voxel lowered the plain MSE by 22 %, and a deformable
+    network trained with it learnt such shifts (held-out Dice 0.356 before, 0.299 after, at
+    step 2000). Linear in ``p``, a blend of two placements scores the blend of their losses,
+    so only a better placement lowers it.
     """
     if moved.shape != fixed.shape:
         raise ValueError(
             f'moved and fixed maps must have the same shape, got {tuple(moved.shape)} and '
             f'{tuple(fixed.shape)}'
         )
-    return ((moved - fixed) ** 2).flatten(1).mean(1)
+    return (moved + fixed - 2 * moved * fixed).flatten(1).mean(1)
 
 
 def grad_l2(disp: torch.Tensor) -> torch.Tensor:

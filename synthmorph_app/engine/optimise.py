@@ -76,6 +76,12 @@ log = logging.getLogger('synthmorph_app.engine.optimise')
 SMOOTHNESS_SCALE = 1.0
 #: Factor on the MIND mean squared difference so its range matches 1 - LNCC's.
 MIND_SCALE = 10.0
+#: Distance (mm) of the MIND-SSC neighbours from the centre, in whole voxels of each level (at
+#: least 1). 2 mm rather than 4 mm: sub-chris PDw -> T1w joint MIND-NCC in the brain 0.505 ->
+#: 0.533 (affine alone 0.516, greedy 0.508), where the coarser descriptors let the deformable
+#: step lower it below the affine's; cross-subject T1w pairs registered with MIND (3 pairs)
+#: mean Dice 0.642 -> 0.636. Only the 2 mm levels change (coarser ones use 1 voxel either way).
+MIND_DILATION_MM = 2.0
 #: Adam's epsilon for the SVF, in loss units per field voxel (loss summed over field voxels):
 #: gradients far below it (numerical noise, identical images) move the field by far less than
 #: the learning rate, where plain Adam would step by the full rate in every voxel.
@@ -258,7 +264,7 @@ class _Dissimilarity:
         if metric not in ('lncc', 'mind'):
             raise ValueError(f"metric must be 'lncc' or 'mind' here, got {metric!r}")
         self.metric = metric
-        self.dilation = max(1, round(4.0 / voxel))
+        self.dilation = max(1, round(MIND_DILATION_MM / voxel))
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         if self.metric == 'mind':
@@ -762,8 +768,9 @@ def optimise_svf(
     roi_threshold: float = 0.01,
     velocity_factor: float = 2.0,
     exact_gradient: bool = False,
+    crop: bool = False,
     verbose: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
     """Diffeomorphic registration of ``moving`` to ``fixed`` (both on ``grid``) by an SVF.
 
     Parameters
@@ -800,6 +807,10 @@ def optimise_svf(
         The field's spacing as a multiple of each level's image spacing.
     exact_gradient
         Backpropagate through the scaling and squaring (slower; see the module docstring).
+    crop
+        Return the velocity on the box it lives in (the weight's box plus ``margin_mm``, at
+        ``grid``'s spacing) with the voxel matrix from the box to ``grid``, instead of
+        embedded in zeros on the whole grid.
 
     Returns
     -------
@@ -807,6 +818,14 @@ def optimise_svf(
         ``(1, 3, X, Y, Z)`` velocity in voxel units of ``grid``:
         ``spatial.warp_voxel(moving, spatial.integrate_svf(v, steps))`` matches ``fixed``, and
         ``exp(-v)`` is the inverse.
+    (torch.Tensor, numpy.ndarray)
+        With ``crop``: the velocity ``(1, 3, *box)`` in voxel units of ``grid`` and the 4x4
+        matrix from box voxels to ``grid`` voxels (a shift). The field tapers to zero at the
+        box's faces inside the grid, so ``exp`` on the box, extended by its border values
+        (``spatial.upsample_field``), is ``exp`` on the grid, for a fraction of the cost (a
+        whole head's box is about a third of a 256 mm cube). Integrating on the coarser field
+        grid instead was faster still, but its forward and inverse agreed only within 0.18
+        voxel at 2 mm (0.1 on the finer grid).
     """
     moving = _volume(moving, 'moving')
     fixed = _volume(fixed, 'fixed')
@@ -938,6 +957,12 @@ def optimise_svf(
                 iters,
                 time.perf_counter() - t_level,
             )
+    if crop:
+        to_grid = np.eye(4)
+        to_grid[:3, 3] = lo
+        if velocity is None:
+            return torch.zeros(1, 3, *roi_shape, device=device), to_grid
+        return spatial.resize_field(velocity, roi_shape), to_grid
     out = torch.zeros(1, 3, *grid.shape, device=device)
     if velocity is None:
         return out

@@ -53,6 +53,10 @@ DEFAULT_EXTENT = 256.0
 #: 0.516, greedy 0.512, ANTs 0.514) for a few seconds.
 AFFINE_LEVELS = (8.0, 4.0, 2.0)
 AFFINE_ITERATIONS = (60, 40, 6)
+#: In joint mode the deformable step follows at 2 mm, so the affine stops at 4 mm: 2-3 s less
+#: per 2 mm pair (benchmarks/README.md, "Session 3 changes", has what it changes).
+JOINT_AFFINE_LEVELS = AFFINE_LEVELS[:2]
+JOINT_AFFINE_ITERATIONS = AFFINE_ITERATIONS[:2]
 
 
 class RegistrationResult:
@@ -246,6 +250,7 @@ def register(
                     timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w,
                     rigid=mode == 'rigid', init_method=init_method, start=start,
                     network=affine if use_network else None, metric=refine_metric,
+                    joint=mode == 'joint',
                 )
             info['refine'] = {'iterations': int(refine), 'metric': refine_metric,
                               'init': init_method, 'weight': refine_weight}
@@ -303,14 +308,16 @@ def register(
                     init_velocity = spatial.upsample_field(velocity, to_mid, mid.shape)
                 mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=half_inv)
                 with torch.inference_mode(False):
-                    velocity = optimise_svf(
+                    # the velocity on its box (a third of a head's 256 mm cube): integrated
+                    # there below, 2-3 times faster than on the whole grid, same result
+                    velocity, coarse_to_fine = optimise_svf(
                         m_mid.clone(), f_mid.clone(), mid,
                         init_velocity=None if init_velocity is None else init_velocity.clone(),
                         lam=lam, steps=steps, metric=refine_metric, levels=levels,
                         iterations=iterations, weight=mid_w.clone(),
-                        verbose=LOGGER.isEnabledFor(logging.INFO),
-                    ).detach()
-                coarse_to_fine = None  # the refined velocity lives on ``mid`` itself
+                        crop=True, verbose=LOGGER.isEnabledFor(logging.INFO),
+                    )
+                velocity = velocity.detach()
 
         with timer('resample'):
             disp = _integrate(velocity, steps, coarse_to_fine, mid.shape)
@@ -357,7 +364,7 @@ def _linear_mid_space(affine: np.ndarray, fixed_geom: Geometry) -> tuple[Transfo
 
 
 def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w, *,
-                   rigid, init_method, start, network, metric) -> np.ndarray:
+                   rigid, init_method, start, network, metric, joint=False) -> np.ndarray:
     """The linear stage of test-time refinement: a robust start, then multi-scale Adam."""
     from .optimise import optimise_affine, robust_affine_init
 
@@ -376,7 +383,8 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
             )
         return optimise_affine(
             moving_t, moving_geom, fixed_t, fixed_geom, init=begin, rigid=rigid, metric=metric,
-            verbose=verbose, levels=AFFINE_LEVELS, iterations=AFFINE_ITERATIONS, **weights,
+            verbose=verbose, levels=JOINT_AFFINE_LEVELS if joint else AFFINE_LEVELS,
+            iterations=JOINT_AFFINE_ITERATIONS if joint else AFFINE_ITERATIONS, **weights,
         )
 
 

@@ -498,7 +498,8 @@ class Trainer:
 
     # -- validation -------------------------------------------------------------------------
 
-    def _validation_pairs(self) -> list:
+    def validation_pairs(self) -> list:
+        """The fixed held-out synthetic pairs of :meth:`validate` (same seed every run)."""
         if self._val_pairs is None:
             self._val_pairs = []
             if self.val_maps is not None and self.config.validation_pairs:
@@ -533,7 +534,7 @@ class Trainer:
     def validate(self) -> dict:
         """Mean Dice of the loss labels on the held-out pairs, before and after registration."""
         start = time.perf_counter()
-        pairs = self._validation_pairs()
+        pairs = self.validation_pairs()
         if not pairs:
             return {}
         labels = self.groups.loss

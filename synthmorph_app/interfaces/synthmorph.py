@@ -131,9 +131,9 @@ def register_files(
 
     from ..engine.register import moved_image as resample
     from ..engine.register import register
+    from ..evaluate import jacobian_determinant
     from ..io.images import Geometry, load_image, save_image
     from ..io.transforms import save_transform
-    from ..evaluate import jacobian_determinant
 
     if num_threads:
         torch.set_num_threads(int(num_threads))

@@ -37,7 +37,7 @@ class Geometry:
     affine: np.ndarray
 
     @classmethod
-    def from_image(cls, img: nb.spatialimages.SpatialImage) -> 'Geometry':
+    def from_image(cls, img: nb.spatialimages.SpatialImage) -> Geometry:
         return cls(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=float))
 
     @property

@@ -47,7 +47,8 @@ import os
 import platform
 import re
 import zlib
-from dataclasses import dataclass, field as dc_field, replace
+from dataclasses import dataclass, replace
+from dataclasses import field as dc_field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -120,7 +121,7 @@ class Transform:
         points = np.asarray(points, dtype=float).reshape(-1, 3)
         return apply_affine(self.affine, points + self.displacement_at(points))
 
-    def linear_inverse(self) -> 'Transform':
+    def linear_inverse(self) -> Transform:
         """The exact inverse of a linear transform (swaps reference and moving grids)."""
         if not self.is_linear:
             raise ValueError(

@@ -75,11 +75,11 @@ def write_group_report(out_dir: str | os.PathLike) -> tuple[Path, Path]:
         lines.append('\t'.join('n/a' if r.get(c) in (None, '') and c != 'outlier' else
                                str(r.get(c, '')) for c in COLUMNS))
     tsv = write_text_atomic(out_dir / 'group' / 'qc.tsv', '\n'.join(lines) + '\n')
-    page = ['<!DOCTYPE html><html><head><meta charset="utf-8"><title>synthmorph-app group QC'
+    page = [('<!DOCTYPE html><html><head><meta charset="utf-8"><title>synthmorph-app group QC'
             '</title></head><body style="font-family: sans-serif; max-width: 1000px; '
-            'margin: auto">', '<h1>synthmorph-app: group QC</h1>',
-            f'<p>{len(rows)} registrations; outliers (red) have a robust z-score above 3 '
-            '(or folding above 0.1 %). Table: <a href="qc.tsv">qc.tsv</a>.</p>']
+            'margin: auto">'), '<h1>synthmorph-app: group QC</h1>',
+            (f'<p>{len(rows)} registrations; outliers (red) have a robust z-score above 3 '
+            '(or folding above 0.1 %). Table: <a href="qc.tsv">qc.tsv</a>.</p>')]
     for metric in METRICS:
         page.append(f'<h2>{metric}</h2>' + _strip_plot(rows, metric))
     flagged = [r for r in rows if r['outlier']]

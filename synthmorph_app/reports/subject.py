@@ -50,8 +50,8 @@ def write_subject_report(out_dir: str | os.PathLike, subject: str, *,
     """Write ``sub-<subject>.html`` atomically; return its path."""
     out_dir = Path(out_dir)
     items = collect_subject(out_dir, subject)
-    parts = [f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>sub-{subject}</title>'
-             f'<style>{STYLE}</style></head><body>',
+    parts = [(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>sub-{subject}</title>'
+             f'<style>{STYLE}</style></head><body>'),
              f'<h1>synthmorph-app: sub-{html.escape(subject)}</h1>']
     for image, reason in sorted((failures or {}).items()):
         parts.append(f'<p class="warn failed">FAILED {html.escape(Path(image).name)}: '
@@ -76,11 +76,11 @@ def write_subject_report(out_dir: str | os.PathLike, subject: str, *,
         parts.append('<table>' + ''.join(
             f'<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>'
             for k, v in rows.items()) + '</table>')
-        for key, caption in (('before_after', 'Before/after (hover to flicker): the image '
+        for key, caption in (('before_after', ('Before/after (hover to flicker): the image '
                               'placed by its header, then registered, under the template brain '
-                              'outline.'),
-                             ('jacobian', 'log Jacobian determinant of the deformation (red: '
-                              'growth, blue: shrinkage).')):
+                              'outline.')),
+                             ('jacobian', ('log Jacobian determinant of the deformation (red: '
+                              'growth, blue: shrinkage).'))):
             if it[key].is_file():
                 rel = it[key].relative_to(out_dir).as_posix()
                 parts.append(f'<p>{caption}</p><object class="svg-reportlet" type="image/svg+xml"'
