@@ -154,7 +154,7 @@ def test_svf_weight_limits_the_field(warped_pair, caplog):
 def test_svf_cropped_velocity_is_the_same_field(warped_pair):
     """``crop=True`` returns the field on its box and the box's place: embedded in the grid it
     is the default result, and integrated on the box it gives the same warp."""
-    moving, fixed, true_v = warped_pair
+    moving, fixed, _ = warped_pair
     weight = _inside(fraction=0.3).float()[None, None]
     kwargs = {'lam': 0.3, 'metric': 'lncc', 'levels': (4, 2), 'iterations': (20, 10),
               'weight': weight, 'margin_mm': 6}
