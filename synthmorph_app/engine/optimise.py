@@ -822,8 +822,8 @@ def optimise_svf(
         With ``crop``: the velocity ``(1, 3, *box)`` in voxel units of ``grid`` and the 4x4
         matrix from box voxels to ``grid`` voxels (a shift). The field tapers to zero at the
         box's faces inside the grid, so ``exp`` on the box, extended by its border values
-        (``spatial.upsample_field``), is ``exp`` on the grid, for a fraction of the cost (a
-        whole head's box is about a third of a 256 mm cube). Integrating on the coarser field
+        (``spatial.upsample_field``), is ``exp`` on the grid, for a fraction of the cost (the
+        upper head's box with its margin is about 60 % of a 256 mm cube). Integrating on the coarser field
         grid instead was faster still, but its forward and inverse agreed only within 0.18
         voxel at 2 mm (0.1 on the finer grid).
     """
