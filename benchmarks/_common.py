@@ -159,7 +159,7 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
     """Ours through the public API, exactly as ``synthmorph-app register -m MODE -j N`` runs.
 
     ``options`` are further ``register`` arguments (e.g. ``['-r', '0.3']``); the others are
-    the register parser's defaults (``--refine`` 20 unless
+    the register parser's defaults (``--refine`` 15 unless
     ``$SYNTHMORPH_REFINE`` is set, ``--init network``, metric ``auto``, weight ``brain``, lambda
     0.5, the packaged models); the call mirrors ``cli.run.run_register``. The time covers
     ``register(...)`` (it reads the lazily loaded image data, as the command does).

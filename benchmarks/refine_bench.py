@@ -197,7 +197,7 @@ def main(argv=None):
     sel.add_argument('--no-ours', action='store_true', help='skip the optimiser path')
     sel.add_argument('--register', action='store_true',
                      help="also ours through the public API, as 'synthmorph-app register' "
-                          'runs by default (joint, --refine 20 or $SYNTHMORPH_REFINE)')
+                          'runs by default (joint, its default --refine or $SYNTHMORPH_REFINE)')
     sel.add_argument('--no-greedy', action='store_true', help='skip greedy (no time ratios)')
     sel.add_argument('--ants', action='store_true', help='also antspyx SyN (its defaults)')
     sel.add_argument('--fireants', action='store_true',

@@ -60,11 +60,11 @@ def _positive_float(text: str) -> float:
 
 
 #: Default test-time optimisation iterations at the finest level ($SYNTHMORPH_REFINE overrides).
-DEFAULT_REFINE = 20
+DEFAULT_REFINE = 15
 
 
 def default_refine() -> int:
-    """``$SYNTHMORPH_REFINE`` when set (e.g. 0 on a cluster that trusts the networks), else 20."""
+    """``$SYNTHMORPH_REFINE`` when set (e.g. 0 on a cluster that trusts the networks), else 15."""
     value = os.environ.get('SYNTHMORPH_REFINE', '')
     try:
         return max(0, int(value)) if value.strip() else DEFAULT_REFINE
