@@ -440,6 +440,30 @@ def summarise(rows: list[dict], keys: list[str], by: str = 'method') -> list[dic
     return out
 
 
+def plot_dice_and_spread(summary: list[dict], path, xlabel: str, dice_label: str,
+                         title: str, fontsize: int | None = None) -> None:
+    """Mean Dice (left axis) and SD of the log Jacobian (right axis) against ``lambda``, for
+    rows of :func:`summarise` ``(by='lambda')``; a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    lams = [r['lambda'] for r in summary]
+    fig, left = plt.subplots(figsize=(5, 3.2), dpi=120)
+    left.plot(lams, [r['dice'] for r in summary], 'o-', color='tab:blue')
+    left.set_xlabel(xlabel)
+    left.set_ylabel(dice_label, color='tab:blue')
+    right = left.twinx()
+    right.plot(lams, [r['sd_logj'] for r in summary], 's--', color='tab:red')
+    right.set_ylabel('SD of log Jacobian (brain)', color='tab:red')
+    left.set_title(title, fontsize=fontsize)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
 def _isnan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 

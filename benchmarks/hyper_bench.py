@@ -39,26 +39,6 @@ def log_jacobian_stats(coords, mask) -> tuple[float, float]:
     return float(torch.log(det.clamp(min=1e-3)).std()), folding
 
 
-def plot(summary: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    lams = [r['lambda'] for r in summary]
-    fig, left = plt.subplots(figsize=(5, 3.2), dpi=120)
-    left.plot(lams, [r['dice'] for r in summary], 'o-', color='tab:blue')
-    left.set_xlabel('lambda (hypernetwork input)')
-    left.set_ylabel('mean Dice (brain labels)', color='tab:blue')
-    right = left.twinx()
-    right.plot(lams, [r['sd_logj'] for r in summary], 's--', color='tab:red')
-    right.set_ylabel('SD of log Jacobian (brain)', color='tab:red')
-    left.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default=str(C.REPO / 'training' / 'deform' / 'deform.pt'),
@@ -75,7 +55,6 @@ def main(argv=None) -> int:
     parser.add_argument('--plot', type=Path, help='write the plot (PNG) here')
     args = parser.parse_args(argv)
     C.pin_threads(args.threads)
-    import numpy as np
     import torch
 
     from synthmorph_app.engine import losses as L
@@ -110,12 +89,7 @@ def main(argv=None) -> int:
             sd, fold = log_jacobian_stats(coords, brain)
             rows.append({'pair': i, 'lambda': lam, 'dice': dice, 'dice_before': before,
                          'sd_logj': sd, 'fold_brain': fold})
-    summary = []
-    for lam in lams:
-        sel = [r for r in rows if r['lambda'] == lam]
-        summary.append({'lambda': lam, 'pairs': len(sel),
-                        **{k: float(np.mean([r[k] for r in sel]))
-                           for k in ('dice', 'dice_before', 'sd_logj', 'fold_brain')}})
+    summary = C.summarise(rows, ['dice', 'dice_before', 'sd_logj', 'fold_brain'], by='lambda')
     print(f'model {args.model} ({card.get("training", {}).get("steps", "?")} steps), '
           f'{len(pairs)} held-out synthetic pairs')
     print(C.markdown(summary, [('lambda', 'lambda', 1), ('pairs', 'pairs', 0),
@@ -127,8 +101,10 @@ def main(argv=None) -> int:
                                  argv if argv is not None else sys.argv[1:])})
     if args.plot:
         steps = card.get('training', {}).get('steps', '?')
-        plot(summary, args.plot, f'deformable hypernetwork at step {steps}, no refinement, '
-                                 f'{len(pairs)} held-out synthetic pairs')
+        C.plot_dice_and_spread(summary, args.plot, 'lambda (hypernetwork input)',
+                               'mean Dice (brain labels)',
+                               f'deformable hypernetwork at step {steps}, no refinement, '
+                               f'{len(pairs)} held-out synthetic pairs', fontsize=9)
     return 0
 
 

@@ -28,24 +28,10 @@ LAMBDAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
     summary = C.summarise(rows, ['dice', 'sd_logj', 'fold_brain'], by='lambda')
-    lams = [r['lambda'] for r in summary]
-    fig, left = plt.subplots(figsize=(5, 3.2), dpi=120)
-    left.plot(lams, [r['dice'] for r in summary], 'o-', color='tab:blue')
-    left.set_xlabel('lambda (regularisation weight)')
-    left.set_ylabel('mean Dice (DLMUSE)', color='tab:blue')
-    right = left.twinx()
-    right.plot(lams, [r['sd_logj'] for r in summary], 's--', color='tab:red')
-    right.set_ylabel('SD of log Jacobian (brain)', color='tab:red')
-    left.set_title(f'register -r LAMBDA, {len(rows) // max(len(lams), 1)} T1w pairs (2 mm)')
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    pairs = len(rows) // max(len(summary), 1)
+    C.plot_dice_and_spread(summary, path, 'lambda (regularisation weight)', 'mean Dice (DLMUSE)',
+                           f'register -r LAMBDA, {pairs} T1w pairs (2 mm)')
 
 
 def main(argv=None) -> int:
