@@ -412,6 +412,62 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+#: Columns of the benchmarks' tables: key -> (header, digits).
+COLUMN_SPECS = {
+    'pair': ('pair', 0),
+    'method': ('method', 0),
+    'pairs': ('pairs', 0),
+    'dice_aff': ('Dice after affine', 3),
+    'dice': ('Dice', 3),
+    'worst_dice': ('worst pair', 3),
+    'mind_ncc': ('MIND-NCC', 3),
+    'mind_brain': ('MIND-NCC brain', 3),
+    'mind_head': ('MIND-NCC head', 3),
+    'sd_logj': ('SD log J', 3),
+    'fold_brain': ('fold % brain', 3),
+    'fold_head': ('fold % head', 3),
+    'fold_grid': ('fold % grid', 3),
+    'time': ('time (s)', 1),
+    'time_ratio': ('time / greedy', 2),
+    'peak_mb': ('peak MB', 0),
+}
+#: Short names of the figures in the progress lines (:func:`print_row`).
+_SHORT = {'dice_aff': 'Dice aff', 'mind_ncc': 'MIND', 'mind_brain': 'MIND brain',
+          'mind_head': 'MIND head', 'sd_logj': 'SDlogJ', 'fold_brain': 'fold brain',
+          'fold_head': 'fold head', 'fold_grid': 'fold grid'}
+
+
+def columns(*keys: str, **headers: str) -> list[tuple[str, str, int]]:
+    """``(key, header, digits)`` of :data:`COLUMN_SPECS` for :func:`markdown`; ``headers``
+    renames some (``columns('method', 'dice', dice='mean Dice')``)."""
+    return [(k, headers.get(k, COLUMN_SPECS[k][0]), COLUMN_SPECS[k][1]) for k in keys]
+
+
+def result_row(pair: str, method: str, result: dict, **extra) -> dict:
+    """The start of a table row for one method's ``result`` (a runner's dict)."""
+    return {'pair': pair, 'method': method, 'time': result['time'],
+            'peak_mb': result['peak_mb'], 'stages': result.get('stages'), **extra}
+
+
+def print_row(row: dict, keys, width: int = 12) -> None:
+    """One progress line of a scored row: pair, method, the figures ``keys``, time, memory and
+    the stages of ours (``RegistrationResult.timings``)."""
+    figures = ' '.join(f'{_SHORT.get(k, k.capitalize())} {fmt(row.get(k))}' for k in keys)
+    stages = ''
+    if row.get('stages'):
+        stages = ' (' + ', '.join(f'{k} {v:.1f}' for k, v in row['stages'].items()) + ')'
+    print(f'{row["pair"]} {row["method"]:{width}} {figures} {row["time"]:.1f} s '
+          f'{row["peak_mb"]:.0f} MB{stages}', flush=True)
+
+
+def add_time_ratios(rows: list[dict], greedy: str = 'greedy-syn') -> None:
+    """Set each row's ``time_ratio``: its time over that of the row of method ``greedy`` (the
+    same pair, run side by side), or None without one."""
+    ref = next((r['time'] for r in rows if r['method'] == greedy), None)
+    for row in rows:
+        row['time_ratio'] = row['time'] / ref if ref else None
+
+
 def markdown(rows: list[dict], columns: list[tuple[str, str, int]]) -> str:
     """A Markdown table of ``rows``: ``columns`` are (key, header, digits)."""
     lines = ['| ' + ' | '.join(h for _, h, _ in columns) + ' |',

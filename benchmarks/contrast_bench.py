@@ -45,18 +45,8 @@ BIDS = C.DATA / 'bids'
 FLAIR_SUBJECTS = ('01', '04', '07', '10')
 METHODS = ('ours-joint', 'ours-affine', 'greedy', 'ants-affine', 'ants-syn', 'convexadam')
 
-COLUMNS = [
-    ('pair', 'pair', 0),
-    ('method', 'method', 0),
-    ('mind_brain', 'MIND-NCC brain', 3),
-    ('mind_head', 'MIND-NCC head', 3),
-    ('fold_brain', 'fold % brain', 3),
-    ('fold_head', 'fold % head', 3),
-    ('sd_logj', 'SD log J', 3),
-    ('time', 'time (s)', 1),
-    ('time_ratio', 'time / greedy', 2),
-    ('peak_mb', 'peak MB', 0),
-]
+COLUMNS = C.columns('pair', 'method', 'mind_brain', 'mind_head', 'fold_brain', 'fold_head',
+                    'sd_logj', 'time', 'time_ratio', 'peak_mb')
 SUMMARY = [('method', 'method', 0), ('pairs', 'pairs', 0), *COLUMNS[2:]]
 
 
@@ -207,9 +197,7 @@ def main(argv=None):
                 results[method] = C.in_child(C.run_convexadam, mov, fix, args.threads, 'ants')
         pair_rows = []
         for method, res in results.items():
-            row = {'pair': pair, 'method': method, 'time': res['time'],
-                   'peak_mb': res['peak_mb'], 'stages': res.get('stages'),
-                   'brain_mask': brain_src, 'what': files['what']}
+            row = C.result_row(pair, method, res, brain_mask=brain_src, what=files['what'])
             row['mind_brain'] = C.score(res, moving, fixed, mind_mask=brain)['mind_ncc']
             row.update(C.score(res, moving, fixed, mind_mask=head, sd_mask='brain',
                                jac_masks={'brain': brain, 'head': head}))
@@ -217,16 +205,9 @@ def main(argv=None):
             if res.get('info', {}).get('refine'):
                 row['refine'] = res['info']['refine']
             pair_rows.append(row)
-            stages = ''
-            if row.get('stages'):
-                stages = ' (' + ', '.join(f'{k} {v:.1f}' for k, v in row['stages'].items()) + ')'
-            print(f'{pair} {method:13} MIND brain {C.fmt(row["mind_brain"])} head '
-                  f'{C.fmt(row["mind_head"])} fold {C.fmt(row.get("fold_brain"))}/'
-                  f'{C.fmt(row.get("fold_head"))} SDlogJ {C.fmt(row.get("sd_logj"))} '
-                  f'{row["time"]:.1f} s {row["peak_mb"]:.0f} MB{stages}', flush=True)
-        greedy = results.get('greedy-syn', {}).get('time')
-        for row in pair_rows:
-            row['time_ratio'] = row['time'] / greedy if greedy else None
+            C.print_row(row, ('mind_brain', 'mind_head', 'fold_brain', 'fold_head', 'sd_logj'),
+                        width=13)
+        C.add_time_ratios(pair_rows)
         rows.extend(pair_rows)
         if not figure_done and pair != 'chris':
             shown = {'ours (register, joint)': 'ours-joint', 'greedy (NMI)': 'greedy-syn',

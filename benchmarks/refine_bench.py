@@ -150,33 +150,11 @@ def _runners(args) -> dict:
     return runners
 
 
-COLUMNS = [
-    ('pair', 'pair', 0),
-    ('method', 'method', 0),
-    ('dice_aff', 'Dice after affine', 3),
-    ('dice', 'Dice', 3),
-    ('mind_ncc', 'MIND-NCC', 3),
-    ('fold_brain', 'fold % brain', 3),
-    ('fold_head', 'fold % head', 3),
-    ('sd_logj', 'SD log J', 3),
-    ('time', 'time (s)', 1),
-    ('time_ratio', 'time / greedy', 2),
-    ('peak_mb', 'peak MB', 0),
-]
-SUMMARY = [
-    ('method', 'method', 0),
-    ('pairs', 'pairs', 0),
-    ('dice_aff', 'mean Dice after affine', 3),
-    ('dice', 'mean Dice', 3),
-    ('worst_dice', 'worst pair', 3),
-    ('mind_ncc', 'MIND-NCC', 3),
-    ('fold_brain', 'fold % brain', 3),
-    ('fold_head', 'fold % head', 3),
-    ('sd_logj', 'SD log J', 3),
-    ('time', 'time (s)', 1),
-    ('time_ratio', 'time / greedy', 2),
-    ('peak_mb', 'peak MB', 0),
-]
+COLUMNS = C.columns('pair', 'method', 'dice_aff', 'dice', 'mind_ncc', 'fold_brain', 'fold_head',
+                    'sd_logj', 'time', 'time_ratio', 'peak_mb')
+SUMMARY = C.columns('method', 'pairs', 'dice_aff', 'dice', 'worst_dice', 'mind_ncc', 'fold_brain',
+                    'fold_head', 'sd_logj', 'time', 'time_ratio', 'peak_mb',
+                    dice_aff='mean Dice after affine', dice='mean Dice')
 
 
 def main(argv=None):
@@ -266,9 +244,7 @@ def main(argv=None):
                 row['cached'] = True
             else:
                 res = runner(t1w(mov), t1w(fix))
-                row = {'pair': pair, 'method': name, 'time': res['time'],
-                       'affine_time': res.get('affine_time'), 'peak_mb': res['peak_mb'],
-                       'stages': res.get('stages')}
+                row = C.result_row(pair, name, res, affine_time=res.get('affine_time'))
                 kw = {'moving_labels': mlab, 'fixed_labels': flab, 'labels': common}
                 row['dice_aff'] = C.score(res, moving, fixed, linear=True, **kw)['dice']
                 row.update(C.score(res, moving, fixed, mind_mask=brain, sd_mask='brain',
@@ -277,16 +253,9 @@ def main(argv=None):
                     store.parent.mkdir(parents=True, exist_ok=True)
                     store.write_text(json.dumps(row, default=C._json_default))
             pair_rows.append(row)
-            stages = ''
-            if row.get('stages'):
-                stages = '  (' + ', '.join(f'{k} {v:.1f}' for k, v in row['stages'].items()) + ')'
-            print(f'{pair} {name:10} Dice aff {C.fmt(row["dice_aff"])} Dice {C.fmt(row["dice"])}'
-                  f' MIND {C.fmt(row.get("mind_ncc"))} fold {C.fmt(row.get("fold_brain"))}/'
-                  f'{C.fmt(row.get("fold_head"))} SDlogJ {C.fmt(row.get("sd_logj"))} '
-                  f'{row["time"]:.1f} s {row["peak_mb"]:.0f} MB{stages}', flush=True)
-        greedy = next((r['time'] for r in pair_rows if r['method'] == 'greedy'), None)
-        for row in pair_rows:
-            row['time_ratio'] = row['time'] / greedy if greedy else None
+            C.print_row(row, ('dice_aff', 'dice', 'mind_ncc', 'fold_brain', 'fold_head',
+                              'sd_logj'), width=10)
+        C.add_time_ratios(pair_rows, greedy='greedy')
         rows.extend(pair_rows)
         summary = C.summarise(rows, [k for k, _, _ in SUMMARY[2:] if k != 'worst_dice'])
         C.write_json(args.json, {'script': 'refine_bench', 'argv': sys.argv[1:] if argv is None

@@ -12,7 +12,8 @@ Pairs (moving -> fixed, both skull-stripped, 1 mm):
   (``evaluate.largest_labels``). Brain mask: fsaverage ``brain.mgz`` > 0.
 
 Methods: ours through the public API exactly as ``synthmorph-app register`` runs by default
-(``-m affine`` and ``-m joint``; ``--refine`` 20 unless ``$SYNTHMORPH_REFINE`` is set), antspyx
+(``-m affine`` and ``-m joint``; ``--refine`` 15 unless ``$SYNTHMORPH_REFINE`` is set, plus
+``--ours-options``), antspyx
 ``Affine`` and ``SyN`` (defaults), greedy (affine, then affine + deformable, NCC 2x2x2,
 ``-n 100x50x10``; the affine row is the affine stage of that run). Each in a child process;
 bert's aseg is moved onto the fixed grid with nearest neighbour through each transform (one
@@ -32,6 +33,7 @@ This is a script, not a timed test. See ``benchmarks/README.md`` for figures.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -65,19 +67,9 @@ PAIRS = {
 
 METHODS = ('ours-affine', 'ours-joint', 'ants-affine', 'ants-syn', 'greedy')
 
-COLUMNS = [
-    ('pair', 'pair', 0),
-    ('method', 'method', 0),
-    ('dice', 'Dice', 3),
-    ('dice_aff', 'Dice of its affine part', 3),
-    ('mind_ncc', 'MIND-NCC', 3),
-    ('sd_logj', 'SD log J', 3),
-    ('fold_brain', 'fold % brain', 3),
-    ('fold_grid', 'fold % grid', 3),
-    ('time', 'time (s)', 1),
-    ('time_ratio', 'time / greedy', 2),
-    ('peak_mb', 'peak MB', 0),
-]
+COLUMNS = C.columns('pair', 'method', 'dice', 'dice_aff', 'mind_ncc', 'sd_logj', 'fold_brain',
+                    'fold_grid', 'time', 'time_ratio', 'peak_mb',
+                    dice_aff='Dice of its affine part')
 
 
 def nifti(path: Path, folder: str) -> str:
@@ -104,6 +96,9 @@ def main(argv=None):
                         help='methods (default: all); greedy gives two rows (affine, '
                              'affine + deformable)')
     parser.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
+    parser.add_argument('--ours-options', default='', metavar='"OPTIONS"',
+                        help='further `register` options for ours, one quoted string (e.g. '
+                             '"--refine-levels 8,4,2,1.5")')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'template_bench.json'), help='output JSON')
     args = parser.parse_args(argv)
@@ -135,7 +130,8 @@ def main(argv=None):
             for method in args.methods:
                 if method.startswith('ours'):
                     res = C.in_child(C.run_register, moving_path, fixed_path,
-                                     method.split('-')[1], args.threads)
+                                     method.split('-')[1], args.threads,
+                                     shlex.split(args.ours_options))
                     results[method] = res
                 elif method.startswith('ants'):
                     kind = 'Affine' if method == 'ants-affine' else 'SyN'
@@ -148,9 +144,7 @@ def main(argv=None):
                     results['greedy-syn'] = res
             pair_rows = []
             for method, res in results.items():
-                row = {'pair': pair, 'method': method, 'time': res['time'],
-                       'peak_mb': res['peak_mb'], 'stages': res.get('stages'),
-                       'images': spec['images'], 'labels': labels}
+                row = C.result_row(pair, method, res, images=spec['images'], labels=labels)
                 kw = {'moving_labels': mlab, 'fixed_labels': flab, 'labels': labels}
                 row.update(C.score(res, moving, fixed, mind_mask=brain, sd_mask='brain',
                                    jac_masks={'brain': brain, 'grid': grid}, per_label=True,
@@ -158,17 +152,8 @@ def main(argv=None):
                 if res.get('field') is not None:
                     row['dice_aff'] = C.score(res, moving, fixed, linear=True, **kw)['dice']
                 pair_rows.append(row)
-                stages = ''
-                if row.get('stages'):
-                    stages = ' (' + ', '.join(f'{k} {v:.1f}' for k, v in row['stages'].items())
-                    stages += ')'
-                print(f'{pair} {method:12} Dice {C.fmt(row["dice"])} MIND '
-                      f'{C.fmt(row["mind_ncc"])} SDlogJ {C.fmt(row.get("sd_logj"))} fold '
-                      f'{C.fmt(row.get("fold_brain"))}/{C.fmt(row.get("fold_grid"))} '
-                      f'{row["time"]:.1f} s {row["peak_mb"]:.0f} MB{stages}', flush=True)
-            greedy = results.get('greedy-syn', {}).get('time')
-            for row in pair_rows:
-                row['time_ratio'] = row['time'] / greedy if greedy else None
+                C.print_row(row, ('dice', 'mind_ncc', 'sd_logj', 'fold_brain', 'fold_grid'))
+            C.add_time_ratios(pair_rows)
             rows.extend(pair_rows)
             C.write_json(args.json, {'script': 'template_bench',
                                      'argv': sys.argv[1:] if argv is None else argv,

@@ -80,12 +80,16 @@ def _error(v, true_v, mask):
     return float(err[mask].mean())
 
 
-def test_svf_recovers_known_warp(warped_pair):
+@pytest.mark.parametrize('velocity_factor', [2.0, (2.0, 1.0)])
+def test_svf_recovers_known_warp(warped_pair, velocity_factor):
+    """Recovered within half a voxel, with the field at twice each level's spacing or, at the
+    finest level, at the image's own spacing (what ``register`` does for 1 mm inputs)."""
     moving, fixed, true_v = warped_pair
     mask = _inside()
     before = _error(torch.zeros_like(true_v), true_v, mask)
     v = optimise.optimise_svf(
-        moving, fixed, GRID, lam=0.1, metric='lncc', levels=(4, 2), iterations=(60, 60)
+        moving, fixed, GRID, lam=0.1, metric='lncc', levels=(4, 2), iterations=(60, 60),
+        velocity_factor=velocity_factor,
     )
     assert v.shape == (1, 3, *GRID.shape)
     after = _error(v, true_v, mask)
@@ -176,6 +180,10 @@ def test_svf_input_errors(warped_pair):
         optimise.optimise_svf(moving, fixed, GRID, lam=1.5)
     with pytest.raises(ValueError, match='metric'):
         optimise.optimise_svf(moving, fixed, GRID, metric='mi', iterations=(1, 1))
+    for factor in (0.5, (2.0, 2.0, 1.0)):
+        with pytest.raises(ValueError, match='velocity_factor'):
+            optimise.optimise_svf(moving, fixed, GRID, levels=(4, 2), iterations=(1, 1),
+                                  velocity_factor=factor)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from synthmorph_app.engine import spatial
-from synthmorph_app.engine.register import moved_image, register
+from synthmorph_app.engine.register import _velocity_factors, moved_image, register
 from synthmorph_app.io.images import Geometry
 
 RNG = np.random.default_rng(42)
@@ -161,6 +161,22 @@ def test_refine_level_finer_than_the_network_grid():
     back = res.inverse.map_points(res.forward.map_points(pts))
     # within 0.1 voxel of the 2.5 mm grid (exp(+-v) are integrated on the 5 mm field grid)
     assert np.median(np.linalg.norm(back - pts, axis=1)) < 0.25
+
+
+def test_finest_field_follows_the_input_resolution():
+    """The refined field is at twice each level's spacing, except at the finest level, where
+    it is at twice the finer input's voxel size (between one and two times the level's)."""
+    def geom(*vox):
+        return Geometry((8, 8, 8), np.diag([*vox, 1.0]))
+
+    assert _velocity_factors((8.0, 4.0, 2.0), geom(2, 2, 2), geom(2, 2, 2)) == (2.0, 2.0, 2.0)
+    assert _velocity_factors((8.0, 4.0, 2.0), geom(1, 1, 1), geom(2, 2, 2)) == (2.0, 2.0, 1.0)
+    assert _velocity_factors((8.0, 4.0, 2.0), geom(0.5, 0.5, 0.5), geom(1, 1, 1))[-1] == 1.0
+    # an anisotropic slab counts by its mean voxel side (0.9 x 0.9 x 2.4 mm: about 1.25 mm)
+    assert _velocity_factors((8.0, 4.0, 2.0), geom(0.9, 0.9, 2.4), geom(2, 2, 2))[-1] == \
+        pytest.approx(2 * (0.9 * 0.9 * 2.4) ** (1 / 3) / 2)
+    # the finest level need not be the last one given
+    assert _velocity_factors((2.0, 4.0), geom(1, 1, 1), geom(1, 1, 1)) == (1.0, 2.0)
 
 
 def _reorient(img, codes):

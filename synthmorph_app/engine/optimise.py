@@ -25,6 +25,8 @@ Deformable (:func:`optimise_svf`)
       whole-head grid shrinks to about 90x108x72 voxels).
     * At each level the field is held at ``velocity_factor`` (2) times the image spacing, as
       SynthMorph's half-resolution SVF, and its displacement is sampled at the image voxels.
+      ``register`` lowers the factor at the finest level for inputs finer than 2 mm
+      (``register.FIELD_SPACING_PER_INPUT_VOXEL``).
       Integrating and backpropagating at full resolution cost 4 s per step at 2 mm.
     * The gradient skips the squarings (``exact_gradient=False``): ``d exp(v) / dv`` is taken
       as the identity (first order, as in log-domain demons). The exact gradient made a pair
@@ -766,7 +768,7 @@ def optimise_svf(
     lr: float = 0.2,
     margin_mm: float = 16.0,
     roi_threshold: float = 0.01,
-    velocity_factor: float = 2.0,
+    velocity_factor: float | Sequence[float] = 2.0,
     exact_gradient: bool = False,
     crop: bool = False,
     verbose: bool = False,
@@ -804,7 +806,8 @@ def optimise_svf(
     roi_threshold
         The weight above which voxels belong to the box.
     velocity_factor
-        The field's spacing as a multiple of each level's image spacing.
+        The field's spacing as a multiple of each level's image spacing: one number, or one
+        per level.
     exact_gradient
         Backpropagate through the scaling and squaring (slower; see the module docstring).
     crop
@@ -840,6 +843,14 @@ def optimise_svf(
         raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
     if len(levels) != len(iterations):
         raise ValueError(f'levels and iterations differ in length: {levels}, {iterations}')
+    factors = np.asarray(velocity_factor, dtype=float).reshape(-1)
+    if factors.size == 1:
+        factors = np.repeat(factors, len(levels))
+    if factors.size != len(levels) or np.any(factors < 1):
+        raise ValueError(
+            f'velocity_factor must be one number or one per level, each at least 1; got '
+            f'{velocity_factor} for {len(levels)} levels'
+        )
     device = fixed.device
     w = _weight_tensor(weight, grid.shape, device, 'weight')
     if init_velocity is not None and tuple(init_velocity.shape) != (1, 3, *grid.shape):
@@ -864,10 +875,10 @@ def optimise_svf(
     if init_velocity is not None:
         velocity = init_velocity[(..., *sl)].to(device, torch.float32)
     chosen = None if metric == 'auto' else metric
-    for level, iters in zip(levels, iterations):
+    for level, iters, factor in zip(levels, iterations, factors):
         shape = _level_shape(roi_shape, vox, float(level))
         spacing = [v * (n - 1) / max(m - 1, 1) for v, n, m in zip(vox, roi_shape, shape)]
-        vshape = _level_shape(roi_shape, vox, float(level) * velocity_factor)
+        vshape = _level_shape(roi_shape, vox, float(level) * float(factor))
         vspacing = [v * (n - 1) / max(m - 1, 1) for v, n, m in zip(vox, roi_shape, vshape)]
         sig = _antialias_sigmas(vox, float(level))
         m_l = _resize(blur(mov, sig), shape)

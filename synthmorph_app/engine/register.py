@@ -57,6 +57,14 @@ AFFINE_ITERATIONS = (60, 40, 6)
 #: per 2 mm pair (benchmarks/README.md, "Session 3 changes", has what it changes).
 JOINT_AFFINE_LEVELS = AFFINE_LEVELS[:2]
 JOINT_AFFINE_ITERATIONS = AFFINE_ITERATIONS[:2]
+#: The refined velocity field is held at twice each level's image spacing (SynthMorph's
+#: half-resolution SVF), except at the finest level, where its spacing is twice the finer
+#: input's voxel size, between one and two times the level's spacing. A 1 mm pair thus gets a
+#: 2 mm field at the 2 mm level, and a 2 mm pair keeps its 4 mm field and its time. bert ->
+#: MNI152NLin6Asym: Dice 0.703 -> 0.711 (greedy 0.708), bert -> fsaverage 0.788 -> 0.784
+#: (greedy 0.784), about 16 -> 24 s (greedy 171-444 s); 3 mm fields gave 0.707 and 0.788 in
+#: 16 s (benchmarks/README.md, "Session 4").
+FIELD_SPACING_PER_INPUT_VOXEL = 2.0
 
 
 class RegistrationResult:
@@ -315,6 +323,7 @@ def register(
                         init_velocity=None if init_velocity is None else init_velocity.clone(),
                         lam=lam, steps=steps, metric=refine_metric, levels=levels,
                         iterations=iterations, weight=mid_w.clone(),
+                        velocity_factor=_velocity_factors(levels, fixed_geom, moving_geom),
                         crop=True, verbose=LOGGER.isEnabledFor(logging.INFO),
                     )
                 velocity = velocity.detach()
@@ -392,6 +401,21 @@ def _level_iterations(levels, finest: int) -> tuple:
     """Iterations per level: ``finest`` at the last, more at coarser (cheaper) levels."""
     n = len(levels)
     return tuple(int(finest * (1 + (n - 1 - i))) for i in range(n))
+
+
+def _velocity_factors(levels, *geometries: Geometry) -> tuple:
+    """Field spacing per level as a multiple of the level's (``FIELD_SPACING_PER_INPUT_VOXEL``).
+
+    The input voxel size is the finer image's (geometric mean of its voxel sides, so a
+    0.9 x 0.9 x 2.4 mm slab counts as about 1.3 mm).
+    """
+    voxel = min(float(np.prod(g.voxel_sizes)) ** (1 / 3) for g in geometries)
+    finest = min(levels)
+    factors = [2.0] * len(levels)
+    factors[list(levels).index(finest)] = float(
+        np.clip(FIELD_SPACING_PER_INPUT_VOXEL * voxel / finest, 1.0, 2.0)
+    )
+    return tuple(factors)
 
 
 def _integrate(velocity, steps, coarse_to_fine, shape) -> torch.Tensor:
