@@ -132,7 +132,7 @@ def _runners(args) -> dict:
         runners['ours'] = lambda m, f: C.in_child(run_ours, str(m), str(f), args)
     if args.register:
         runners['register'] = lambda m, f: C.in_child(
-            C.run_register, str(m), str(f), 'joint', args.threads
+            C.run_register, str(m), str(f), args.register_mode, args.threads
         )
     if not args.no_greedy:
         runners['greedy'] = lambda m, f: C.in_child(C.run_greedy, str(m), str(f), 'NCC 2x2x2',
@@ -176,6 +176,9 @@ def main(argv=None):
     sel.add_argument('--register', action='store_true',
                      help="also ours through the public API, as 'synthmorph-app register' "
                           'runs by default (joint, its default --refine or $SYNTHMORPH_REFINE)')
+    sel.add_argument('--register-mode', choices=('joint', 'affine', 'rigid'), default='joint',
+                     help="the mode of --register (default joint; with affine, the 'Dice' "
+                          "column is the affine's)")
     sel.add_argument('--no-greedy', action='store_true', help='skip greedy (no time ratios)')
     sel.add_argument('--ants', action='store_true', help='also antspyx SyN (its defaults)')
     sel.add_argument('--fireants', action='store_true',

@@ -50,9 +50,11 @@ MODES = ('joint', 'deform', 'affine', 'rigid')
 DEFAULT_EXTENT = 256.0
 #: Levels (mm) and Adam iterations of the affine refinement. The few steps at 2 mm sharpen
 #: same-subject cross-contrast alignment (sub-chris PDw -> T1w: MIND-NCC in the brain 0.494 ->
-#: 0.516, greedy 0.512, ANTs 0.514) for a few seconds.
+#: 0.516, greedy 0.512, ANTs 0.514) for a few seconds. Twelve rather than six of them bring
+#: the same-person pair sub-08 -> sub-09 from 0.768 to 0.772 Dice (greedy's affine 0.770-0.773
+#: over three runs), about 3 s more; every other T1w pair stays above greedy's affine.
 AFFINE_LEVELS = (8.0, 4.0, 2.0)
-AFFINE_ITERATIONS = (60, 40, 6)
+AFFINE_ITERATIONS = (60, 40, 12)
 #: In joint mode the deformable step follows at 2 mm, so the affine stops at 4 mm: 2-3 s less
 #: per 2 mm pair (benchmarks/README.md, "Session 3 changes", has what it changes).
 JOINT_AFFINE_LEVELS = AFFINE_LEVELS[:2]
@@ -288,7 +290,7 @@ def register(
         if not _skip_untrained(card, 'deform', refine, info):
             with timer('networks'):
                 velocity = _symmetric_velocity(model, m_mid, f_mid, float(lam))
-                coarse_to_fine = _half_to_full(model, velocity.shape[2:], mid.shape)
+                velocity_to_mid = _half_to_full(model, velocity.shape[2:], mid.shape)
 
         if refine:
             from .optimise import optimise_svf
@@ -312,13 +314,13 @@ def register(
                         spatial.resample_linear(moving_t, moving_geom, mid, matrix=half)
                     )
                 if velocity is not None:
-                    to_mid = np.linalg.inv(mid.affine) @ net_grid.affine @ coarse_to_fine
+                    to_mid = np.linalg.inv(mid.affine) @ net_grid.affine @ velocity_to_mid
                     init_velocity = spatial.upsample_field(velocity, to_mid, mid.shape)
                 mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=half_inv)
                 with torch.inference_mode(False):
                     # the velocity on its box (about 60 % of the 256 mm cube for a head):
                     # integrated there below, same result as on the whole grid
-                    velocity, coarse_to_fine = optimise_svf(
+                    velocity, velocity_to_mid = optimise_svf(
                         m_mid.clone(), f_mid.clone(), mid,
                         init_velocity=None if init_velocity is None else init_velocity.clone(),
                         lam=lam, steps=steps, metric=refine_metric, levels=levels,
@@ -329,7 +331,7 @@ def register(
                 velocity = velocity.detach()
 
         with timer('resample'):
-            disp = _integrate(velocity, steps, coarse_to_fine, mid.shape)
+            disp = _integrate(velocity, steps, velocity_to_mid, mid.shape)
             field, field_grid = _mid_field(disp, mid, half, half_inv, fixed_geom)
 
     forward = Transform(
@@ -339,7 +341,7 @@ def register(
 
     def make_inverse() -> Transform:
         with torch.inference_mode():
-            disp_inv = _integrate(-velocity, steps, coarse_to_fine, mid.shape)
+            disp_inv = _integrate(-velocity, steps, velocity_to_mid, mid.shape)
             field, field_grid = _mid_field(disp_inv, mid, half_inv, half, moving_geom)
         return Transform(
             affine=np.linalg.inv(affine), field=field, field_geometry=field_grid,
@@ -350,7 +352,7 @@ def register(
         to_moving, to_fixed = _linear_mid_space(affine, fixed_geom)
         with torch.inference_mode():
             for xfm, sign in ((to_moving, 0.5), (to_fixed, -0.5)):
-                disp = _integrate(sign * velocity, steps, coarse_to_fine, mid.shape)
+                disp = _integrate(sign * velocity, steps, velocity_to_mid, mid.shape)
                 world = spatial.field_voxel_to_world(disp, mid.affine)[0]
                 xfm.field = world.permute(1, 2, 3, 0).cpu().numpy().astype(np.float32)
                 xfm.field_geometry = mid
@@ -418,18 +420,18 @@ def _velocity_factors(levels, *geometries: Geometry) -> tuple:
     return tuple(factors)
 
 
-def _integrate(velocity, steps, coarse_to_fine, shape) -> torch.Tensor:
+def _integrate(velocity, steps, velocity_to_mid, shape) -> torch.Tensor:
     """exp(velocity) on the velocity's own grid, then resampled to ``shape`` (voxel units).
 
     The networks predict at half resolution; integrating there (as ``mri_synthmorph`` does) is
     8x cheaper than at full resolution and the upsampled result is as smooth. A refined
-    velocity lives on its box of the grid (``coarse_to_fine`` a shift): integrated there and
+    velocity lives on its box of the grid (``velocity_to_mid`` a shift): integrated there and
     extended by its (zero) border.
     """
     disp = spatial.integrate_svf(velocity, steps)
-    if coarse_to_fine is None:
+    if velocity_to_mid is None:
         return disp
-    return spatial.upsample_field(disp, coarse_to_fine, shape)
+    return spatial.upsample_field(disp, velocity_to_mid, shape)
 
 
 def _mid_field(disp, mid, to_mid, lin, image) -> tuple[np.ndarray, Geometry]:
