@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument('--pairs', type=int, default=8, help='held-out pairs (default 8)')
     parser.add_argument('--lambdas', default=','.join(map(str, LAMBDAS)),
                         help='comma-separated lambdas (default 0,0.1,0.3,0.5,0.7,0.9,1)')
+    parser.add_argument('--one-way', action='store_true',
+                        help='velocity D(m, f) alone, for a model trained that way whose card '
+                             "predates the card's 'symmetric' entry (default: as the card says, "
+                             'else (D(m, f) - D(f, m)) / 2 as register does)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads (default 1)')
     parser.add_argument('--json', type=Path, default=Path('hyper_bench.json'),
                         help='where to write all figures (default hyper_bench.json)')
@@ -71,6 +75,7 @@ def main(argv=None) -> int:
             validation_pairs=args.pairs, threads=args.threads,
             voxel_size=float(space.get('voxel_size', 4.0)),
             shape=int(space.get('shape', [64])[0]),
+            symmetric=not args.one_way and card.get('training', {}).get('symmetric', True),
         )
         trainer = Trainer(config)
         pairs = trainer.validation_pairs()

@@ -129,6 +129,9 @@ def test_resume_repeats_the_next_step_exactly(tmp_path):
     assert summary['start_step'] == 2 and summary['step'] == 3
     for key, value in straight.models['deform'].state_dict().items():
         assert torch.equal(value, resumed.models['deform'].state_dict()[key]), key
+    # the exported card says how the velocity was formed in training (symmetric by default)
+    _, card = load_model(tmp_path / 'b' / 'out' / 'deform.pt', 'deform')
+    assert card['training']['symmetric'] is True
     rows = {}
     for run in ('a', 'b'):
         with open(tmp_path / run / 'out' / 'train_log.csv') as fobj:

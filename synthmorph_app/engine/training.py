@@ -491,6 +491,9 @@ class Trainer:
                     'wall_time_s': round(self.wall, 1),
                 },
             }
+            if kind == 'deform':
+                # trained on (D(m, f) - D(f, m)) / 2, or on D(m, f) alone
+                card['training']['symmetric'] = cfg.symmetric
             card.update(extra or {})
             written.extend(save_model(model.eval(), Path(cfg.out) / kind, card))
             model.train()
