@@ -51,14 +51,7 @@ def loss_optimum(trainer, pair, lam: float, iterations: int, lr: float) -> dict:
         total.sum().backward()
         opt.step()
     with torch.no_grad():
-        to_full = L.half_to_full(mode, 'cpu')
-        full = spatial.identity_coords(trainer.shape)[None]
-        half = L.apply_matrix(torch.linalg.inv(to_full)[None], full)
-        up = spatial.sample_grid(disp.detach(), half, 'linear', padding='border')
-        moved_labels = spatial.sample_grid(pair.moving_labels.float(), full + 2 * up, 'nearest')
-        labels = trainer.groups.loss
-        after = torch.nanmean(L.dice(moved_labels.long(), pair.fixed_labels, labels)).item()
-        before = torch.nanmean(L.dice(pair.moving_labels, pair.fixed_labels, labels)).item()
+        before, after = trainer.label_dice(pair, trainer.full_coords(disp.detach()))
     return {'dice_before': before, 'dice': after, 'overlap': float(overlap.detach()),
             'smooth': float(smooth.detach())}
 

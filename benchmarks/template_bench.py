@@ -13,9 +13,9 @@ Pairs (moving -> fixed, both skull-stripped, 1 mm):
 
 Methods: ours through the public API exactly as ``synthmorph-app register`` runs by default
 (``-m affine`` and ``-m joint``; ``--refine`` 15 unless ``$SYNTHMORPH_REFINE`` is set, plus
-``--ours-options``), antspyx
-``Affine`` and ``SyN`` (defaults), greedy (affine, then affine + deformable, NCC 2x2x2,
-``-n 100x50x10``; the affine row is the affine stage of that run). Each in a child process;
+``--ours-options``), antspyx ``Affine`` and ``SyN`` (defaults), greedy (affine, then affine +
+deformable, NCC 2x2x2, ``-n 100x50x10``; the affine row is the affine stage of that run). Each
+in a child process;
 bert's aseg is moved onto the fixed grid with nearest neighbour through each transform (one
 resampling), and everything is scored by ``synthmorph_app.evaluate``: Dice, MIND-NCC in the
 fixed brain, SD of the log Jacobian in the brain, % folding in the brain and on the whole fixed

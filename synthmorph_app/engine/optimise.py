@@ -90,6 +90,9 @@ MIND_DILATION_MM = 2.0
 ADAM_EPS = 0.3
 #: Local NCC window radius (voxels of each level).
 LNCC_RADIUS = 2
+#: Default spacing of the optimised velocity field as a multiple of each level's image spacing:
+#: SynthMorph's half-resolution SVF.
+VELOCITY_FACTOR = 2.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -768,7 +771,7 @@ def optimise_svf(
     lr: float = 0.2,
     margin_mm: float = 16.0,
     roi_threshold: float = 0.01,
-    velocity_factor: float | Sequence[float] = 2.0,
+    velocity_factor: float | Sequence[float] = VELOCITY_FACTOR,
     exact_gradient: bool = False,
     crop: bool = False,
     verbose: bool = False,
@@ -826,9 +829,9 @@ def optimise_svf(
         matrix from box voxels to ``grid`` voxels (a shift). The field tapers to zero at the
         box's faces inside the grid, so ``exp`` on the box, extended by its border values
         (``spatial.upsample_field``), is ``exp`` on the grid, for a fraction of the cost (the
-        upper head's box with its margin is about 60 % of a 256 mm cube). Integrating on the coarser field
-        grid instead was faster still, but its forward and inverse agreed only within 0.18
-        voxel at 2 mm (0.1 on the finer grid).
+        upper head's box with its margin is about 60 % of a 256 mm cube). Integrating on the
+        coarser field grid instead was faster still, but its forward and inverse agreed only
+        within 0.18 voxel at 2 mm (0.1 on the finer grid).
     """
     moving = _volume(moving, 'moving')
     fixed = _volume(fixed, 'fixed')

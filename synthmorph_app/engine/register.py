@@ -409,13 +409,15 @@ def _velocity_factors(levels, *geometries: Geometry) -> tuple:
     """Field spacing per level as a multiple of the level's (``FIELD_SPACING_PER_INPUT_VOXEL``).
 
     The input voxel size is the finer image's (geometric mean of its voxel sides, so a
-    0.9 x 0.9 x 2.4 mm slab counts as about 1.3 mm).
+    0.9 x 0.9 x 2.4 mm slab counts as about 1.25 mm).
     """
+    from .optimise import VELOCITY_FACTOR
+
     voxel = min(float(np.prod(g.voxel_sizes)) ** (1 / 3) for g in geometries)
     finest = min(levels)
-    factors = [2.0] * len(levels)
+    factors = [VELOCITY_FACTOR] * len(levels)
     factors[list(levels).index(finest)] = float(
-        np.clip(FIELD_SPACING_PER_INPUT_VOXEL * voxel / finest, 1.0, 2.0)
+        np.clip(FIELD_SPACING_PER_INPUT_VOXEL * voxel / finest, 1.0, VELOCITY_FACTOR)
     )
     return tuple(factors)
 

@@ -521,18 +521,34 @@ class Trainer:
         batch = pair.fixed.shape[0]
         lam_t = torch.full((batch, 1), float(lam), device=self.device)
         terms = self.losses(pair, lam_t if 'deform' in self.models else None)
-        grid = spatial.identity_coords(self.shape, self.device)[None].expand(batch, -1, -1, -1, -1)
-        points = grid
         if terms['disp'] is not None:
-            to_full = L.half_to_full(self._half(), self.device)
-            half = L.apply_matrix(torch.linalg.inv(to_full).expand(batch, -1, -1), grid)
-            disp = spatial.sample_grid(terms['disp'], half, 'linear', padding='border')
-            points = grid + 2 * disp
+            points = self.full_coords(terms['disp'])
+        else:
+            points = spatial.identity_coords(self.shape, self.device)[None].expand(
+                batch, -1, -1, -1, -1)
         if terms['matrix'] is not None:
             points = L.apply_matrix(terms['matrix'].float(), points)
         for model in self.models.values():
             model.train()
         return points
+
+    def full_coords(self, disp: torch.Tensor) -> torch.Tensor:
+        """The pulling map ``(B, 3, X, Y, Z)`` on the working grid of a half-resolution
+        displacement ``disp`` (half-grid voxels, as :meth:`losses` returns it)."""
+        batch = disp.shape[0]
+        grid = spatial.identity_coords(self.shape, disp.device)[None].expand(batch, -1, -1, -1, -1)
+        to_full = L.half_to_full(self._half(), disp.device)
+        half = L.apply_matrix(torch.linalg.inv(to_full).expand(batch, -1, -1), grid)
+        return grid + 2 * spatial.sample_grid(disp, half, 'linear', padding='border')
+
+    def label_dice(self, pair: SynthPair, coords: torch.Tensor) -> tuple[float, float]:
+        """Mean Dice of the loss labels before and after pulling the moving labels of ``pair``
+        through ``coords`` (nearest neighbour)."""
+        labels = self.groups.loss
+        moved = spatial.sample_grid(pair.moving_labels.float(), coords, 'nearest').long()
+        after = torch.nanmean(L.dice(moved, pair.fixed_labels, labels)).item()
+        before = torch.nanmean(L.dice(pair.moving_labels, pair.fixed_labels, labels)).item()
+        return before, after
 
     def validate(self) -> dict:
         """Mean Dice of the loss labels on the held-out pairs, before and after registration."""
@@ -540,15 +556,12 @@ class Trainer:
         pairs = self.validation_pairs()
         if not pairs:
             return {}
-        labels = self.groups.loss
         before, after = [], []
         for pair in pairs:
             pair = pair.to(self.device)
-            coords = self.predict_coords(pair)
-            moved = spatial.sample_grid(pair.moving_labels.float(), coords, 'nearest').long()
-            after.append(torch.nanmean(L.dice(moved, pair.fixed_labels, labels)).item())
-            before.append(torch.nanmean(L.dice(pair.moving_labels, pair.fixed_labels,
-                                               labels)).item())
+            dice_before, dice_after = self.label_dice(pair, self.predict_coords(pair))
+            before.append(dice_before)
+            after.append(dice_after)
         return {
             'step': self.step,
             'dice': round(float(np.mean(after)), 4),
