@@ -22,6 +22,7 @@ This is a script, not a test. See ``training/README.md`` for what it showed.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import _common as C
@@ -32,21 +33,16 @@ def loss_optimum(trainer, pair, lam: float, iterations: int, lr: float) -> dict:
     """Dice and loss terms of a free velocity optimised on the training loss of ``pair``."""
     import torch
 
-    from synthmorph_app.engine import losses as L
     from synthmorph_app.engine import spatial
 
-    mode = trainer._half()
-    seg_m = L.halve(L.onehot(pair.moving_seg, trainer.num_channels), mode)
-    seg_f = L.halve(L.onehot(pair.fixed_seg, trainer.num_channels), mode)
-    velocity = torch.zeros(1, 3, *seg_f.shape[2:], requires_grad=True)
+    seg_m, seg_f = trainer.loss_maps(pair)
+    half = [s // 2 for s in pair.fixed.shape[2:]]
+    velocity = torch.zeros(1, 3, *half, requires_grad=True)
     opt = torch.optim.Adam([velocity], lr=lr)
     lam_t = torch.tensor([[lam]])
-    grid = spatial.identity_coords(seg_f.shape[2:])[None]
     for _ in range(iterations):
         disp = spatial.integrate_svf(velocity, trainer.config.integration_steps)
-        moved = spatial.sample_grid(seg_m, grid + disp, 'linear')
-        total, overlap, smooth = L.deform_loss(moved, seg_f, disp, lam_t,
-                                               trainer.config.overlap_weight)
+        total, overlap, smooth = trainer.deform_terms(seg_m, seg_f, disp, lam_t)
         opt.zero_grad()
         total.sum().backward()
         opt.step()
@@ -81,6 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument('--lr', type=float, default=0.05, help='Adam step of the free field')
     parser.add_argument('--symmetric', action='store_true',
                         help="the network's velocity as (D(m, f) - D(f, m)) / 2")
+    parser.add_argument('--config', default='{}',
+                        help='JSON overrides of the training config, e.g. '
+                             '\'{"overlap": "dice", "overlap_weight": 1, "loss_grid": "full"}\'')
     parser.add_argument('--json', default=None, help='output JSON')
     args = parser.parse_args(argv)
     C.pin_threads(1)
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(TrainConfig(task='deform', label_maps=args.label_maps, out=tmp,
                                       threads=1, validation_pairs=args.pairs,
-                                      symmetric=args.symmetric))
+                                      symmetric=args.symmetric, **json.loads(args.config)))
     pairs = trainer.validation_pairs()
     rows = []
     for lam in args.lambdas:

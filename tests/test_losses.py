@@ -103,6 +103,32 @@ def test_overlap_is_the_mse_of_hard_maps_and_does_not_reward_blur():
     torch.testing.assert_close(ours, ends.mean(0))
 
 
+def test_overlap_dice_is_one_minus_the_mean_soft_dice_of_labels():
+    k = GROUPS.num_channels
+    fixed_seg, moved_seg = _seg(_labels(seed=0)), _seg(_labels(seed=1))
+    fixed, moved = L.onehot(fixed_seg, k).float(), L.onehot(moved_seg, k).float()
+    # Hard maps: one minus the mean Dice of the labels present in either map.
+    dice = L.dice(moved_seg, fixed_seg, range(1, k + 1))
+    expected = 1 - torch.nanmean(dice, 1)
+    torch.testing.assert_close(L.overlap_dice(moved, fixed), expected.float())
+    assert float(L.overlap_dice(fixed, fixed)) == 0.0
+    # Every label counts the same: a small label missed entirely costs as much as a large one,
+    # while the MSE barely sees it.
+    small = torch.zeros(1, 2, 8, 8, 8)
+    small[0, 0, :4] = 1
+    small[0, 1, 4:, :1, :1] = 1
+    lost = small.clone()
+    lost[0, 1] = 0
+    assert float(L.overlap_dice(lost, small)) == pytest.approx(0.5)
+    assert float(L.overlap_mse(lost, small)) < 0.01
+    # Linear in the moved map (like overlap_mse), so blur does not pay.
+    nudged = torch.roll(moved, 1, dims=2)
+    ends = torch.stack([L.overlap_dice(moved, fixed), L.overlap_dice(nudged, fixed)])
+    torch.testing.assert_close(L.overlap_dice(0.5 * (moved + nudged), fixed), ends.mean(0))
+    with pytest.raises(ValueError, match='same shape'):
+        L.overlap_dice(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4))
+
+
 def test_grad_l2_by_hand():
     disp = torch.zeros(2, 3, 6, 6, 6)
     assert torch.equal(L.grad_l2(disp), torch.zeros(2))
@@ -128,8 +154,13 @@ def test_deform_loss_weights():
     assert torch.equal(o, overlap) and torch.equal(s, smooth)
     half, *_ = L.deform_loss(moved, fixed, disp, torch.tensor([0.5, 0.5]), overlap_weight=1.0)
     assert torch.allclose(half, 0.5 * overlap + 0.5 * smooth)
+    dice, o, _ = L.deform_loss(moved, fixed, disp, torch.tensor([0.5, 0.5]), 1.0, 'dice')
+    torch.testing.assert_close(o, L.overlap_dice(moved, fixed))
+    assert torch.allclose(dice, 0.5 * o + 0.5 * smooth)
     with pytest.raises(ValueError, match='lam'):
         L.deform_loss(moved, fixed, disp, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match='overlap'):
+        L.deform_loss(moved, fixed, disp, torch.tensor([0.5, 0.5]), overlap='ncc')
 
 
 def test_halve_and_half_to_full_agree():

@@ -71,6 +71,10 @@ def test_config_is_checked(tmp_path):
         _config(tmp_path, 'affine', arch='resnet')
     with pytest.raises(ValueError, match='batch_size'):
         _config(tmp_path, 'affine', batch_size=0)
+    with pytest.raises(ValueError, match='overlap'):
+        _config(tmp_path, 'deform', overlap='ncc')
+    with pytest.raises(ValueError, match='loss_grid'):
+        _config(tmp_path, 'deform', loss_grid='quarter')
     cfg = _config(tmp_path, 'joint')
     assert cfg.kinds == ('affine', 'deform')
     assert TrainConfig.from_dict({**cfg.to_dict(), 'unknown': 1}) == cfg
@@ -79,9 +83,13 @@ def test_config_is_checked(tmp_path):
                                                    'dec': [4] * 5})
 
 
-@pytest.mark.parametrize('task', ['affine', 'deform'])
-def test_steps_decrease_the_loss_on_a_fixed_batch(tmp_path, task):
-    trainer = _trainer(tmp_path, task)
+@pytest.mark.parametrize('task, options', [
+    ('affine', {}),
+    ('deform', {}),
+    ('deform', {'overlap': 'dice', 'overlap_weight': 1.0, 'loss_grid': 'full'}),
+])
+def test_steps_decrease_the_loss_on_a_fixed_batch(tmp_path, task, options):
+    trainer = _trainer(tmp_path, task, **options)
     pair = trainer.synthesize(0)
     lam = torch.full((1, 1), 0.2) if task == 'deform' else None
     if task == 'deform':
@@ -103,6 +111,29 @@ def test_steps_decrease_the_loss_on_a_fixed_batch(tmp_path, task):
         row = trainer.train_step(pair, step)
     assert row['step'] == 12 and np.isfinite(row['loss'])
     assert loss() < 0.9 * before
+
+
+def test_full_loss_grid_pulls_the_working_grid_labels(tmp_path):
+    """On the full grid, the loss maps are the working grid's and a zero field leaves them."""
+    half = _trainer(tmp_path / 'h', 'deform', overlap='dice', overlap_weight=1.0)
+    full = _trainer(tmp_path / 'f', 'deform', overlap='dice', overlap_weight=1.0,
+                    loss_grid='full')
+    pair = full.synthesize(0)
+    seg_m, seg_f = full.loss_maps(pair)
+    assert seg_f.shape[2:] == (SHAPE,) * 3
+    assert half.loss_maps(pair)[1].shape[2:] == (SHAPE // 2,) * 3
+    zero = torch.zeros(1, 3, SHAPE // 2, SHAPE // 2, SHAPE // 2)
+    lam = torch.zeros(1, 1)
+    _, overlap, smooth = full.deform_terms(seg_m, seg_f, zero, lam)
+    torch.testing.assert_close(overlap, L.overlap_dice(seg_m, seg_f))
+    assert float(smooth) == 0.0
+    # A uniform shift of one half-grid voxel moves the full-grid labels by two voxels.
+    shift = zero.clone()
+    shift[:, 0] = 1.0
+    _, shifted, _ = full.deform_terms(seg_m, seg_f, shift, lam)
+    rolled = torch.roll(seg_m, -2, dims=2)
+    rolled[:, :, -2:] = seg_m[:, :, -1:]
+    torch.testing.assert_close(shifted, L.overlap_dice(rolled, seg_f))
 
 
 def test_joint_and_rigid_steps_run(tmp_path):

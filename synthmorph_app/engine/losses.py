@@ -47,8 +47,12 @@ __all__ = [
     'halve',
     'load_label_groups',
     'onehot',
+    'overlap_dice',
     'overlap_mse',
 ]
+
+#: Overlap terms by name (:class:`~.training.TrainConfig` ``overlap``).
+OVERLAPS = ('mse', 'dice')
 
 #: The packaged FreeSurfer label table (columns: label, name, loss, removable).
 DEFAULT_LABEL_TABLE = 'freesurfer_groups.tsv'
@@ -217,6 +221,26 @@ def overlap_mse(moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
     return (moved + fixed - 2 * moved * fixed).flatten(1).mean(1)
 
 
+def overlap_dice(moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """One minus the soft Dice of one-hot maps ``(B, K, ...)``, averaged over labels, ``(B,)``.
+
+    Per label, ``sum p (1 - q) + q (1 - p)`` (the summand of :func:`overlap_mse`) divided by
+    ``sum p + q`` is ``1 - 2 sum pq / sum (p + q)``: the same linear overlap, with every label
+    weighted equally instead of by its volume, as the Dice of the evaluation weights them (the
+    loss of the first SynthMorph paper). Labels absent from both maps are left out.
+    """
+    if moved.shape != fixed.shape:
+        raise ValueError(
+            f'moved and fixed maps must have the same shape, got {tuple(moved.shape)} and '
+            f'{tuple(fixed.shape)}'
+        )
+    inter = (moved * fixed).flatten(2).sum(2)
+    total = (moved + fixed).flatten(2).sum(2)
+    present = total > 1e-6
+    per_label = torch.where(present, 1 - 2 * inter / total.clamp(min=1e-6), 0.0)
+    return per_label.sum(1) / present.sum(1).clamp(min=1)
+
+
 def grad_l2(disp: torch.Tensor) -> torch.Tensor:
     """Smoothness: mean squared forward difference of a displacement ``(B, 3, ...)``, ``(B,)``.
 
@@ -236,6 +260,7 @@ def deform_loss(
     disp: torch.Tensor,
     lam: torch.Tensor,
     overlap_weight: float = 10.0,
+    overlap: str = 'mse',
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hypernetwork's loss ``(1 - lam) * w * overlap + lam * smoothness``, per item.
 
@@ -246,6 +271,8 @@ def deform_loss(
     lam : (B, 1) or (B,) regularisation weights in [0, 1], the hypernetwork's input.
     overlap_weight : float
         ``w``, voxelmorph's ``--loss-mult`` (10), balancing the small one-hot MSE.
+    overlap : {'mse', 'dice'}
+        :func:`overlap_mse` (labels weighted by volume) or :func:`overlap_dice` (equally).
 
     Returns
     -------
@@ -254,9 +281,11 @@ def deform_loss(
     lam = lam.reshape(-1).to(moved.dtype)
     if lam.shape[0] != moved.shape[0]:
         raise ValueError(f'lam must hold one value per batch item, got {tuple(lam.shape)}')
-    overlap = overlap_mse(moved, fixed)
+    if overlap not in OVERLAPS:
+        raise ValueError(f'overlap must be one of {OVERLAPS}, got {overlap!r}')
+    term = overlap_mse(moved, fixed) if overlap == 'mse' else overlap_dice(moved, fixed)
     smooth = grad_l2(disp)
-    return (1 - lam) * overlap_weight * overlap + lam * smooth, overlap, smooth
+    return (1 - lam) * overlap_weight * term + lam * smooth, term, smooth
 
 
 def dice(a: torch.Tensor, b: torch.Tensor, labels) -> torch.Tensor:

@@ -17,8 +17,9 @@ Tasks
     further, and the same deformable loss trains both through the composed transform
     ``M (x + u(x))``.
 
-Everything runs on the half-resolution grid of the deformable network for the loss
-(:func:`.losses.half_to_full`), at the working grid given by ``voxel_size`` and ``shape``.
+The loss runs on the half-resolution grid of the deformable network
+(:func:`.losses.half_to_full`) or, with ``loss_grid='full'``, on the working grid given by
+``voxel_size`` and ``shape``.
 
 Reproducibility (``monai.utils.set_determinism``, ``monai.handlers.CheckpointSaver``)
 ------------------------------------------------------------------------------------------
@@ -117,7 +118,15 @@ class TrainConfig:
     validation_pairs : int
         Number of fixed synthetic pairs from the held-out maps.
     overlap_weight : float
-        ``w`` of the deformable loss (voxelmorph's ``--loss-mult``, 10).
+        ``w`` of the deformable loss (voxelmorph's ``--loss-mult``, 10, for ``'mse'``).
+    overlap : {'mse', 'dice'}
+        Overlap term of the deformable loss: one-hot MSE (labels weighted by volume,
+        :func:`.losses.overlap_mse`) or one minus soft Dice (labels weighted equally,
+        :func:`.losses.overlap_dice`; use ``overlap_weight`` 1).
+    loss_grid : {'half', 'full'}
+        Grid of the overlap term: the deformable network's half-resolution grid (SynthMorph's
+        choice, 8x fewer voxels) or the working grid, where the velocity is upsampled and the
+        labels keep their full detail (:meth:`Trainer.full_coords`).
     integration_steps : int
         Scaling-and-squaring steps of the velocity field during training.
     symmetric : bool
@@ -156,6 +165,8 @@ class TrainConfig:
     validation: list = field(default_factory=lambda: list(VALIDATION_MAPS))
     validation_pairs: int = 8
     overlap_weight: float = 10.0
+    overlap: str = 'mse'
+    loss_grid: str = 'half'
     integration_steps: int = 5
     symmetric: bool = True
     affine_model: dict = field(default_factory=dict)
@@ -180,6 +191,10 @@ class TrainConfig:
             raise ValueError(f'batch_size must be >= 1, got {self.batch_size}')
         if self.lr <= 0 or self.voxel_size <= 0 or self.shape < 8:
             raise ValueError('lr and voxel_size must be positive and shape at least 8')
+        if self.overlap not in L.OVERLAPS:
+            raise ValueError(f'overlap must be one of {L.OVERLAPS}, got {self.overlap!r}')
+        if self.loss_grid not in ('half', 'full'):
+            raise ValueError(f"loss_grid must be 'half' or 'full', got {self.loss_grid!r}")
         self.validation = list(self.validation)
 
     @property
@@ -356,23 +371,50 @@ class Trainer:
             return symmetric_velocity(model, moving, fixed, lam)
         return model(moving, fixed, lam)
 
+    def loss_maps(self, pair: SynthPair) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-hot maps ``(B, K, ...)`` of the moving and fixed loss labels on the loss grid
+        (``config.loss_grid``: the working grid, or its half-resolution grid)."""
+        seg_m = L.onehot(pair.moving_seg, self.num_channels)
+        seg_f = L.onehot(pair.fixed_seg, self.num_channels)
+        if self.config.loss_grid == 'full':
+            return seg_m, seg_f
+        mode = self._half()
+        return L.halve(seg_m, mode), L.halve(seg_f, mode)
+
+    def deform_terms(self, seg_m, seg_f, disp, lam, matrix=None):
+        """``(total, overlap, smooth)`` of the deformable loss: ``seg_m`` (from
+        :meth:`loss_maps`) pulled by the half-resolution displacement ``disp`` after the voxel
+        matrix ``matrix`` (working grid, or None), against ``seg_f``."""
+        cfg = self.config
+        if cfg.loss_grid == 'full':
+            points = self.full_coords(disp)
+            if matrix is not None:
+                points = L.apply_matrix(matrix.float(), points)
+        else:
+            grid = spatial.identity_coords(disp.shape[2:], disp.device)
+            points = grid[None] + disp
+            if matrix is not None:
+                to_full = L.half_to_full(self._half(), disp.device)
+                inv = torch.linalg.inv(to_full)
+                points = L.apply_matrix(inv @ matrix.float() @ to_full, points)
+        moved = spatial.sample_grid(seg_m, points, 'linear')
+        return L.deform_loss(moved, seg_f, disp, lam, cfg.overlap_weight, cfg.overlap)
+
     def losses(self, pair: SynthPair, lam: torch.Tensor | None = None) -> dict:
         """Loss terms of one batch (tensors ``(B,)``) and the predicted transform.
 
         Returns a dict with ``loss``, ``overlap``, ``smooth`` (zeros for affine tasks),
         ``matrix`` (B, 4, 4) or None, and ``disp`` (half-resolution displacement) or None.
         """
-        cfg = self.config
-        mode = self._half()
-        to_full = L.half_to_full(mode, pair.fixed.device)
-        seg_m = L.halve(L.onehot(pair.moving_seg, self.num_channels), mode)
-        seg_f = L.halve(L.onehot(pair.fixed_seg, self.num_channels), mode)
+        seg_m, seg_f = self.loss_maps(pair)
         out = {'matrix': None, 'disp': None}
         moving = pair.moving
         if self.linear_kind:
             matrix = self.models[self.linear_kind](pair.moving, pair.fixed)
             out['matrix'] = matrix
             if 'deform' not in self.models:
+                half = self.config.loss_grid != 'full'
+                to_full = L.half_to_full(self._half(), pair.fixed.device) if half else None
                 moved = L.affine_warp(seg_m, matrix, to_full)
                 overlap = L.overlap_mse(moved, seg_f)
                 out.update(loss=overlap, overlap=overlap, smooth=torch.zeros_like(overlap))
@@ -380,14 +422,8 @@ class Trainer:
             coords = L.apply_matrix(matrix.float(), spatial.identity_coords(self.shape, moving.device))
             moving = spatial.sample_grid(pair.moving, coords, 'linear')
         velocity = self._velocity(moving, pair.fixed, lam)
-        disp = spatial.integrate_svf(velocity, cfg.integration_steps)
-        grid = spatial.identity_coords(disp.shape[2:], disp.device)
-        points = grid[None] + disp
-        if out['matrix'] is not None:
-            inv = torch.linalg.inv(to_full)
-            points = L.apply_matrix(inv @ out['matrix'].float() @ to_full, points)
-        moved = spatial.sample_grid(seg_m, points, 'linear')
-        total, overlap, smooth = L.deform_loss(moved, seg_f, disp, lam, cfg.overlap_weight)
+        disp = spatial.integrate_svf(velocity, self.config.integration_steps)
+        total, overlap, smooth = self.deform_terms(seg_m, seg_f, disp, lam, out['matrix'])
         out.update(loss=total, overlap=overlap, smooth=smooth, disp=disp)
         return out
 
