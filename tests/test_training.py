@@ -136,6 +136,31 @@ def test_full_loss_grid_pulls_the_working_grid_labels(tmp_path):
     torch.testing.assert_close(shifted, L.overlap_dice(rolled, seg_f))
 
 
+def _names(pair):
+    info = pair.info[0] if isinstance(pair.info, list) else pair.info
+    return info['fixed'], info['moving']
+
+
+def test_validation_keeps_the_tasks_own_pairs(tmp_path):
+    """A run that trains on same-map pairs still validates on cross-map pairs (deform)."""
+    plain = Trainer(_config(tmp_path / 'p', 'deform', validation_pairs=3), _blob_maps(),
+                    _blob_maps(2, seed=3))
+    same = Trainer(_config(tmp_path / 's', 'deform', validation_pairs=3,
+                           synthesis={**MILD, 'same_map_probability': 1.0}),
+                   _blob_maps(), _blob_maps(2, seed=3))
+    assert same.settings.same_map_probability == 1.0
+    assert same.validation_settings().same_map_probability == 0.0
+    # training pairs come from one map, validation pairs are those of the plain run
+    fixed, moving = _names(same.synthesize(0))
+    assert fixed == moving
+    pairs = list(zip(plain.validation_pairs(), same.validation_pairs()))
+    assert any(_names(a)[0] != _names(a)[1] for a, _ in pairs)
+    for a, b in pairs:
+        assert _names(a) == _names(b)
+        assert torch.equal(a.fixed_labels, b.fixed_labels)
+        assert torch.equal(a.moving_labels, b.moving_labels)
+
+
 def test_joint_and_rigid_steps_run(tmp_path):
     for task in ('joint', 'rigid'):
         trainer = _trainer(tmp_path, task)

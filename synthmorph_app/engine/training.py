@@ -537,12 +537,20 @@ class Trainer:
 
     # -- validation -------------------------------------------------------------------------
 
+    def validation_settings(self) -> SynthesisSettings:
+        """Synthesis of the held-out pairs: the run's, with the task's own share of pairs from
+        one map (none for ``deform``: cross-subject pairs), so that a run which trains on
+        more same-map pairs is validated on the same kind of pairs as the others."""
+        preset = SynthesisSettings.for_task(self.config.task)
+        return self.settings.replace(same_map_probability=preset.same_map_probability)
+
     def validation_pairs(self) -> list:
         """The fixed held-out synthetic pairs of :meth:`validate` (same seed every run)."""
         if self._val_pairs is None:
             self._val_pairs = []
             if self.val_maps is not None and self.config.validation_pairs:
-                synth = Synthesizer(self.val_maps.to('cpu'), self.settings, self.groups)
+                synth = Synthesizer(self.val_maps.to('cpu'), self.validation_settings(),
+                                    self.groups)
                 for i in range(self.config.validation_pairs):
                     gen = step_generator(VALIDATION_SEED, i)
                     self._val_pairs.append(synth.sample(gen, 1))
