@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from synthmorph_app.engine.networks import (
     AffineDecomposer,
@@ -340,3 +341,24 @@ def test_default_configs(kind):
     model = build_model(cfg)
     assert model.multiple <= 32  # 128^3 and 160^3 grids work
     assert isinstance(model, (AffineDetector, HyperUNet, AffineDecomposer, AffineEncoder))
+
+
+@pytest.mark.parametrize('init, keeps', [('he', True), ('torch', False)])
+def test_hidden_init_keeps_the_input_signal_through_the_unet(init, keeps):
+    """He's initialisation keeps the input-dependent part of the U-Net's features; the default
+    ``nn.Conv3d`` start shrinks it layer after layer (the untrained network is nearly blind)."""
+    torch.manual_seed(0)
+    model = build_model({'arch': 'HyperUNet', 'hidden_init': init}).eval()
+    assert model.config['hidden_init'] == init
+    gen = torch.Generator().manual_seed(1)
+    images = [F.avg_pool3d(torch.rand(1, 1, 64, 64, 64, generator=gen), 3, 1, 1)
+              for _ in range(2)]
+    with torch.no_grad():
+        h = model.hyper(torch.full((1, 1), 0.5))
+        x = torch.cat(images, 1)[:, :, ::2, ::2, ::2]
+        first = F.leaky_relu(model.core.enc[0](x, h), 0.2)
+        last = model.core(x, h)
+    ratio = float(last.std(dim=(2, 3, 4)).mean() / first.std(dim=(2, 3, 4)).mean())
+    assert (ratio > 0.5) is keeps, ratio
+    with pytest.raises(ValueError, match='init'):
+        build_model({'arch': 'HyperUNet', 'hidden_init': 'xavier'})
