@@ -362,3 +362,19 @@ def test_hidden_init_keeps_the_input_signal_through_the_unet(init, keeps):
     assert (ratio > 0.5) is keeps, ratio
     with pytest.raises(ValueError, match='init'):
         build_model({'arch': 'HyperUNet', 'hidden_init': 'xavier'})
+
+
+@pytest.mark.parametrize('init, keeps', [('he', True), ('torch', False)])
+def test_detector_init_keeps_the_spatial_signal_of_its_features(init, keeps):
+    """Feature maps that vary across the image (not a constant bias) give distinct barycentres."""
+    torch.manual_seed(0)
+    model = build_model({'arch': 'AffineDetector', 'init': init}).eval()
+    gen = torch.Generator().manual_seed(1)
+    image = F.avg_pool3d(torch.rand(1, 1, 64, 64, 64, generator=gen), 3, 1, 1)
+    with torch.no_grad():
+        x = model.core.enc[0](image[:, :, ::2, ::2, ::2])
+        feat = model.head(model.core(image[:, :, ::2, ::2, ::2]))
+    ratio = float(feat.std(dim=(2, 3, 4)).mean() / x.std(dim=(2, 3, 4)).mean())
+    assert (ratio > 0.5) is keeps, ratio
+    with pytest.raises(ValueError, match='init'):
+        build_model({'arch': 'AffineDetector', 'init': 'xavier'})

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import UNetCore, check_pair, downsample
+from .blocks import UNetCore, check_pair, downsample, init_convs
 from .fit import (
     barycenters,
     centred_to_voxel,
@@ -92,6 +92,10 @@ class AffineDetector(nn.Module):
         How to combine the two affine fits (official: ``'mean'``).
     ridge : float
         Pull of degenerate fits towards the identity (:func:`~.fit.fit_affine`).
+    init : {'he', 'torch'}
+        Start of the convolutions (:func:`~.blocks.init_convs`). With ``'torch'`` (our models
+        before session 5) the feature maps' spatial variation started 24 times smaller than
+        after the first convolution, so every barycentre sat near the grid's centre.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class AffineDetector(nn.Module):
         rigid_method: str = 'kabsch',
         symmetrize: str = 'log',
         ridge: float = 1e-3,
+        init: str = 'he',
     ):
         super().__init__()
         if feature_activation not in _ACTIVATIONS:
@@ -129,9 +134,11 @@ class AffineDetector(nn.Module):
             'rigid_method': rigid_method,
             'symmetrize': symmetrize,
             'ridge': float(ridge),
+            'init': init,
         }
         self.core = UNetCore(in_channels, enc, dec, add)
         self.head = nn.Conv3d(self.core.out_channels, num_features, kernel_size=3, padding=1)
+        init_convs(self, init)
         self.multiple = _factor(downsample) * self.core.multiple
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
