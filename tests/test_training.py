@@ -147,14 +147,16 @@ def _names(pair):
 
 
 def test_validation_keeps_the_tasks_own_pairs(tmp_path):
-    """A run that trains on same-map pairs still validates on cross-map pairs (deform)."""
+    """A run that trains on other pairs (one map, larger warps) validates on the task's own."""
     plain = Trainer(_config(tmp_path / 'p', 'deform', validation_pairs=3), _blob_maps(),
                     _blob_maps(2, seed=3))
     same = Trainer(_config(tmp_path / 's', 'deform', validation_pairs=3,
-                           synthesis={**MILD, 'same_map_probability': 1.0}),
+                           synthesis={**MILD, 'same_map_probability': 1.0,
+                                      'warp_std': [0.0, 8.0]}),
                    _blob_maps(), _blob_maps(2, seed=3))
     assert same.settings.same_map_probability == 1.0
     assert same.validation_settings().same_map_probability == 0.0
+    assert same.validation_settings() == plain.validation_settings()
     # training pairs come from one map, validation pairs are those of the plain run
     fixed, moving = _names(same.synthesize(0))
     assert fixed == moving

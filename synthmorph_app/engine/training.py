@@ -538,11 +538,10 @@ class Trainer:
     # -- validation -------------------------------------------------------------------------
 
     def validation_settings(self) -> SynthesisSettings:
-        """Synthesis of the held-out pairs: the run's, with the task's own share of pairs from
-        one map (none for ``deform``: cross-subject pairs), so that a run which trains on
-        more same-map pairs is validated on the same kind of pairs as the others."""
-        preset = SynthesisSettings.for_task(self.config.task)
-        return self.settings.replace(same_map_probability=preset.same_map_probability)
+        """Synthesis of the held-out pairs: the task's own (:meth:`SynthesisSettings.for_task`),
+        whatever the run changed for training (``config.synthesis``: more same-map pairs,
+        larger warps), so that every run of a task is validated on the same pairs."""
+        return SynthesisSettings.for_task(self.config.task)
 
     def validation_pairs(self) -> list:
         """The fixed held-out synthetic pairs of :meth:`validate` (same seed every run)."""
