@@ -205,6 +205,28 @@ def test_resume_repeats_the_next_step_exactly(tmp_path):
         _trainer(tmp_path / 'b', 'deform', steps=4).fit()
 
 
+@pytest.mark.parametrize('task, key', [('affine', 'init'), ('deform', 'hidden_init')])
+def test_resume_a_checkpoint_written_before_the_init_option(tmp_path, task, key):
+    """Checkpoints from before ``init``/``hidden_init`` resume, and record their 'torch' start;
+    a real change of the network still refuses to resume."""
+    first = _trainer(tmp_path, task, steps=1)
+    first.fit()
+    path = tmp_path / 'out' / 'checkpoint.pt'
+    state = torch.load(path, weights_only=True)
+    kind = first.config.kinds[0]
+    assert state['model_configs'][kind][key] == 'he'
+    del state['model_configs'][kind][key]
+    torch.save(state, path)
+    resumed = _trainer(tmp_path, task, steps=2)
+    assert resumed.fit(resume=True)['step'] == 2
+    assert resumed.models[kind].config[key] == 'torch'
+    assert torch.load(path, weights_only=True)['model_configs'][kind][key] == 'torch'
+    state['model_configs'][kind]['enc'] = [2, 2]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match='different'):
+        _trainer(tmp_path, task, steps=3).fit(resume=True)
+
+
 def test_validation_and_exported_models(tmp_path):
     trainer = _trainer(tmp_path, 'affine', steps=2)
     summary = trainer.fit()

@@ -216,6 +216,15 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+#: Network config keys that only say how a network started, with their value in checkpoints
+#: written before the key existed: a run resumes whatever they say (:meth:`Trainer.load_checkpoint`).
+INIT_KEYS = {'init': 'torch', 'hidden_init': 'torch'}
+
+
+def _without_init(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in INIT_KEYS}
+
+
 def set_determinism(seed: int) -> None:
     """Seed Python, NumPy and torch (the only place global seeding happens)."""
     random.seed(seed)
@@ -491,11 +500,17 @@ class Trainer:
         path = Path(path or Path(self.config.out) / CHECKPOINT)
         state = torch.load(path, map_location='cpu', weights_only=True)
         for kind, model in self.models.items():
-            if state['model_configs'].get(kind) != model.config:
+            saved = dict(state['model_configs'].get(kind) or {})
+            for key, before in INIT_KEYS.items():
+                if key in model.config:
+                    saved.setdefault(key, before)
+            if _without_init(saved) != _without_init(model.config):
                 raise ValueError(
                     f'the checkpoint <{path}> holds a different {kind} network '
                     f'({state["model_configs"].get(kind)}) from this run ({model.config})'
                 )
+            # how the network started is the checkpoint's, whatever this run's default
+            model.config.update({k: saved[k] for k in INIT_KEYS if k in model.config})
             model.load_state_dict(state['models'][kind], strict=True)
         self.optimizer.load_state_dict(state['optimizer'])
         self.step = int(state['step'])
