@@ -154,6 +154,12 @@ def _itk_field_ras(path: str):
 # --- runners (each in its own child) -----------------------------------------------------------
 
 
+def run_none(moving: str, fixed: str) -> dict:
+    """No registration: the identity in world space (each image's own header), the "before"
+    row. Nothing runs, so no time or memory."""
+    return {**_transform_dict(np.eye(4)), 'time': 0.0, 'peak_mb': None}
+
+
 def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
                  options: list[str] | tuple = ()) -> dict:
     """Ours through the public API, exactly as ``synthmorph-app register -m MODE -j N`` runs.
@@ -456,8 +462,8 @@ def print_row(row: dict, keys, width: int = 12) -> None:
     stages = ''
     if row.get('stages'):
         stages = ' (' + ', '.join(f'{k} {v:.1f}' for k, v in row['stages'].items()) + ')'
-    print(f'{row["pair"]} {row["method"]:{width}} {figures} {row["time"]:.1f} s '
-          f'{row["peak_mb"]:.0f} MB{stages}', flush=True)
+    print(f'{row["pair"]} {row["method"]:{width}} {figures} {fmt(row["time"], 1)} s '
+          f'{fmt(row["peak_mb"], 0)} MB{stages}', flush=True)
 
 
 def add_time_ratios(rows: list[dict], greedy: str = 'greedy-syn') -> None:

@@ -128,6 +128,8 @@ def run_ours(moving_path, fixed_path, args) -> dict:
 
 def _runners(args) -> dict:
     runners = {}
+    if args.none:
+        runners['none'] = C.run_none
     if not args.no_ours:
         runners['ours'] = lambda m, f: C.in_child(run_ours, str(m), str(f), args)
     if args.register:
@@ -180,6 +182,8 @@ def main(argv=None):
                      help="the mode of --register (default joint; with affine, the 'Dice' "
                           "column is the affine's)")
     sel.add_argument('--no-greedy', action='store_true', help='skip greedy (no time ratios)')
+    sel.add_argument('--none', action='store_true',
+                     help='also a row without registration (the identity in world space)')
     sel.add_argument('--ants', action='store_true', help='also antspyx SyN (its defaults)')
     sel.add_argument('--fireants', action='store_true',
                      help='also FireANTs (greedy deformable after an affine, --fireants-affine)')

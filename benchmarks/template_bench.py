@@ -65,7 +65,7 @@ PAIRS = {
     },
 }
 
-METHODS = ('ours-affine', 'ours-joint', 'ants-affine', 'ants-syn', 'greedy')
+METHODS = ('none', 'ours-affine', 'ours-joint', 'ants-affine', 'ants-syn', 'greedy')
 
 COLUMNS = C.columns('pair', 'method', 'dice', 'dice_aff', 'mind_ncc', 'sd_logj', 'fold_brain',
                     'fold_grid', 'time', 'time_ratio', 'peak_mb',
@@ -93,8 +93,8 @@ def main(argv=None):
     parser.add_argument('--pairs', nargs='+', choices=tuple(PAIRS), default=list(PAIRS),
                         help='pairs to run (default: both)')
     parser.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS),
-                        help='methods (default: all); greedy gives two rows (affine, '
-                             'affine + deformable)')
+                        help='methods (default: all); none: no registration (the identity in '
+                             'world space); greedy gives two rows (affine, affine + deformable)')
     parser.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
     parser.add_argument('--ours-options', default='', metavar='"OPTIONS"',
                         help='further `register` options for ours, one quoted string (e.g. '
@@ -128,7 +128,9 @@ def main(argv=None):
                   flush=True)
             results = {}
             for method in args.methods:
-                if method.startswith('ours'):
+                if method == 'none':
+                    results[method] = C.run_none(moving_path, fixed_path)
+                elif method.startswith('ours'):
                     res = C.in_child(C.run_register, moving_path, fixed_path,
                                      method.split('-')[1], args.threads,
                                      shlex.split(args.ours_options))

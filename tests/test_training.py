@@ -245,6 +245,21 @@ def test_validation_and_exported_models(tmp_path):
     assert float(torch.nanmean(L.dice(pair.fixed_labels, pair.fixed_labels, [2, 3]))) == 1.0
 
 
+def test_resumed_run_keeps_its_latest_validation(tmp_path):
+    """A resumed run's exported cards carry the held-out figures validated before the resume,
+    and a run resumed at its last step does not validate that step again."""
+    first = _trainer(tmp_path, 'affine', steps=2, validate_every=2)
+    val = first.fit()['validation']
+    assert val['step'] == 2
+    again = _trainer(tmp_path, 'affine', steps=2, validate_every=2)
+    summary = again.fit(resume=True)
+    assert summary['validation'] == val
+    _, card = load_model(tmp_path / 'out' / 'affine.pt', 'affine')
+    assert card['validation'] == val
+    with open(tmp_path / 'out' / 'validation.csv') as fobj:
+        assert [r['step'] for r in csv.DictReader(fobj)] == ['2']
+
+
 def _label_dir(shared_data, tmp_path):
     folder = tmp_path / 'maps'
     folder.mkdir()

@@ -16,6 +16,10 @@ SMALL_DEFORM = {'arch': 'HyperUNet', 'enc': [4, 4], 'dec': [4, 4], 'add': [4],
                 'hyper_units': [4]}  # fmt: skip
 
 
+#: packaged models that are trained (docs/model_cards.md); the others are random placeholders
+TRAINED = {'affine'}
+
+
 @pytest.fixture(autouse=True)
 def _no_env_dir(monkeypatch):
     monkeypatch.delenv(weights.ENV_DIR, raising=False)
@@ -30,7 +34,10 @@ def saved(tmp_path, config=SMALL_AFFINE, name='model', extra=None):
 @pytest.mark.parametrize('kind', weights.KINDS)
 def test_packaged_defaults_load(kind):
     model, card = weights.load_model(weights.DEFAULT_MODELS[kind], kind)
-    assert card['trained'] is False
+    assert card['trained'] is (kind in TRAINED)
+    if card['trained']:  # a trained card says how and how well (held-out synthetic pairs)
+        assert card['training']['steps'] > 0 and card['training']['data']
+        assert card['validation']['dice'] > card['validation']['dice_before']
     assert card['kind'] == kind
     assert card['format_version'] == weights.FORMAT_VERSION
     assert not model.training
@@ -49,7 +56,8 @@ def test_default_spec(kind):
         model, card = weights.load_model(spec, kind)
         assert card['name'] == weights.DEFAULT_MODELS[kind]
         assert card['space']['divisor'] == model.multiple
-        assert card['space']['voxel_size'] == 2.0
+        # trained models work on the grid they were trained on; placeholders on 2 mm
+        assert card['space']['voxel_size'] == (4.0 if card['trained'] else 2.0)
 
 
 def test_list_models_lists_packaged_defaults():
@@ -57,7 +65,7 @@ def test_list_models_lists_packaged_defaults():
     for kind, name in weights.DEFAULT_MODELS.items():
         assert names[name]['kind'] == kind
         assert names[name]['source'] == 'package'
-        assert names[name]['trained'] is False
+        assert names[name]['trained'] is (kind in TRAINED)
 
 
 def test_save_load_round_trip(tmp_path):

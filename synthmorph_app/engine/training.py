@@ -669,7 +669,7 @@ class Trainer:
         self._open_tensorboard(out)
         interrupt = _Interrupt()
         summary = {'start_step': self.step, 'interrupted': False}
-        last_val = None
+        last_val = val_log.last()  # a resumed run's cards keep its latest held-out figures
         with interrupt.installed():
             batches = self._batches() if self.step < cfg.steps else iter(())
             for step, pair, synth_s in batches:
@@ -739,6 +739,19 @@ def _hardware(device: torch.device) -> str:
     return f'{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads'
 
 
+def _numbers(row: dict) -> dict:
+    """A CSV row with its numeric fields as int or float."""
+    out = {}
+    for key, value in row.items():
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except (TypeError, ValueError):
+                out[key] = value
+    return out
+
+
 class _CsvLog:
     """Appends rows to a CSV; on resume, drops rows beyond the checkpoint's step first."""
 
@@ -753,10 +766,16 @@ class _CsvLog:
         self.writer.writeheader()
         self.writer.writerows(rows)
         self.fobj.flush()
+        self._last = _numbers(rows[-1]) if rows else None
 
     def write(self, row: dict) -> None:
         self.writer.writerow(row)
         self.fobj.flush()
+        self._last = dict(row)
+
+    def last(self) -> dict | None:
+        """The newest row (kept from before a resume, or written since), or None."""
+        return self._last
 
     def close(self) -> None:
         self.fobj.close()
