@@ -78,6 +78,8 @@ __all__ = [
 ]
 
 TASKS = ('affine', 'rigid', 'deform', 'joint')
+#: Grids of the deformable overlap term (:attr:`TrainConfig.loss_grid`).
+LOSS_GRIDS = ('half', 'full')
 #: ``--arch`` names -> network classes (:mod:`.networks`).
 ARCHS = {'detector': 'AffineDetector', 'encoder': 'AffineEncoder',
          'decomposer': 'AffineDecomposer'}
@@ -193,8 +195,8 @@ class TrainConfig:
             raise ValueError('lr and voxel_size must be positive and shape at least 8')
         if self.overlap not in L.OVERLAPS:
             raise ValueError(f'overlap must be one of {L.OVERLAPS}, got {self.overlap!r}')
-        if self.loss_grid not in ('half', 'full'):
-            raise ValueError(f"loss_grid must be 'half' or 'full', got {self.loss_grid!r}")
+        if self.loss_grid not in LOSS_GRIDS:
+            raise ValueError(f'loss_grid must be one of {LOSS_GRIDS}, got {self.loss_grid!r}')
         self.validation = list(self.validation)
 
     @property
