@@ -18,6 +18,7 @@ from synthmorph_app.engine import losses as L
 from synthmorph_app.engine.synthesis import LabelMaps
 from synthmorph_app.engine.training import TrainConfig, Trainer
 from synthmorph_app.engine.weights import load_model
+from synthmorph_app.errors import WeightsError
 from synthmorph_app.io.images import Geometry
 
 torch.manual_seed(0)
@@ -243,6 +244,21 @@ def test_validation_and_exported_models(tmp_path):
     coords = trainer.predict_coords(pair)
     assert coords.shape == (1, 3, SHAPE, SHAPE, SHAPE) and torch.isfinite(coords).all()
     assert float(torch.nanmean(L.dice(pair.fixed_labels, pair.fixed_labels, [2, 3]))) == 1.0
+
+
+def test_rigid_run_starts_from_an_affine_model(tmp_path):
+    """``init_affine`` of a rigid run may name an affine model: its network and weights, with
+    the rigid fit; a deformable model is still refused."""
+    _trainer(tmp_path / 'a', 'affine', steps=1).fit()
+    affine_pt = tmp_path / 'a' / 'out' / 'affine.pt'
+    affine, _ = load_model(affine_pt, 'affine')
+    rigid = _trainer(tmp_path / 'r', 'rigid', init_affine=str(affine_pt)).models['rigid']
+    assert rigid.config == {**affine.config, 'rigid': True}
+    for key, value in affine.state_dict().items():
+        assert torch.equal(value, rigid.state_dict()[key]), key
+    _trainer(tmp_path / 'd', 'deform', steps=1).fit()
+    with pytest.raises(WeightsError, match='rigid'):
+        _trainer(tmp_path / 'x', 'rigid', init_affine=str(tmp_path / 'd' / 'out' / 'deform.pt'))
 
 
 def test_resumed_run_keeps_its_latest_validation(tmp_path):

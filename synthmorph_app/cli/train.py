@@ -86,7 +86,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--shape', type=_non_negative_int, default=64, metavar='N',
                    help='working grid of N^3 voxels (default 64: 256 mm at 4 mm)')
     p.add_argument('--init-affine', metavar='MODEL',
-                   help='start the affine/rigid network from these weights (.pt or name)')
+                   help='start the affine/rigid network from these weights (.pt or name); a rigid '
+                        'run may start from an affine model (its network, with the rigid fit)')
     p.add_argument('--init-deform', metavar='MODEL',
                    help='start the deformable network from these weights (.pt or name)')
     p.add_argument('--curriculum', type=_non_negative_int, default=0, metavar='N',

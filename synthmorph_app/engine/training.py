@@ -137,7 +137,8 @@ class TrainConfig:
         Overrides of the networks' default configs (e.g. ``{'enc': [8, 16]}``).
     init_affine, init_deform : str or None
         Start from these weights (a model name or path, :func:`.weights.load_model`); their
-        config replaces the defaults and overrides.
+        config replaces the defaults and overrides. A rigid task may start from an affine
+        model (``init_affine: 'affine'``, the packaged detector): its network with the rigid fit.
     synthesis : dict
         Overrides of :meth:`SynthesisSettings.for_task` (task).
     workers : int
@@ -221,6 +222,31 @@ class TrainConfig:
 #: Network config keys that only say how a network started, with their value in checkpoints
 #: written before the key existed: a run resumes whatever they say (:meth:`Trainer.load_checkpoint`).
 INIT_KEYS = {'init': 'torch', 'hidden_init': 'torch'}
+
+
+def _initial_model(spec: str, kind: str):
+    """The model of ``kind`` that a run starts from (``init_affine``/``init_deform``).
+
+    A rigid run may also start from an affine model: the same network and weights, with the
+    rigid (Kabsch) fit in place of the affine least squares, so the rigid model inherits the
+    affine model's trained features.
+    """
+    from ..errors import WeightsError
+    from .networks import build_model
+    from .weights import load_model
+
+    try:
+        return load_model(spec, kind)[0]
+    except WeightsError as err:
+        if kind != 'rigid':
+            raise
+        try:
+            affine = load_model(spec, 'affine')[0]
+        except WeightsError:
+            raise err from None
+    rigid = build_model({**affine.config, 'rigid': True})
+    rigid.load_state_dict(affine.state_dict())
+    return rigid
 
 
 def _without_init(config: dict) -> dict:
@@ -351,9 +377,7 @@ class Trainer:
         for kind in cfg.kinds:
             init = cfg.init_deform if kind == 'deform' else cfg.init_affine
             if init:
-                from .weights import load_model
-
-                model, _ = load_model(init, kind)
+                model = _initial_model(init, kind)
             elif kind == 'deform':
                 model = build_model({**default_config('deform'), **cfg.deform_model})
             else:
