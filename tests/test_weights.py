@@ -17,7 +17,7 @@ SMALL_DEFORM = {'arch': 'HyperUNet', 'enc': [4, 4], 'dec': [4, 4], 'add': [4],
 
 
 #: packaged models that are trained (docs/model_cards.md); the others are random placeholders
-TRAINED = {'affine'}
+TRAINED = {'affine', 'rigid'}
 
 
 @pytest.fixture(autouse=True)
