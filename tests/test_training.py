@@ -276,6 +276,33 @@ def test_resumed_run_keeps_its_latest_validation(tmp_path):
         assert [r['step'] for r in csv.DictReader(fobj)] == ['2']
 
 
+def test_export_checkpoint_validates_a_run_stopped_between_validations(tmp_path):
+    """``Trainer.export_checkpoint`` writes the checkpoint's models without training, validated
+    at the checkpoint's step unless that step was validated already, with extra card fields."""
+    _trainer(tmp_path, 'affine', steps=3, validate_every=2).fit()
+    validation = tmp_path / 'out' / 'validation.csv'
+    lines = validation.read_text().splitlines()
+    assert [line.split(',')[0] for line in lines[1:]] == ['2', '3']
+    validation.write_text('\n'.join(lines[:2]) + '\n')  # as if stopped before validating 3
+    (tmp_path / 'out' / 'affine.pt').unlink()
+    before = torch.load(tmp_path / 'out' / 'checkpoint.pt', weights_only=True)
+    result = _trainer(tmp_path, 'affine', steps=100).export_checkpoint({'description': 'early'})
+    assert result['step'] == 3 and result['validation']['step'] == 3
+    after = torch.load(tmp_path / 'out' / 'checkpoint.pt', weights_only=True)
+    assert after['step'] == 3  # no training step, the checkpoint is untouched
+    for key, value in before['models']['affine'].items():
+        assert torch.equal(value, after['models']['affine'][key]), key
+    _, card = load_model(tmp_path / 'out' / 'affine.pt', 'affine')
+    assert card['description'] == 'early' and card['training']['steps'] == 3
+    assert card['validation'] == result['validation']
+    assert [line.split(',')[0] for line in validation.read_text().splitlines()[1:]] == ['2', '3']
+    again = _trainer(tmp_path, 'affine', steps=100).export_checkpoint()
+    assert again['validation'] == result['validation']  # already validated: no new row
+    assert len(validation.read_text().splitlines()) == 3
+    with pytest.raises(FileNotFoundError, match='no run to export'):
+        _trainer(tmp_path / 'none', 'affine').export_checkpoint()
+
+
 def _label_dir(shared_data, tmp_path):
     folder = tmp_path / 'maps'
     folder.mkdir()
@@ -313,6 +340,24 @@ def test_cli_train_stops_on_sigterm_and_resumes(shared_data, tmp_path):
     assert torch.load(out / 'checkpoint.pt', weights_only=True)['step'] == stopped + 1
     with open(out / 'validation.csv') as fobj:
         assert list(csv.DictReader(fobj))[-1]['step'] == str(stopped + 1)
+
+
+def test_cli_export_only(shared_data, tmp_path, capsys):
+    maps = _label_dir(shared_data, tmp_path)
+    out = tmp_path / 'run'
+    argv = ['train', 'affine', '--label-maps', str(maps), '--out', str(out), '--steps', '1',
+            '--voxel-size', '8', '--shape', '24', '--threads', '1',
+            '--config', json.dumps({'affine_model': TINY_AFFINE, 'validation_pairs': 1})]
+    assert cli.main(argv) == 0
+    (out / 'validation.csv').unlink()
+    assert cli.main([*argv, '--description', 'x']) == 2  # only with --export-only
+    assert cli.main([*argv, '--export-only', '--description', 'a test model']) == 0
+    assert 'exported step 1 (validation Dice' in capsys.readouterr().out
+    _, card = load_model(out / 'affine.pt', 'affine')
+    assert card['description'] == 'a test model' and card['validation']['step'] == 1
+    argv[argv.index('--out') + 1] = str(tmp_path / 'none')
+    assert cli.main([*argv, '--export-only']) == 1
+    assert 'no run to export' in capsys.readouterr().err
 
 
 def test_cli_synth_writes_pairs_and_a_montage(shared_data, tmp_path):

@@ -30,6 +30,8 @@ examples:
   synthmorph-app train affine --label-maps ../shared/data/label_maps --out runs/affine \\
       --steps 20000 --checkpoint-every 500 --validate-every 1000
   synthmorph-app train deform --label-maps ../shared/data/label_maps --out runs/deform --resume
+  synthmorph-app train affine --label-maps ../shared/data/label_maps --out runs/affine \\
+      --export-only --description 'our affine detector, step 16000'
   synthmorph-app train joint --label-maps maps --out runs/joint \\
       --init-affine runs/affine/affine.pt --init-deform runs/deform/deform.pt
 """
@@ -72,6 +74,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help='total optimisation steps (default 10000)')
     p.add_argument('--resume', action='store_true',
                    help='continue from --out/checkpoint.pt if it exists')
+    p.add_argument('--export-only', action='store_true',
+                   help='do not train: write the models of --out/checkpoint.pt with their cards, '
+                        'validated at that step (how an interrupted run is shipped)')
+    p.add_argument('--description', metavar='TEXT',
+                   help="with --export-only: the models' description in their cards")
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='(default cpu)')
     p.add_argument('--checkpoint-every', type=_non_negative_int, default=500, metavar='N',
                    help='steps between checkpoints (default 500; 0: only at the end)')
@@ -154,8 +161,15 @@ def run_train(args) -> int:
     except ValueError as err:
         print(f'synthmorph-app train: error: {err}', file=sys.stderr)
         return 2
+    if args.description and not args.export_only:
+        print('synthmorph-app train: error: --description goes with --export-only',
+              file=sys.stderr)
+        return 2
     try:
         trainer = Trainer(config)
+        if args.export_only:
+            extra = {'description': args.description} if args.description else None
+            return _report_export(trainer.export_checkpoint(extra))
         summary = trainer.fit(resume=args.resume)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f'synthmorph-app train: error: {err}', file=sys.stderr)
@@ -170,6 +184,17 @@ def run_train(args) -> int:
               '(continue with --resume)', file=sys.stderr)
         return 130
     print(f'synthmorph-app train: done at {text}; models in {args.out}')
+    return 0
+
+
+def _report_export(result: dict) -> int:
+    val = result['validation']
+    text = f'exported step {result["step"]}'
+    if val:
+        text += (f' (validation Dice {val["dice"]:.4f}, before registration '
+                 f'{val["dice_before"]:.4f})')
+    files = ', '.join(str(path) for path in result['written'])
+    print(f'synthmorph-app train: {text}: {files}')
     return 0
 
 

@@ -730,6 +730,30 @@ class Trainer:
         summary.update(step=self.step, validation=last_val, wall_s=round(self.wall, 1))
         return summary
 
+    def export_checkpoint(self, extra: dict | None = None) -> dict:
+        """Export the models of ``out/checkpoint.pt`` without training: the way to ship a run
+        stopped between validations.
+
+        Loads the checkpoint, validates there on the held-out maps unless ``validation.csv``
+        already holds that step (the result is appended to it), and writes ``<kind>.pt/.json``
+        into ``out`` with that validation and ``extra`` in the cards. Returns ``step``,
+        ``validation`` and ``written`` (the paths).
+        """
+        out = Path(self.config.out)
+        ckpt = out / CHECKPOINT
+        if not ckpt.exists():
+            raise FileNotFoundError(f'<{ckpt}> does not exist: there is no run to export')
+        self.load_checkpoint(ckpt)
+        val_log = _CsvLog(out / 'validation.csv', VAL_FIELDS, self.step)
+        try:
+            last = val_log.last()
+            if last is None or last['step'] != self.step:
+                last = self._validate_and_log(val_log)
+        finally:
+            val_log.close()
+        written = self.export_models({**_val_card(last), **(extra or {})})
+        return {'step': self.step, 'validation': last, 'written': written}
+
     def _validate_and_log(self, val_log) -> dict | None:
         result = self.validate()
         if result:
