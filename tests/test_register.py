@@ -251,6 +251,12 @@ def _dice(a, b):
                     for v in labels])
 
 
+def _dlmuse(bids, sub: str):
+    """The DLMUSE label map of ``sub`` in the shared BIDS dataset (its T1w space)."""
+    path = f'derivatives/dlmuse/sub-{sub}/anat/sub-{sub}_space-T1w_desc-dlmuse_dseg.nii.gz'
+    return nb.load(str(bids / path))
+
+
 @pytest.mark.slow
 def test_refine_registers_real_cross_subject_pair(shared_data):
     """Joint + refinement of two real whole-head T1w (2 mm, with neck, LPS) beats the untrained
@@ -260,8 +266,7 @@ def test_refine_registers_real_cross_subject_pair(shared_data):
     bids = shared_data / 'bids'
     moving = load_image(bids / 'sub-03' / 'anat' / 'sub-03_T1w.nii.gz')
     fixed = load_image(bids / 'sub-04' / 'anat' / 'sub-04_T1w.nii.gz')
-    seg = 'derivatives/dlmuse/sub-{0}/anat/sub-{0}_space-T1w_desc-dlmuse_dseg.nii.gz'
-    mlab, flab = (nb.load(str(bids / seg.format(s))) for s in ('03', '04'))
+    mlab, flab = _dlmuse(bids, '03'), _dlmuse(bids, '04')
     res = register(moving, fixed, mode='joint', refine=10, refine_levels=(8.0, 4.0))
     moved = moved_image(mlab, res.forward, mode='nearest').get_fdata()
     dice = _dice(moved, flab.get_fdata())
@@ -290,8 +295,7 @@ def test_shipped_linear_network_registers_a_real_pair_alone(shared_data, kind):
     bids = shared_data / 'bids'
     moving = load_image(bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
     fixed = load_image(bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz')
-    seg = 'derivatives/dlmuse/sub-{0}/anat/sub-{0}_space-T1w_desc-dlmuse_dseg.nii.gz'
-    mlab, flab = (nb.load(str(bids / seg.format(s))) for s in ('01', '02'))
+    mlab, flab = _dlmuse(bids, '01'), _dlmuse(bids, '02')
     res = register(moving, fixed, mode=kind, refine=0)
     assert res.info['models'][kind]['used'] is True
     if kind == 'rigid':  # a rotation and a shift: no scaling or shear
