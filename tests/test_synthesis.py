@@ -163,6 +163,29 @@ def test_image_intensity_follows_the_labels(maps):
     assert torch.allclose(pair.fixed[removable], background[0].expand(int(removable.sum())))
 
 
+def test_same_contrast_pairs_share_their_label_intensities():
+    """``same_contrast_probability``: one draw of label intensities for both images (with no
+    other augmentation and no motion, the two images are equal); independent draws otherwise;
+    at probability 0 no extra draw, so the published settings' stream is unchanged."""
+    still = {**FLAT, 'same_map_probability': 1.0, 'warp_probability': 0.0, 'shift': 0.0,
+             'rotate': 0.0, 'scale': 0.0, 'shear': 0.0, 'drop_probability': 0.5}
+    same = Synthesizer(_blob_maps(), SynthesisSettings(**still, same_contrast_probability=1.0))
+    apart = Synthesizer(_blob_maps(), SynthesisSettings(**still))
+    for step in range(3):
+        pair = same.sample(step_generator(2, step))
+        assert torch.equal(pair.fixed_labels, pair.moving_labels)
+        assert torch.equal(pair.fixed, pair.moving)
+        other = apart.sample(step_generator(2, step))
+        assert float((other.fixed - other.moving).abs().max()) > 0.1
+    # Probability 0 draws nothing more: the same pairs as the field's default.
+    base = Synthesizer(_blob_maps(), SynthesisSettings())
+    zero = Synthesizer(_blob_maps(), SynthesisSettings(same_contrast_probability=0.0))
+    a, b = base.sample(step_generator(4, 3)), zero.sample(step_generator(4, 3))
+    assert torch.equal(a.fixed, b.fixed) and torch.equal(a.moving, b.moving)
+    with pytest.raises(ValueError, match='same_contrast_probability'):
+        SynthesisSettings(same_contrast_probability=1.5)
+
+
 def test_augmentations_change_the_image_but_stay_in_range():
     index = _blob_maps().index.long()
     removable = torch.zeros(10, dtype=torch.bool)

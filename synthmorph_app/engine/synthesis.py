@@ -65,6 +65,7 @@ __all__ = [
     'Synthesizer',
     'curriculum_factor',
     'downsample_labels',
+    'draw_contrast',
     'fit_prealignment',
     'label_map_paths',
     'labels_to_image',
@@ -128,6 +129,11 @@ class SynthesisSettings:
         Number of shapes (at most the number of loss channels).
     shapes_spacing : (float, float)
         Size of the shapes (noise control-point spacing), mm.
+    same_contrast_probability : float
+        Probability that both images of a pair share one draw of the label intensities and of
+        the removed labels (:func:`draw_contrast`; blur, slices, bias, noise, gamma and crop
+        stay independent): a same-contrast pair, easier to match for an untrained network
+        (a curriculum knob; published: 0).
 
     Intensities (each image independently; see :func:`labels_to_image`)
     --------------------------------------------------------------------
@@ -175,6 +181,7 @@ class SynthesisSettings:
     shapes_probability: float = 0.0
     shapes_labels: int = 24
     shapes_spacing: tuple = (16.0, 48.0)
+    same_contrast_probability: float = 0.0
     mean_range: tuple = (0.0, 1.0)
     std_range: tuple = (0.0, 0.1)
     zero_background_probability: float = 0.2
@@ -201,6 +208,7 @@ class SynthesisSettings:
         if not 0 <= self.scale < 1:
             raise ValueError(f'scale must lie in [0, 1), got {self.scale}')
         for name in ('warp_probability', 'same_map_probability', 'shapes_probability',
+                     'same_contrast_probability',
                      'zero_background_probability', 'strip_probability', 'drop_probability',
                      'slice_probability', 'crop_probability', 'crop_max'):
             value = getattr(self, name)
@@ -562,36 +570,46 @@ def _thick_slices(image: torch.Tensor, axis: int, count: int) -> torch.Tensor:
     return up.movedim(2, 2 + axis)
 
 
-def labels_to_image(
-    index: torch.Tensor,
-    removable: torch.Tensor,
-    gen: torch.Generator,
-    settings: SynthesisSettings,
-    voxel_size: float,
-) -> torch.Tensor:
-    """A random-contrast image ``(1, 1, ...)`` in [0, 1] from a label-index map ``(1, 1, ...)``.
-
-    In order: a Gaussian intensity per label (mean ~ U(mean_range), SD ~ U(std_range)), with
-    removable labels blanked (they take the background's intensities) at random; partial-volume
-    blur; thick slices along a random axis; a smooth multiplicative bias field; additive noise;
-    min-max normalisation; gamma; a blank slab at one face of the field of view.
-    ``removable`` ``(L,)`` flags the indices that may be removed.
-    """
+def draw_contrast(
+    removable: torch.Tensor, gen: torch.Generator, settings: SynthesisSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intensity mean and SD per label index ``(L,)`` each (on ``gen``'s device): a Gaussian
+    intensity per label (mean ~ U(mean_range), SD ~ U(std_range)), the background at 0 at
+    random, and removable labels (``removable`` ``(L,)``) blanked at random: they take the
+    background's intensities."""
     s = settings
-    dev = index.device
     count = removable.numel()
     means = _uniform(gen, *s.mean_range, (count,)).float()
     stds = _uniform(gen, *s.std_range, (count,)).float()
     if _scalar(gen) < s.zero_background_probability:
         means[0] = 0
         stds[0] = 0
-    removable = removable.to(dev)
+    removable = removable.to(means.device)
     if _scalar(gen) < s.strip_probability:
         remove = removable
     else:
         remove = removable & (_uniform(gen, 0, 1, (count,)) < s.drop_probability)
-    means = torch.where(remove, means[0], means)
-    stds = torch.where(remove, stds[0], stds)
+    return torch.where(remove, means[0], means), torch.where(remove, stds[0], stds)
+
+
+def labels_to_image(
+    index: torch.Tensor,
+    removable: torch.Tensor,
+    gen: torch.Generator,
+    settings: SynthesisSettings,
+    voxel_size: float,
+    contrast: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A random-contrast image ``(1, 1, ...)`` in [0, 1] from a label-index map ``(1, 1, ...)``.
+
+    In order: the label intensities (``contrast``, or a fresh :func:`draw_contrast`);
+    partial-volume blur; thick slices along a random axis; a smooth multiplicative bias field;
+    additive noise; min-max normalisation; gamma; a blank slab at one face of the field of view.
+    ``removable`` ``(L,)`` flags the indices that may be removed.
+    """
+    s = settings
+    dev = index.device
+    means, stds = draw_contrast(removable, gen, s) if contrast is None else contrast
     idx = index.long()
     noise = torch.randn(index.shape, generator=gen, device=dev)
     image = means[idx] + stds[idx] * noise
@@ -770,8 +788,11 @@ class Synthesizer:
         grid = spatial.identity_coords(shape, dev)
         lab_f = self._warp_labels(src_f, mat_f, grid, vel_f)
         lab_m = self._warp_labels(src_m, mat_m, grid, vel_m)
-        img_f = labels_to_image(lab_f, removable, gen, s, vox)
-        img_m = labels_to_image(lab_m, removable, gen, s, vox)
+        contrast = None  # no extra draw at probability 0: the published streams stay as they were
+        if s.same_contrast_probability > 0 and _scalar(gen) < s.same_contrast_probability:
+            contrast = draw_contrast(removable, gen, s)
+        img_f = labels_to_image(lab_f, removable, gen, s, vox, contrast)
+        img_m = labels_to_image(lab_m, removable, gen, s, vox, contrast)
         channel = channel.to(dev)
         values = values.to(dev)
         lin = torch.linalg.inv(mat_m) @ mat_f
