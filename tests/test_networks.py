@@ -334,6 +334,42 @@ def test_hyper_unet_backpropagates_and_errors():
     assert HyperUNet(downsample='subsample').half_to_full()[0, 3] == 0
 
 
+def test_cost_volume_points_to_the_shift_for_any_contrast():
+    """The MIND cost volume of a pair whose target is its source shifted by ``o`` (half-grid
+    voxels) peaks at ``o`` inside the image, also when the target's contrast is inverted."""
+    model = build_model({**HYPER, 'cost_volume': 1})
+    assert model.config['cost_volume'] == 1 and 'cost_volume' not in build_model(HYPER).config
+    assert build_model(model.config).config == model.config
+    assert model.core.enc[0].in_channels == 2 + 27
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand((1, 1, 24, 24, 24), generator=gen)
+    source = F.avg_pool3d(F.pad(noise, [1] * 6, mode='replicate'), 3, stride=1)  # texture
+    inner = (slice(None), slice(None), *[slice(4, -4)] * 3)
+    for offset in [(1, 0, 0), (0, -1, 1), (0, 0, 0)]:
+        target = torch.roll(source, [-o for o in offset], dims=(2, 3, 4))  # t(x) = s(x + o)
+        for image in (target, 1 - target):
+            cost = model.cost(torch.cat((source, image), 1))
+            assert cost.shape == (1, 27, 24, 24, 24)
+            best = cost.argmax(1)[inner[:1] + inner[2:]]
+            expected = model.offsets.index(offset)
+            assert (best == expected).float().mean() > 0.9, offset
+    with pytest.raises(ValueError, match='cost_volume'):
+        HyperUNet(cost_volume=-1)
+
+
+def test_hyper_unet_with_a_cost_volume_runs_and_backpropagates():
+    model = build_model({**HYPER, 'cost_volume': 1, 'final_init_std': 1.0})
+    lam = torch.tensor([[0.3]])
+    v = model(blobs(seed=14), blobs(seed=15, shift=(2.0, 0.0, 0.0)), lam)
+    assert v.shape == (1, 3, 16, 16, 16) and torch.isfinite(v).all()
+    v.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        w = symmetric_velocity(model, blobs(seed=15), blobs(seed=14), 0.3)
+        u = symmetric_velocity(model, blobs(seed=14), blobs(seed=15), 0.3)
+    torch.testing.assert_close(w, -u)
+
+
 @pytest.mark.parametrize('kind', ['affine', 'rigid', 'deform'])
 def test_default_configs(kind):
     cfg = default_config(kind)

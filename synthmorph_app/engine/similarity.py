@@ -266,7 +266,7 @@ class _LNCC(torch.autograd.Function):
         return grads[0], grads[1], None, None, None
 
 
-def _shift(volume: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
+def shift_volume(volume: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
     """``out[x] = volume[x + offset]`` with edge replication (integer voxel offsets)."""
     pad = max(abs(int(o)) for o in offset)
     if pad == 0:
@@ -300,7 +300,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     if image.ndim != 5 or image.shape[1] != 1:
         raise ValueError(f'image must be (B, 1, X, Y, Z), got shape {tuple(image.shape)}')
     offsets = [tuple((c - 1) * dilation for c in p) for p in _SIX]
-    shifted = [_shift(image, o) for o in offsets]
+    shifted = [shift_volume(image, o) for o in offsets]
     dist = torch.cat([(shifted[i] - shifted[j]) ** 2 for i, j in _PAIRS], dim=1)
     dist = box_mean(dist, radius)
     dist = dist - dist.min(dim=1, keepdim=True).values

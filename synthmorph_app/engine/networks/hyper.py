@@ -16,6 +16,16 @@ matrix. This differs from an ``align_corners=True`` resize, which maps ``i`` to
 ``i * (X - 1) / (X/2 - 1)``.
 
 ``X, Y, Z`` must be divisible by ``model.multiple = 2 * 2**len(enc)``.
+
+``cost_volume = R > 0`` (ours, not in SynthMorph) adds ``(2R + 1)**3`` input channels to the
+U-Net: for each offset ``o`` of the half-resolution grid within ``R`` voxels, how well the
+target's MIND-SSC descriptors at ``x`` match the source's at ``x + o``, standardised over the
+offsets at each voxel. Trained from scratch, the published U-Net's expected gradient is nearly
+zero on fresh synthetic pairs (its untrained features do not tell which way the images moved;
+``docs/model_cards.md``, session 7), and CPU training never got past that; the cost volume
+carries that direction from the first step, as optical-flow networks' correlation layers do.
+MIND keeps it contrast-independent. The key is absent from ``config`` when ``R = 0``, so the
+configs of models without it stay as they were.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..similarity import mind_ssc, shift_volume
 from .blocks import HyperConv, HyperMLP, UNetCore, check_pair, downsample
 
 __all__ = ['HyperUNet']
@@ -60,6 +71,9 @@ class HyperUNet(nn.Module):
         How the input is halved (official: ``'subsample'``).
     final_init_std : float
         Standard deviation of the last layer's hyper weights at initialisation.
+    cost_volume : int
+        Radius ``R`` (half-resolution voxels) of the MIND cost volume fed to the U-Net beside
+        the two images (module docstring); 0 (default): none, the published architecture.
     hidden_init : {'he', 'torch'}
         Initialisation of the U-Net's hyper-convolutions (:class:`~.blocks.HyperConv`
         ``init``). ``'he'`` keeps the signal's scale through the layers; ``'torch'``
@@ -81,6 +95,7 @@ class HyperUNet(nn.Module):
         downsample: str = 'average',
         final_init_std: float = 1e-5,
         hidden_init: str = 'he',
+        cost_volume: int = 0,
     ):
         super().__init__()
         if len(dec) != len(enc):
@@ -91,6 +106,8 @@ class HyperUNet(nn.Module):
             raise ValueError(f"downsample must be 'average' or 'subsample', got {downsample!r}")
         if not hyper_units:
             raise ValueError('hyper_units must list at least one dense layer')
+        if int(cost_volume) < 0:
+            raise ValueError(f'cost_volume must be 0 or a radius >= 1, got {cost_volume}')
         self.config = {
             'arch': 'HyperUNet',
             'in_channels': int(in_channels),
@@ -104,10 +121,19 @@ class HyperUNet(nn.Module):
             'final_init_std': float(final_init_std),
             'hidden_init': hidden_init,
         }
+        if int(cost_volume):
+            self.config['cost_volume'] = int(cost_volume)
+        radius = int(cost_volume)
+        self.offsets = [
+            (i, j, k)
+            for i in range(-radius, radius + 1)
+            for j in range(-radius, radius + 1)
+            for k in range(-radius, radius + 1)
+        ] if radius else []
         hyper_dim = int(hyper_units[-1])
         self.hyper = HyperMLP(hyper_inputs, hyper_units, hyper_activation)
         self.core = UNetCore(
-            2 * in_channels, enc, dec, add,
+            2 * in_channels + len(self.offsets), enc, dec, add,
             make_conv=lambda i, o: HyperConv(hyper_dim, i, o, init=hidden_init),
         )
         self.flow = HyperConv(hyper_dim, self.core.out_channels, 3, init_std=final_init_std)
@@ -142,4 +168,22 @@ class HyperUNet(nn.Module):
                    names=('source', 'target'))  # fmt: skip
         h = self.hyper(self._hyper_input(lam, source.shape[0], source))
         x = downsample(torch.cat((source, target), 1), self.config['downsample'])
+        if self.offsets:
+            x = torch.cat((x, self.cost(x)), 1)
         return self.flow(self.core(x, h), h)
+
+    def cost(self, pair: torch.Tensor) -> torch.Tensor:
+        """The cost volume ``(B, (2R+1)**3, ...)`` of a half-resolution pair ``(B, 2C, ...)``
+        (source channels first): minus the mean squared difference of the target's MIND-SSC
+        descriptors at ``x`` and the source's at ``x + o`` for each offset ``o``, standardised
+        over the offsets at each voxel (flat regions give zeros)."""
+        n = self.config['in_channels']
+        source = pair[:, :n].mean(1, keepdim=True)
+        target = pair[:, n:].mean(1, keepdim=True)
+        mind_s, mind_t = mind_ssc(source, 1, 1), mind_ssc(target, 1, 1)
+        cost = torch.cat(
+            [-((mind_t - shift_volume(mind_s, o)) ** 2).mean(1, keepdim=True)
+             for o in self.offsets], 1,
+        )  # fmt: skip
+        centred = cost - cost.mean(1, keepdim=True)
+        return centred / (cost.std(1, keepdim=True) + 1e-6)
