@@ -88,6 +88,8 @@ def test_config_is_checked(tmp_path):
     ('affine', {}),
     ('deform', {}),
     ('deform', {'overlap': 'dice', 'overlap_weight': 1.0, 'loss_grid': 'full'}),
+    ('deform', {'overlap': 'dice', 'overlap_weight': 1.0, 'loss_grid': 'full',
+                'deform_model': {**TINY_DEFORM, 'cost_volume': 1}, 'lr': 1e-3}),
 ])
 def test_steps_decrease_the_loss_on_a_fixed_batch(tmp_path, task, options):
     trainer = _trainer(tmp_path, task, **options)
