@@ -27,6 +27,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import sys
 import tempfile
 import time
@@ -42,6 +43,12 @@ DATA = Path(os.environ.get('SYNTHMORPH_SHARED_DATA', REPO.parent / 'shared' / 'd
 GREEDY_ITERATIONS = '100x50x10'
 #: LPS <-> RAS flip of ITK coordinates.
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def add_register_options(parser, flag: str, example: str) -> None:
+    """Add ``flag``: further ``register`` options as one quoted string, parsed into a list."""
+    parser.add_argument(flag, type=shlex.split, default='', metavar='"OPTIONS"',
+                        help=f'further `register` options, one quoted string (e.g. "{example}")')
 
 
 def pin_threads(threads: int) -> None:

@@ -35,7 +35,6 @@ This is a script, not a timed test. See ``benchmarks/README.md`` for figures.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -151,9 +150,8 @@ def main(argv=None):
     parser.add_argument('--convexadam', action='store_true', help='add ConvexAdam (MIND-SSC, '
                         'after antspyx Affine)')
     parser.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
-    parser.add_argument('--ours-options', default='', metavar='"OPTIONS"',
-                        help='further `register` options for ours, one quoted string (e.g. '
-                             '"-w affine -w training/deform-cv/deform.pt")')
+    C.add_register_options(parser, '--ours-options',
+                           '-w affine -w training/deform-cv/deform.pt')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'contrast_bench.json'), help='output JSON')
     parser.add_argument('--figure', default=str(C.REPO / 'benchmarks' / 'figures' /
@@ -189,7 +187,7 @@ def main(argv=None):
         for method in methods:
             if method.startswith('ours'):
                 results[method] = C.in_child(C.run_register, mov, fix, method.split('-')[1],
-                                             args.threads, shlex.split(args.ours_options))
+                                             args.threads, args.ours_options)
             elif method == 'greedy':
                 res = C.in_child(C.run_greedy, mov, fix, 'NMI', args.threads)
                 results['greedy-affine'] = dict(res, field=None, time=res['affine_time'])

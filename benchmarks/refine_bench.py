@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -136,7 +135,7 @@ def _runners(args) -> dict:
     if args.register:
         runners['register'] = lambda m, f: C.in_child(
             C.run_register, str(m), str(f), args.register_mode, args.threads,
-            shlex.split(args.register_options),
+            args.register_options,
         )
     if not args.no_greedy:
         runners['greedy'] = lambda m, f: C.in_child(C.run_greedy, str(m), str(f), 'NCC 2x2x2',
@@ -183,9 +182,8 @@ def main(argv=None):
     sel.add_argument('--register-mode', choices=('joint', 'affine', 'rigid'), default='joint',
                      help="the mode of --register (default joint; with affine, the 'Dice' "
                           "column is the affine's)")
-    sel.add_argument('--register-options', default='', metavar='"OPTIONS"',
-                     help='further `register` options for --register, one quoted string (e.g. '
-                          '"-w training/deform-cv/deform.pt --refine 0")')
+    C.add_register_options(sel, '--register-options',
+                           '-w training/deform-cv/deform.pt --refine 0')
     sel.add_argument('--no-greedy', action='store_true', help='skip greedy (no time ratios)')
     sel.add_argument('--none', action='store_true',
                      help='also a row without registration (the identity in world space)')

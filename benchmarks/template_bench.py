@@ -33,7 +33,6 @@ This is a script, not a timed test. See ``benchmarks/README.md`` for figures.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -96,9 +95,7 @@ def main(argv=None):
                         help='methods (default: all); none: no registration (the identity in '
                              'world space); greedy gives two rows (affine, affine + deformable)')
     parser.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
-    parser.add_argument('--ours-options', default='', metavar='"OPTIONS"',
-                        help='further `register` options for ours, one quoted string (e.g. '
-                             '"--refine-levels 8,4,2,1.5")')
+    C.add_register_options(parser, '--ours-options', '--refine-levels 8,4,2,1.5')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'template_bench.json'), help='output JSON')
     args = parser.parse_args(argv)
@@ -133,7 +130,7 @@ def main(argv=None):
                 elif method.startswith('ours'):
                     res = C.in_child(C.run_register, moving_path, fixed_path,
                                      method.split('-')[1], args.threads,
-                                     shlex.split(args.ours_options))
+                                     args.ours_options)
                     results[method] = res
                 elif method.startswith('ants'):
                     kind = 'Affine' if method == 'ants-affine' else 'SyN'

@@ -719,8 +719,8 @@ class Trainer:
                     break
                 if self.step >= cfg.steps:
                     break
-        if not summary['interrupted'] and (last_val is None or last_val['step'] != self.step):
-            last_val = self._validate_and_log(val_log)
+        if not summary['interrupted']:
+            last_val = self._validate_unless_done(val_log, last_val)
         self.save_checkpoint(ckpt)
         self.export_models(_val_card(last_val))
         log.close()
@@ -746,13 +746,17 @@ class Trainer:
         self.load_checkpoint(ckpt)
         val_log = _CsvLog(out / 'validation.csv', VAL_FIELDS, self.step)
         try:
-            last = val_log.last()
-            if last is None or last['step'] != self.step:
-                last = self._validate_and_log(val_log)
+            last = self._validate_unless_done(val_log, val_log.last())
         finally:
             val_log.close()
         written = self.export_models({**_val_card(last), **(extra or {})})
         return {'step': self.step, 'validation': last, 'written': written}
+
+    def _validate_unless_done(self, val_log, last: dict | None) -> dict | None:
+        """``last`` when it is this step's validation, else a fresh (logged) one."""
+        if last is not None and last['step'] == self.step:
+            return last
+        return self._validate_and_log(val_log)
 
     def _validate_and_log(self, val_log) -> dict | None:
         result = self.validate()

@@ -30,6 +30,7 @@ configs of models without it stay as they were.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -106,7 +107,8 @@ class HyperUNet(nn.Module):
             raise ValueError(f"downsample must be 'average' or 'subsample', got {downsample!r}")
         if not hyper_units:
             raise ValueError('hyper_units must list at least one dense layer')
-        if int(cost_volume) < 0:
+        radius = int(cost_volume)
+        if radius < 0:
             raise ValueError(f'cost_volume must be 0 or a radius >= 1, got {cost_volume}')
         self.config = {
             'arch': 'HyperUNet',
@@ -121,15 +123,10 @@ class HyperUNet(nn.Module):
             'final_init_std': float(final_init_std),
             'hidden_init': hidden_init,
         }
-        if int(cost_volume):
-            self.config['cost_volume'] = int(cost_volume)
-        radius = int(cost_volume)
-        self.offsets = [
-            (i, j, k)
-            for i in range(-radius, radius + 1)
-            for j in range(-radius, radius + 1)
-            for k in range(-radius, radius + 1)
-        ] if radius else []
+        if radius:
+            self.config['cost_volume'] = radius
+        span = range(-radius, radius + 1)
+        self.offsets = list(itertools.product(span, repeat=3)) if radius else []
         hyper_dim = int(hyper_units[-1])
         self.hyper = HyperMLP(hyper_inputs, hyper_units, hyper_activation)
         self.core = UNetCore(
