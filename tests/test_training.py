@@ -388,3 +388,46 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     code = cli.main(['train', 'affine', '--label-maps', str(tmp_path), '--out',
                      str(tmp_path / 'o'), '--config', '{"no_such_option": 1}'])
     assert code == 2
+    code = cli.main(['train', 'deform', '--label-maps', str(tmp_path), '--out',
+                     str(tmp_path / 'o'), '--ema', '1.5'])
+    assert code == 2 and 'ema must be in [0, 1)' in capsys.readouterr().err
+
+
+def test_weight_average_is_validated_exported_and_resumed(tmp_path):
+    """``ema``: the average follows ``a <- ema a + (1 - ema) w`` after every step; exports and
+    validation use it while training goes on with the raw weights; a resume continues it
+    exactly, and a checkpoint without one starts it from its weights."""
+    kw = {'steps': 2, 'validation_pairs': 1, 'ema': 0.5}
+    trainer = _trainer(tmp_path / 'a', 'deform', **kw)
+    states = [trainer._weights()['deform']]
+    pair = trainer.synthesize(0)
+    for step in range(2):
+        trainer.train_step(pair, step)
+        states.append(trainer._weights()['deform'])
+    key = next(k for k, v in states[0].items() if v.is_floating_point())
+    expected = 0.25 * states[0][key] + 0.25 * states[1][key] + 0.5 * states[2][key]
+    assert not torch.equal(states[2][key], expected)
+    assert torch.allclose(trainer.average['deform'][key], expected, atol=1e-6)
+    trainer.export_models()
+    exported, card = load_model(tmp_path / 'a' / 'out' / 'deform.pt', 'deform')
+    assert torch.allclose(exported.state_dict()[key], expected, atol=1e-6)
+    assert card['training']['ema'] == 0.5
+    assert torch.equal(trainer.models['deform'].state_dict()[key], states[2][key])  # raw back
+    with trainer.averaged():
+        assert torch.allclose(trainer.models['deform'].state_dict()[key], expected, atol=1e-6)
+        averaged_coords = trainer.predict_coords(pair)
+    assert not torch.equal(averaged_coords, trainer.predict_coords(pair))
+
+    straight = _trainer(tmp_path / 'b', 'deform', **{**kw, 'steps': 3})
+    straight.fit()
+    _trainer(tmp_path / 'c', 'deform', **kw).fit()
+    resumed = _trainer(tmp_path / 'c', 'deform', **{**kw, 'steps': 3})
+    resumed.fit(resume=True)
+    for k, v in straight.average['deform'].items():
+        assert torch.equal(v, resumed.average['deform'][k]), k
+    _trainer(tmp_path / 'd', 'deform', **{**kw, 'ema': 0.0}).fit()  # no average in it
+    late = _trainer(tmp_path / 'd', 'deform', **{**kw, 'steps': 2})
+    late.load_checkpoint()
+    assert torch.equal(late.average['deform'][key], late.models['deform'].state_dict()[key])
+    with pytest.raises(ValueError, match='ema'):
+        _config(tmp_path, 'deform', ema=1.0)

@@ -100,6 +100,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--curriculum', type=_non_negative_int, default=0, metavar='N',
                    help='grow the affine ranges of the synthesis from 20%% to 100%% over the '
                         'first N steps (default 0: full ranges from the start)')
+    p.add_argument('--ema', type=float, default=0.0, metavar='DECAY',
+                   help='validate and export an exponential moving average of the weights '
+                        '(e.g. 0.999: about the last 1000 steps), which wander less than the '
+                        'weights of one step; default 0: off')
     p.add_argument('--workers', type=_non_negative_int, default=0,
                    help='DataLoader workers synthesising on the CPU (default 0: in process)')
     p.add_argument('--threads', type=_non_negative_int, default=None,
@@ -146,6 +150,8 @@ def run_train(args) -> int:
     extra = dict(args.config or {})
     for key in ('task', 'label_maps', 'out'):
         extra.pop(key, None)
+    ema = args.ema or extra.pop('ema', 0.0)  # --ema wins over --config's
+    extra.pop('ema', None)
     try:
         config = TrainConfig(
             task=args.task, label_maps=args.label_maps, out=args.out, arch=args.arch,
@@ -153,7 +159,7 @@ def run_train(args) -> int:
             batch_size=args.batch_size, voxel_size=args.voxel_size, shape=args.shape,
             checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
             init_affine=args.init_affine, init_deform=args.init_deform, workers=args.workers,
-            threads=args.threads, curriculum=args.curriculum, **extra,
+            threads=args.threads, curriculum=args.curriculum, ema=ema, **extra,
         )
     except TypeError as err:
         print(f'synthmorph-app train: error: --config: {err}', file=sys.stderr)

@@ -37,6 +37,7 @@ event files go to ``out/tensorboard`` when the ``tensorboard`` package is instal
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -150,6 +151,12 @@ class TrainConfig:
         Steps over which the affine ranges of the synthesis grow from 20 % to 100 %
         (:func:`.synthesis.curriculum_factor`; 0: full ranges from the start). Validation
         always uses the full ranges.
+    ema : float
+        Decay of an exponential moving average of the weights (Polyak averaging; 0.999 averages
+        over about the last 1000 steps; 0: off). With batch-1 steps on fresh pairs the weights
+        wander from step to step; when on, validation and the exported models use the average,
+        training goes on with the raw weights, and the checkpoint holds both. A run that
+        switches it on at a resume starts the average from the checkpoint's weights.
     """
 
     task: str
@@ -180,6 +187,7 @@ class TrainConfig:
     workers: int = 0
     threads: int | None = None
     curriculum: int = 0
+    ema: float = 0.0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -192,6 +200,8 @@ class TrainConfig:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
         if self.batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {self.batch_size}')
+        if not 0 <= self.ema < 1:
+            raise ValueError(f'ema must be in [0, 1), got {self.ema}')
         if self.lr <= 0 or self.voxel_size <= 0 or self.shape < 8:
             raise ValueError('lr and voxel_size must be positive and shape at least 8')
         if self.overlap not in L.OVERLAPS:
@@ -356,6 +366,8 @@ class Trainer:
         self.models = self._build_models()
         params = [p for m in self.models.values() for p in m.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=config.lr)
+        #: the weight average of ``config.ema`` (kind -> state dict), None when off
+        self.average = self._weights() if config.ema else None
         self.step = 0
         self.wall = 0.0
         self._val_pairs = None
@@ -385,6 +397,39 @@ class Trainer:
                 model = build_model({**base, **cfg.affine_model})
             models[kind] = model.to(self.device).train()
         return models
+
+    def _weights(self) -> dict:
+        """A copy of every model's state (kind -> state dict)."""
+        return {kind: {k: v.detach().clone() for k, v in model.state_dict().items()}
+                for kind, model in self.models.items()}
+
+    def _update_average(self) -> None:
+        if self.average is None:
+            return
+        with torch.no_grad():
+            for kind, model in self.models.items():
+                for key, value in model.state_dict().items():
+                    avg = self.average[kind][key]
+                    if avg.is_floating_point():
+                        avg.lerp_(value, 1.0 - self.config.ema)
+                    else:
+                        avg.copy_(value)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Within this context the models hold the weight average (``config.ema``); the raw
+        weights come back after it. Without an average, the models as they are."""
+        if self.average is None:
+            yield self.models
+            return
+        raw = self._weights()
+        try:
+            for kind, model in self.models.items():
+                model.load_state_dict(self.average[kind])
+            yield self.models
+        finally:
+            for kind, model in self.models.items():
+                model.load_state_dict(raw[kind])
 
     @property
     def linear_kind(self) -> str | None:
@@ -488,6 +533,7 @@ class Trainer:
             raise FloatingPointError(f'the loss is {float(loss)} at step {step}')
         loss.backward()
         self.optimizer.step()
+        self._update_average()
         self.step = step + 1
         return {
             'step': self.step,
@@ -501,7 +547,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             'models': {k: m.state_dict() for k, m in self.models.items()},
             'model_configs': {k: m.config for k, m in self.models.items()},
             'optimizer': self.optimizer.state_dict(),
@@ -510,6 +556,9 @@ class Trainer:
             'rng': _rng_state(),
             'config': json.loads(json.dumps(self.config.to_dict())),
         }
+        if self.average is not None:
+            state['average'] = self.average
+        return state
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write the checkpoint atomically (``out/checkpoint.pt`` by default)."""
@@ -539,41 +588,56 @@ class Trainer:
             model.config.update({k: saved[k] for k in INIT_KEYS if k in model.config})
             model.load_state_dict(state['models'][kind], strict=True)
         self.optimizer.load_state_dict(state['optimizer'])
+        if self.average is not None:
+            if state.get('average') is None:
+                LOGGER.log(25, 'the checkpoint holds no weight average: it starts from its weights')
+                self.average = self._weights()
+            else:
+                self.average = {kind: {k: v.clone() for k, v in avg.items()}
+                                for kind, avg in state['average'].items()}
         self.step = int(state['step'])
         self.wall = float(state.get('wall', 0.0))
         _set_rng_state(state['rng'])
 
     def export_models(self, extra: dict | None = None) -> list[Path]:
-        """Write each model in our weights format into ``out`` (``<kind>.pt/.json``)."""
+        """Write each model in our weights format into ``out`` (``<kind>.pt/.json``): the weight
+        average when ``config.ema`` is on."""
+        written = []
+        with self.averaged():
+            for kind, model in self.models.items():
+                written.extend(self._export_one(kind, model, extra))
+        return written
+
+    def _export_one(self, kind: str, model, extra: dict | None) -> list[Path]:
         from .weights import save_model
 
         cfg = self.config
-        written = []
-        for kind, model in self.models.items():
-            card = {
-                'trained': self.step > 0,
-                'space': {'voxel_size': cfg.voxel_size, 'shape': list(self.shape),
-                          'divisor': model.multiple},
-                'training': {
-                    'task': cfg.task,
-                    'steps': self.step,
-                    'seed': cfg.seed,
-                    'data': str(cfg.label_maps),
-                    'training_maps': list(self.synthesizer.maps.names),
-                    'validation_maps': list(self.val_maps.names) if self.val_maps else [],
-                    'batch_size': cfg.batch_size,
-                    'lr': cfg.lr,
-                    'synthesis': self.settings.to_dict(),
-                    'hardware': _hardware(self.device),
-                    'wall_time_s': round(self.wall, 1),
-                },
-            }
-            if kind == 'deform':
-                # trained on (D(m, f) - D(f, m)) / 2, or on D(m, f) alone
-                card['training']['symmetric'] = cfg.symmetric
-            card.update(extra or {})
-            written.extend(save_model(model.eval(), Path(cfg.out) / kind, card))
-            model.train()
+        card = {
+            'trained': self.step > 0,
+            'space': {'voxel_size': cfg.voxel_size, 'shape': list(self.shape),
+                      'divisor': model.multiple},
+            'training': {
+                'task': cfg.task,
+                'steps': self.step,
+                'seed': cfg.seed,
+                'data': str(cfg.label_maps),
+                'training_maps': list(self.synthesizer.maps.names),
+                'validation_maps': list(self.val_maps.names) if self.val_maps else [],
+                'batch_size': cfg.batch_size,
+                'lr': cfg.lr,
+                'synthesis': self.settings.to_dict(),
+                'hardware': _hardware(self.device),
+                'wall_time_s': round(self.wall, 1),
+            },
+        }
+        if kind == 'deform':
+            # trained on (D(m, f) - D(f, m)) / 2, or on D(m, f) alone
+            card['training']['symmetric'] = cfg.symmetric
+        if cfg.ema:
+            card['training']['ema'] = cfg.ema  # the weights are the average
+        card.update(extra or {})
+        written = save_model(model.eval(), Path(cfg.out) / kind, card)
+        model.train()
         return written
 
     # -- validation -------------------------------------------------------------------------
@@ -635,17 +699,19 @@ class Trainer:
         return before, after
 
     def validate(self) -> dict:
-        """Mean Dice of the loss labels on the held-out pairs, before and after registration."""
+        """Mean Dice of the loss labels on the held-out pairs, before and after registration
+        (with the weight average when ``config.ema`` is on)."""
         start = time.perf_counter()
         pairs = self.validation_pairs()
         if not pairs:
             return {}
         before, after = [], []
-        for pair in pairs:
-            pair = pair.to(self.device)
-            dice_before, dice_after = self.label_dice(pair, self.predict_coords(pair))
-            before.append(dice_before)
-            after.append(dice_after)
+        with self.averaged():
+            for pair in pairs:
+                pair = pair.to(self.device)
+                dice_before, dice_after = self.label_dice(pair, self.predict_coords(pair))
+                before.append(dice_before)
+                after.append(dice_after)
         return {
             'step': self.step,
             'dice': round(float(np.mean(after)), 4),
