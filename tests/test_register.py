@@ -224,7 +224,9 @@ def test_orientation_invariance(orientation_case, codes):
 
 def test_oblique_storage_invariance(orientation_case):
     """The same object sampled on a 30-degree oblique grid (qform only) gives the same moved
-    image (a smooth object, so resampling it costs well under 1e-3 of its range)."""
+    image. Resampling a smooth object costs well under 1e-3 of its range, but the trained
+    deformable network answers such input differences with slightly different fields (about
+    3e-3 of the range at worst, 1e-4 on average); mishandled geometry would be off by far more."""
     fixed, moving, expected = orientation_case
     geom = _grid('RAS', shape=(60, 64, 58), vox=3.0, rotate=30)
     oblique = _head(geom, HEAD_CENTRES, HEAD_SIGMAS)
@@ -232,7 +234,8 @@ def test_oblique_storage_invariance(orientation_case):
     oblique.set_sform(None, code=0)
     assert not np.allclose(np.abs(oblique.affine[:3, :3]), np.diag([3.0] * 3))
     got = _register_and_move(oblique, fixed, moving)
-    assert np.abs(got - expected).max() < 1e-3 * (expected.max() - expected.min())
+    error = np.abs(got - expected) / (expected.max() - expected.min())
+    assert error.max() < 5e-3 and error.mean() < 5e-4, (error.max(), error.mean())
 
 
 def test_bad_arguments():
@@ -259,20 +262,23 @@ def _dlmuse(bids, sub: str):
 
 @pytest.mark.slow
 def test_refine_registers_real_cross_subject_pair(shared_data):
-    """Joint + refinement of two real whole-head T1w (2 mm, with neck, LPS) beats the untrained
-    networks alone by far, and gives a diffeomorphic, inverse-consistent result."""
+    """Joint + refinement of two real whole-head T1w (2 mm, with neck, LPS) at the default
+    levels beats the networks alone by far, and gives a diffeomorphic, inverse-consistent
+    result (the field on the fixed image's 2 mm grid: with only the coarse levels it would stay
+    on the 4 mm grid of the trained network, a coarser field)."""
     from synthmorph_app.io.images import load_image
 
     bids = shared_data / 'bids'
     moving = load_image(bids / 'sub-03' / 'anat' / 'sub-03_T1w.nii.gz')
     fixed = load_image(bids / 'sub-04' / 'anat' / 'sub-04_T1w.nii.gz')
     mlab, flab = _dlmuse(bids, '03'), _dlmuse(bids, '04')
-    res = register(moving, fixed, mode='joint', refine=10, refine_levels=(8.0, 4.0))
+    res = register(moving, fixed, mode='joint', refine=10)
+    assert res.forward.field_geometry.shape == flab.shape
     moved = moved_image(mlab, res.forward, mode='nearest').get_fdata()
     dice = _dice(moved, flab.get_fdata())
     assert dice > 0.5, dice  # greedy reaches about 0.6 on such pairs, no registration < 0.2
     assert res.info['refine']['iterations'] == 10
-    for kind, card in res.info['models'].items():  # random networks are left out when refining
+    for kind, card in res.info['models'].items():  # random networks would be left out
         assert card['used'] is bool(card['trained']), kind
     pts = np.argwhere(flab.get_fdata() > 0)[::500] @ flab.affine[:3, :3].T + flab.affine[:3, 3]
     back = res.inverse.map_points(res.forward.map_points(pts))
@@ -306,3 +312,30 @@ def test_shipped_linear_network_registers_a_real_pair_alone(shared_data, kind):
                          moving=res.forward.moving)
     none = _dice(moved_image(mlab, identity, mode='nearest').get_fdata(), flab.get_fdata())
     assert network > none + 0.12, (network, none)
+
+
+def test_shipped_deform_network_registers_a_real_pair_alone(shared_data):
+    """The packaged deformable network is trained: after the affine network, on its own
+    (``refine=0``), it brings a real cross-subject whole-head pair clearly closer than the affine
+    network alone (brain Dice of the DLMUSE labels on 01->02: about 0.34 against 0.28 with the
+    session-7 network), without folding in the brain."""
+    from synthmorph_app.engine.weights import load_model
+    from synthmorph_app.evaluate import jacobian_stats, transform_jacobian
+    from synthmorph_app.io.images import load_image
+
+    _, card = load_model('default', 'deform')
+    assert card['trained'] is True and card['training']['steps'] > 0
+    bids = shared_data / 'bids'
+    moving = load_image(bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
+    fixed = load_image(bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz')
+    mlab, flab = _dlmuse(bids, '01'), _dlmuse(bids, '02')
+    scores = {}
+    for mode in ('affine', 'joint'):
+        res = register(moving, fixed, mode=mode, refine=0)
+        moved = moved_image(mlab, res.forward, mode='nearest').get_fdata()
+        scores[mode] = _dice(moved, flab.get_fdata())
+    assert res.info['models']['deform']['used'] is True
+    assert res.forward.field is not None and np.abs(res.forward.field).max() > 1.0  # mm
+    assert scores['joint'] > scores['affine'] + 0.04, scores
+    det, _ = transform_jacobian(res.forward)
+    assert jacobian_stats(det, flab.get_fdata() > 0)['folding_pct'] < 0.1

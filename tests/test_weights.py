@@ -16,8 +16,8 @@ SMALL_DEFORM = {'arch': 'HyperUNet', 'enc': [4, 4], 'dec': [4, 4], 'add': [4],
                 'hyper_units': [4]}  # fmt: skip
 
 
-#: packaged models that are trained (docs/model_cards.md); the others are random placeholders
-TRAINED = {'affine', 'rigid'}
+#: packaged models that are trained (docs/model_cards.md); any other would be a random placeholder
+TRAINED = {'affine', 'rigid', 'deform'}
 
 
 @pytest.fixture(autouse=True)
