@@ -26,7 +26,7 @@ SHAPE = 24
 #: Tiny networks: the tests check the machinery, not the accuracy.
 TINY_AFFINE = {'enc': [4, 8], 'add': [8], 'num_features': 8}
 TINY_DEFORM = {'enc': [4, 4], 'dec': [4, 4], 'add': [4], 'hyper_units': [8, 4],
-               'final_init_std': 1e-2}
+               'final_init_std': 1e-2, 'cost_volume': 0}
 #: Milder spatial augmentation: a tiny network and a few steps.
 MILD = {'rotate': 10.0, 'shift': 10.0, 'crop_probability': 0.0}
 

@@ -41,11 +41,12 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     'HyperUNet': HyperUNet,
 }
 
-#: Our default (small, CPU-friendly at 2 mm, 128^3) models by kind.
+#: Our default (small, CPU-friendly) models by kind. The deformable one takes a MIND cost volume
+#: (``cost_volume=1``, ours): without it the U-Net never learnt on CPU (docs/model_cards.md).
 _DEFAULTS = {
     'affine': {'arch': 'AffineDetector'},
     'rigid': {'arch': 'AffineDetector', 'rigid': True},
-    'deform': {'arch': 'HyperUNet'},
+    'deform': {'arch': 'HyperUNet', 'cost_volume': 1},
 }
 
 
