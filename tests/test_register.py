@@ -260,18 +260,24 @@ def _dlmuse(bids, sub: str):
     return nb.load(str(bids / path))
 
 
+def _t1w_pair(shared_data, moving: str, fixed: str):
+    """Two whole-head T1w of the shared BIDS dataset and their DLMUSE label maps:
+    ``(moving, fixed, moving_labels, fixed_labels)``."""
+    from synthmorph_app.io.images import load_image
+
+    bids = shared_data / 'bids'
+    images = [load_image(bids / f'sub-{s}' / 'anat' / f'sub-{s}_T1w.nii.gz')
+              for s in (moving, fixed)]
+    return (*images, _dlmuse(bids, moving), _dlmuse(bids, fixed))
+
+
 @pytest.mark.slow
 def test_refine_registers_real_cross_subject_pair(shared_data):
     """Joint + refinement of two real whole-head T1w (2 mm, with neck, LPS) at the default
     levels beats the networks alone by far, and gives a diffeomorphic, inverse-consistent
     result (the field on the fixed image's 2 mm grid: with only the coarse levels it would stay
     on the 4 mm grid of the trained network, a coarser field)."""
-    from synthmorph_app.io.images import load_image
-
-    bids = shared_data / 'bids'
-    moving = load_image(bids / 'sub-03' / 'anat' / 'sub-03_T1w.nii.gz')
-    fixed = load_image(bids / 'sub-04' / 'anat' / 'sub-04_T1w.nii.gz')
-    mlab, flab = _dlmuse(bids, '03'), _dlmuse(bids, '04')
+    moving, fixed, mlab, flab = _t1w_pair(shared_data, '03', '04')
     res = register(moving, fixed, mode='joint', refine=10)
     assert res.forward.field_geometry.shape == flab.shape
     moved = moved_image(mlab, res.forward, mode='nearest').get_fdata()
@@ -293,15 +299,11 @@ def test_shipped_linear_network_registers_a_real_pair_alone(shared_data, kind):
     of the DLMUSE labels on 01->02; about 0.28 (affine) and 0.23 (rigid) against 0.06 with the
     weights shipped in session 6)."""
     from synthmorph_app.engine.weights import load_model
-    from synthmorph_app.io.images import load_image
     from synthmorph_app.io.transforms import Transform
 
     _, card = load_model('default', kind)
     assert card['trained'] is True and card['training']['steps'] > 0
-    bids = shared_data / 'bids'
-    moving = load_image(bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
-    fixed = load_image(bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz')
-    mlab, flab = _dlmuse(bids, '01'), _dlmuse(bids, '02')
+    moving, fixed, mlab, flab = _t1w_pair(shared_data, '01', '02')
     res = register(moving, fixed, mode=kind, refine=0)
     assert res.info['models'][kind]['used'] is True
     if kind == 'rigid':  # a rotation and a shift: no scaling or shear
@@ -321,14 +323,10 @@ def test_shipped_deform_network_registers_a_real_pair_alone(shared_data):
     session-7 network), without folding in the brain."""
     from synthmorph_app.engine.weights import load_model
     from synthmorph_app.evaluate import jacobian_stats, transform_jacobian
-    from synthmorph_app.io.images import load_image
 
     _, card = load_model('default', 'deform')
     assert card['trained'] is True and card['training']['steps'] > 0
-    bids = shared_data / 'bids'
-    moving = load_image(bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
-    fixed = load_image(bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz')
-    mlab, flab = _dlmuse(bids, '01'), _dlmuse(bids, '02')
+    moving, fixed, mlab, flab = _t1w_pair(shared_data, '01', '02')
     scores = {}
     for mode in ('affine', 'joint'):
         res = register(moving, fixed, mode=mode, refine=0)

@@ -150,8 +150,8 @@ def run_train(args) -> int:
     extra = dict(args.config or {})
     for key in ('task', 'label_maps', 'out'):
         extra.pop(key, None)
-    ema = args.ema or extra.pop('ema', 0.0)  # --ema wins over --config's
-    extra.pop('ema', None)
+    config_ema = extra.pop('ema', 0.0)
+    ema = args.ema or config_ema  # --ema wins over --config's
     try:
         config = TrainConfig(
             task=args.task, label_maps=args.label_maps, out=args.out, arch=args.arch,

@@ -234,6 +234,12 @@ class TrainConfig:
 INIT_KEYS = {'init': 'torch', 'hidden_init': 'torch'}
 
 
+def _cloned(states: dict) -> dict:
+    """A copy of ``{kind: state dict}`` whose tensors share no memory with the original."""
+    return {kind: {k: v.detach().clone() for k, v in state.items()}
+            for kind, state in states.items()}
+
+
 def _initial_model(spec: str, kind: str):
     """The model of ``kind`` that a run starts from (``init_affine``/``init_deform``).
 
@@ -400,8 +406,7 @@ class Trainer:
 
     def _weights(self) -> dict:
         """A copy of every model's state (kind -> state dict)."""
-        return {kind: {k: v.detach().clone() for k, v in model.state_dict().items()}
-                for kind, model in self.models.items()}
+        return _cloned({kind: model.state_dict() for kind, model in self.models.items()})
 
     def _update_average(self) -> None:
         if self.average is None:
@@ -593,8 +598,7 @@ class Trainer:
                 LOGGER.log(25, 'the checkpoint holds no weight average: it starts from its weights')
                 self.average = self._weights()
             else:
-                self.average = {kind: {k: v.clone() for k, v in avg.items()}
-                                for kind, avg in state['average'].items()}
+                self.average = _cloned(state['average'])
         self.step = int(state['step'])
         self.wall = float(state.get('wall', 0.0))
         _set_rng_state(state['rng'])
