@@ -157,6 +157,9 @@ def test_deform_loss_weights():
     dice, o, _ = L.deform_loss(moved, fixed, disp, torch.tensor([0.5, 0.5]), 1.0, 'dice')
     torch.testing.assert_close(o, L.overlap_dice(moved, fixed))
     assert torch.allclose(dice, 0.5 * o + 0.5 * smooth)
+    heavy, _, s20 = L.deform_loss(moved, fixed, disp, torch.tensor([0.5, 0.5]), 1.0, 'dice', 20.0)
+    assert torch.equal(s20, smooth)  # the term reported is the plain smoothness
+    assert torch.allclose(heavy, 0.5 * o + 10.0 * smooth)
     with pytest.raises(ValueError, match='lam'):
         L.deform_loss(moved, fixed, disp, torch.tensor([0.5]))
     with pytest.raises(ValueError, match='overlap'):

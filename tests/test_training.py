@@ -76,6 +76,8 @@ def test_config_is_checked(tmp_path):
         _config(tmp_path, 'deform', overlap='ncc')
     with pytest.raises(ValueError, match='loss_grid'):
         _config(tmp_path, 'deform', loss_grid='quarter')
+    with pytest.raises(ValueError, match='smooth_weight'):
+        _config(tmp_path, 'deform', smooth_weight=-1)
     cfg = _config(tmp_path, 'joint')
     assert cfg.kinds == ('affine', 'deform')
     assert TrainConfig.from_dict({**cfg.to_dict(), 'unknown': 1}) == cfg
@@ -198,6 +200,8 @@ def test_resume_repeats_the_next_step_exactly(tmp_path):
     # the exported card says how the velocity was formed in training (symmetric by default)
     _, card = load_model(tmp_path / 'b' / 'out' / 'deform.pt', 'deform')
     assert card['training']['symmetric'] is True
+    assert card['training']['loss'] == {'overlap': 'mse', 'overlap_weight': 10.0,
+                                        'smooth_weight': 1.0}
     rows = {}
     for run in ('a', 'b'):
         with open(tmp_path / run / 'out' / 'train_log.csv') as fobj:

@@ -261,8 +261,9 @@ def deform_loss(
     lam: torch.Tensor,
     overlap_weight: float = 10.0,
     overlap: str = 'mse',
+    smooth_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The hypernetwork's loss ``(1 - lam) * w * overlap + lam * smoothness``, per item.
+    """The hypernetwork's loss ``(1 - lam) * w * overlap + lam * s * smoothness``, per item.
 
     Parameters
     ----------
@@ -273,6 +274,9 @@ def deform_loss(
         ``w``, voxelmorph's ``--loss-mult`` (10), balancing the small one-hot MSE.
     overlap : {'mse', 'dice'}
         :func:`overlap_mse` (labels weighted by volume) or :func:`overlap_dice` (equally).
+    smooth_weight : float
+        ``s``: scales the smoothness term, so that lambda trades overlap for smoothness over
+        its whole range (see ``TrainConfig.smooth_weight``).
 
     Returns
     -------
@@ -285,7 +289,7 @@ def deform_loss(
         raise ValueError(f'overlap must be one of {OVERLAPS}, got {overlap!r}')
     term = overlap_mse(moved, fixed) if overlap == 'mse' else overlap_dice(moved, fixed)
     smooth = grad_l2(disp)
-    return (1 - lam) * overlap_weight * term + lam * smooth, term, smooth
+    return (1 - lam) * overlap_weight * term + lam * smooth_weight * smooth, term, smooth
 
 
 def dice(a: torch.Tensor, b: torch.Tensor, labels) -> torch.Tensor:

@@ -126,6 +126,11 @@ class TrainConfig:
         Overlap term of the deformable loss: one-hot MSE (labels weighted by volume,
         :func:`.losses.overlap_mse`) or one minus soft Dice (labels weighted equally,
         :func:`.losses.overlap_dice`; use ``overlap_weight`` 1).
+    smooth_weight : float
+        ``s`` of the deformable loss ``(1 - lam) w overlap + lam s smoothness``. With the soft
+        Dice overlap (about 0.5) beside the smoothness of a typical field (about 0.003), at
+        ``s`` 1 the smoothness hardly counts at any lambda and the hypernetwork learns little
+        from lambda; a larger ``s`` makes lambda trade overlap for smoothness.
     loss_grid : {'half', 'full'}
         Grid of the overlap term: the deformable network's half-resolution grid (SynthMorph's
         choice, 8x fewer voxels) or the working grid, where the velocity is upsampled and the
@@ -176,6 +181,7 @@ class TrainConfig:
     validation_pairs: int = 8
     overlap_weight: float = 10.0
     overlap: str = 'mse'
+    smooth_weight: float = 1.0
     loss_grid: str = 'half'
     integration_steps: int = 5
     symmetric: bool = True
@@ -202,6 +208,8 @@ class TrainConfig:
             raise ValueError(f'batch_size must be >= 1, got {self.batch_size}')
         if not 0 <= self.ema < 1:
             raise ValueError(f'ema must be in [0, 1), got {self.ema}')
+        if self.smooth_weight < 0:
+            raise ValueError(f'smooth_weight must be >= 0, got {self.smooth_weight}')
         if self.lr <= 0 or self.voxel_size <= 0 or self.shape < 8:
             raise ValueError('lr and voxel_size must be positive and shape at least 8')
         if self.overlap not in L.OVERLAPS:
@@ -483,7 +491,8 @@ class Trainer:
                 inv = torch.linalg.inv(to_full)
                 points = L.apply_matrix(inv @ matrix.float() @ to_full, points)
         moved = spatial.sample_grid(seg_m, points, 'linear')
-        return L.deform_loss(moved, seg_f, disp, lam, cfg.overlap_weight, cfg.overlap)
+        return L.deform_loss(moved, seg_f, disp, lam, cfg.overlap_weight, cfg.overlap,
+                             cfg.smooth_weight)
 
     def losses(self, pair: SynthPair, lam: torch.Tensor | None = None) -> dict:
         """Loss terms of one batch (tensors ``(B,)``) and the predicted transform.
@@ -637,6 +646,9 @@ class Trainer:
         if kind == 'deform':
             # trained on (D(m, f) - D(f, m)) / 2, or on D(m, f) alone
             card['training']['symmetric'] = cfg.symmetric
+            card['training']['loss'] = {'overlap': cfg.overlap,
+                                        'overlap_weight': cfg.overlap_weight,
+                                        'smooth_weight': cfg.smooth_weight}
         if cfg.ema:
             card['training']['ema'] = cfg.ema  # the weights are the average
         card.update(extra or {})
