@@ -393,6 +393,10 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
                      str(tmp_path / 'o'), '--config', '{"no_such_option": 1}'])
     assert code == 2
     code = cli.main(['train', 'deform', '--label-maps', str(tmp_path), '--out',
+                     str(tmp_path / 'o'), '--config', '{"init_deform": "x.pt", "lr": 0.1}'])
+    err = capsys.readouterr().err
+    assert code == 2 and "'init_deform' (--init-deform), 'lr' (--lr)" in err
+    code = cli.main(['train', 'deform', '--label-maps', str(tmp_path), '--out',
                      str(tmp_path / 'o'), '--ema', '1.5'])
     assert code == 2 and 'ema must be in [0, 1)' in capsys.readouterr().err
 

@@ -144,6 +144,12 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+#: TrainConfig fields with a flag of their own (``--config`` may not set them too).
+FLAG_FIELDS = ('arch', 'steps', 'seed', 'device', 'lr', 'batch_size', 'voxel_size', 'shape',
+               'checkpoint_every', 'validate_every', 'init_affine', 'init_deform', 'workers',
+               'threads', 'curriculum')
+
+
 def run_train(args) -> int:
     from ..engine.training import TrainConfig, Trainer
 
@@ -152,14 +158,16 @@ def run_train(args) -> int:
         extra.pop(key, None)
     config_ema = extra.pop('ema', 0.0)
     ema = args.ema or config_ema  # --ema wins over --config's
+    flags = {name: getattr(args, name) for name in FLAG_FIELDS}
+    doubled = sorted(set(flags) & set(extra))
+    if doubled:
+        named = ', '.join(f"{k!r} (--{k.replace('_', '-')})" for k in doubled)
+        print(f'synthmorph-app train: error: --config sets {named}, which has its own flag: '
+              'give it once, as the flag', file=sys.stderr)
+        return 2
     try:
         config = TrainConfig(
-            task=args.task, label_maps=args.label_maps, out=args.out, arch=args.arch,
-            steps=args.steps, seed=args.seed, device=args.device, lr=args.lr,
-            batch_size=args.batch_size, voxel_size=args.voxel_size, shape=args.shape,
-            checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-            init_affine=args.init_affine, init_deform=args.init_deform, workers=args.workers,
-            threads=args.threads, curriculum=args.curriculum, ema=ema, **extra,
+            task=args.task, label_maps=args.label_maps, out=args.out, ema=ema, **flags, **extra,
         )
     except TypeError as err:
         print(f'synthmorph-app train: error: --config: {err}', file=sys.stderr)
