@@ -13,6 +13,8 @@ Each run directory holds a ``checkpoint.pt`` and ``config.json`` written by
   0.1): robustness to large rotations;
 - size (parameters) and the time of one forward pass on the working grid (1 thread).
 
+A run trained with ``--ema`` is scored with its weight average, as its validation and exports.
+
 Run from the repository root, e.g.::
 
     python benchmarks/affine_arch_bench.py training/affine-detector training/affine-encoder \\
@@ -115,15 +117,18 @@ def main(argv=None) -> int:
     for run in args.runs:
         trainer = load_run(run, run / args.checkpoint_name)
         model = trainer.models[trainer.linear_kind]
-        before, after = cross_map_dice(trainer, args.pairs)
-        row = {'run': str(run), 'arch': trainer.config.arch, 'step': trainer.step,
-               'params': sum(p.numel() for p in model.parameters()),
-               'forward_s': round(forward_time(trainer), 4),
-               'dice_before': round(before, 4), 'dice': round(after, 4)}
-        for rot in rotations:
-            mean, worst = rotation_error(trainer, rot, args.pairs)
-            row[f'err_{rot:g}'] = round(mean, 2)
-            row[f'worst_{rot:g}'] = round(worst, 2)
+        # a run with a weight average (--ema) is scored with it, as its validation and exports
+        with trainer.averaged():
+            before, after = cross_map_dice(trainer, args.pairs)
+            row = {'run': str(run), 'arch': trainer.config.arch, 'step': trainer.step,
+                   'weights': 'average' if trainer.average is not None else 'raw',
+                   'params': sum(p.numel() for p in model.parameters()),
+                   'forward_s': round(forward_time(trainer), 4),
+                   'dice_before': round(before, 4), 'dice': round(after, 4)}
+            for rot in rotations:
+                mean, worst = rotation_error(trainer, rot, args.pairs)
+                row[f'err_{rot:g}'] = round(mean, 2)
+                row[f'worst_{rot:g}'] = round(worst, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     head = ['arch', 'step', 'params', 'forward (s)', 'Dice before', 'Dice after',
