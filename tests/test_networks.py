@@ -381,6 +381,26 @@ def test_default_configs(kind):
     assert isinstance(model, (AffineDetector, HyperUNet, AffineDecomposer, AffineEncoder))
 
 
+@pytest.mark.parametrize('activation, steered', [(None, True), ('relu', False)])
+def test_default_hypernetwork_still_hears_lambda_when_its_last_units_are_negative(
+        activation, steered):
+    """The trained ReLU hypernetwork ended with every last-layer unit negative for lambda >= 0.5:
+    its output was zero there, lambda no longer steered the network, and no gradient reached
+    the units. The default (leaky ReLU) keeps lambda's signal and its gradient."""
+    cfg = default_config('deform')
+    if activation:
+        cfg['hyper_activation'] = activation
+    torch.manual_seed(0)
+    mlp = build_model(cfg).hyper
+    with torch.no_grad():
+        mlp[-2].bias.fill_(-10.0)  # every unit of the last layer below zero
+    lam = torch.tensor([[0.6], [0.9]], requires_grad=True)
+    out = mlp(lam)
+    out.sum().backward()
+    assert (not torch.equal(out[0], out[1])) is steered
+    assert bool(lam.grad.abs().sum() > 0) is steered
+
+
 @pytest.mark.parametrize('init, keeps', [('he', True), ('torch', False)])
 def test_hidden_init_keeps_the_input_signal_through_the_unet(init, keeps):
     """He's initialisation keeps the input-dependent part of the U-Net's features; the default

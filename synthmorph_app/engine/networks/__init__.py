@@ -43,10 +43,13 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 
 #: Our default (small, CPU-friendly) models by kind. The deformable one takes a MIND cost volume
 #: (``cost_volume=1``, ours): without it the U-Net never learnt on CPU (docs/model_cards.md).
+#: Its hypernetwork uses leaky ReLUs: with ReLUs (SynthMorph's choice) the trained network's
+#: 8-unit last layer ended up all dead for lambda >= 0.5, so lambda stopped steering it there
+#: and no gradient could revive the units (docs/model_cards.md, the deform card).
 _DEFAULTS = {
     'affine': {'arch': 'AffineDetector'},
     'rigid': {'arch': 'AffineDetector', 'rigid': True},
-    'deform': {'arch': 'HyperUNet', 'cost_volume': 1},
+    'deform': {'arch': 'HyperUNet', 'cost_volume': 1, 'hyper_activation': 'leaky_relu'},
 }
 
 
