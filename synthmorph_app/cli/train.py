@@ -144,13 +144,9 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-#: TrainConfig fields with a flag of their own (``--config`` may not set them too).
-FLAG_FIELDS = ('arch', 'steps', 'seed', 'device', 'lr', 'batch_size', 'voxel_size', 'shape',
-               'checkpoint_every', 'validate_every', 'init_affine', 'init_deform', 'workers',
-               'threads', 'curriculum')
-
-
 def run_train(args) -> int:
+    from dataclasses import fields
+
     from ..engine.training import TrainConfig, Trainer
 
     extra = dict(args.config or {})
@@ -158,7 +154,9 @@ def run_train(args) -> int:
         extra.pop(key, None)
     config_ema = extra.pop('ema', 0.0)
     ema = args.ema or config_ema  # --ema wins over --config's
-    flags = {name: getattr(args, name) for name in FLAG_FIELDS}
+    # TrainConfig fields with a flag of their own (--config may not set them too)
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if hasattr(args, f.name) and f.name not in ('task', 'label_maps', 'out', 'ema')}
     doubled = sorted(set(flags) & set(extra))
     if doubled:
         named = ', '.join(f"{k!r} (--{k.replace('_', '-')})" for k in doubled)
