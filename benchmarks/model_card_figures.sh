@@ -2,7 +2,7 @@
 # Every real-image figure that docs/model_cards.md quotes for the packaged networks, rerun on the
 # packaged files (run it after replacing a model in synthmorph_app/data/weights/).
 #   bash benchmarks/model_card_figures.sh TAG      # writes benchmarks/results/*_TAG.json
-# About 45 minutes on one CPU core (greedy runs side by side on the T1w pairs for time ratios).
+# About 55 minutes on one CPU core (greedy runs side by side on the T1w pairs for time ratios).
 # The two halves (the networks alone, the defaults) may run at once: `--part networks` and
 # `--part defaults` (greedy's time ratios are then taken beside the other half).
 set -euo pipefail
@@ -39,4 +39,9 @@ python benchmarks/contrast_bench.py --methods ours-affine ours-joint --figure ""
     --json "$R/contrast_bench_defaults_$tag.json"
 python benchmarks/lambda_bench.py --pairs 2 --json "$R/lambda_bench_$tag.json" \
     --plot "$F/lambda_$tag.png"
+# images moved by known affines, back to themselves: the affine mode and the network alone
+python benchmarks/known_affine_bench.py --methods ours ours-network \
+    --json "$R/known_affine_bench_$tag.json"
+python benchmarks/known_affine_bench.py --images chris chris-pdw --methods ours ours-network \
+    --json "$R/known_affine_bench_chris_$tag.json"
 fi
