@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         steps = card.get('training', {}).get('steps', '?')
         C.plot_dice_and_spread(summary, args.plot, 'lambda (hypernetwork input)',
                                'mean Dice (brain labels)',
-                               f'deformable hypernetwork at step {steps}, no refinement, '
+                               f'deformable hypernetwork at step {steps}, no refinement,\n'
                                f'{len(pairs)} held-out synthetic pairs', fontsize=9)
     return 0
 
