@@ -133,7 +133,8 @@ def run_method(method: str, moving: str, fixed: str, threads: int, options) -> d
     return C.in_child(C.run_ants, moving, fixed, 'Affine', threads)
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise_errors(rows: list[dict]) -> list[dict]:
+    """Mean, median and worst error and the pairs under 1 mm per method and rotation range."""
     out = []
     for method in dict.fromkeys(r['method'] for r in rows):
         for rotation in [*dict.fromkeys(r['rotation'] for r in rows), 'all']:
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
                         print(f'{name} R {rotation:g} #{draw} {method:12} error '
                               f'{err:.2f} mm (max {worst:.2f}; before {before[0]:.1f}) '
                               f'{res["time"]:.1f} s', flush=True)
-                    summary = summarise(rows)
+                    summary = summarise_errors(rows)
                     C.write_json(args.json, {
                         'script': 'known_affine_bench',
                         'argv': sys.argv[1:] if argv is None else argv,
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
     print()
     print(C.markdown(rows, COLUMNS))
     print()
-    print(C.markdown(summarise(rows), SUMMARY))
+    print(C.markdown(summarise_errors(rows), SUMMARY))
     return 0
 
 
