@@ -661,17 +661,14 @@ def robust_affine_init(
         scores = torch.cat([level.loss(chunk) for chunk in mats.split(16)]).cpu().numpy()
     order = list(np.argsort(scores[: len(pool)])[:top_k])
     starts = [pool[i] for i in order] + extra
+    start_scores = [scores[i] for i in order] + list(scores[len(pool):])
     best, best_score = None, np.inf
-    for k, start in enumerate(starts):
+    for k, (start, before) in enumerate(zip(starts, start_scores)):
         step = 0.15 * voxel
         matrix, score = _run_affine(level, start, c_f, rigid, iterations, step)
         if verbose:
-            log.info(
-                'affine init start %d: dissimilarity %.4f -> %.4f',
-                k,
-                scores[order[k]] if k < len(order) else float('nan'),
-                score,
-            )
+            given = ' (given)' if k >= len(order) else ''
+            log.info('affine init start %d%s: dissimilarity %.4f -> %.4f', k, given, before, score)
         if score < best_score:
             best, best_score = matrix, score
     return best
