@@ -205,8 +205,9 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
 
 
 def run_greedy(moving: str, fixed: str, metric: str = 'NCC 2x2x2', threads: int = 1,
-               deformable: bool = True) -> dict:
-    """``picsl_greedy``: 12-DOF affine (``-ia-image-centers``), then the deformable step.
+               deformable: bool = True, dof: int = 12) -> dict:
+    """``picsl_greedy``: ``dof``-DOF linear stage (12: affine, 6: rigid;
+    ``-ia-image-centers``), then the deformable step.
 
     Both use ``-n 100x50x10 -m METRIC`` and greedy's default smoothing. Returns the full
     transform, with ``affine_time`` the time of the affine stage.
@@ -218,7 +219,7 @@ def run_greedy(moving: str, fixed: str, metric: str = 'NCC 2x2x2', threads: int 
         aff, warp = f'{tmp}/aff.mat', f'{tmp}/warp.nii.gz'
         t0 = time.perf_counter()
         g = Greedy3D()
-        g.execute(f'{base} -a -dof 12 -ia-image-centers -o {aff}')
+        g.execute(f'{base} -a -dof {dof} -ia-image-centers -o {aff}')
         t_aff = time.perf_counter() - t0
         if deformable:
             g.execute(f'{base} -it {aff} -o {warp}')

@@ -12,7 +12,9 @@ rotations uniform in +-R degrees about each of the three axes, for each R of ``-
 (default 0, 15, 30, 45), shifts uniform in +-30 mm per axis and scalings uniform in 0.9-1.1 per
 axis (the synthesis's ranges). No shear: ITK (greedy, ANTs) stores an image's orientation as
 direction cosines and spacings and cannot read a sheared header, whereas scaling before a
-rotation keeps the header of these images (axes along the world's) representable.
+rotation keeps the header of these images (axes along the world's) representable. With ``--mode
+rigid`` there is no scaling either, and ours runs ``register -m rigid`` (greedy ``-dof 6``,
+ANTs ``Rigid``).
 
 Images (``--images``, whole head unless said): ``bert`` (FreeSurfer ``norm.mgz``, skull-stripped,
 1 mm; brain = ``aseg`` > 0), ``01`` ... ``12`` (``sub-XX_T1w``, 2 mm; brain = DLMUSE > 0),
@@ -104,10 +106,11 @@ def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
     return out
 
 
-def known_affine(rng: np.random.Generator, rotation: float, centre: np.ndarray) -> np.ndarray:
+def known_affine(rng: np.random.Generator, rotation: float, centre: np.ndarray,
+                 scale: float = SCALE) -> np.ndarray:
     """A world-space 4x4 ``T``: shift o rotation o scaling, about ``centre`` (RAS mm)."""
     linear = rotation_matrix(rng.uniform(-rotation, rotation, 3)) @ np.diag(
-        rng.uniform(1 - SCALE, 1 + SCALE, 3))
+        rng.uniform(1 - scale, 1 + scale, 3))
     out = np.eye(4)
     out[:3, :3] = linear
     out[:3, 3] = centre - linear @ centre + rng.uniform(-SHIFT_MM, SHIFT_MM, 3)
@@ -121,16 +124,18 @@ def errors(found: np.ndarray, truth: np.ndarray, points: np.ndarray) -> tuple[fl
     return float(dist.mean()), float(dist.max())
 
 
-def run_method(method: str, moving: str, fixed: str, threads: int, options) -> dict:
+def run_method(method: str, moving: str, fixed: str, threads: int, options,
+               mode: str = 'affine') -> dict:
     if method == 'ours':
-        return C.in_child(C.run_register, moving, fixed, 'affine', threads, options)
+        return C.in_child(C.run_register, moving, fixed, mode, threads, options)
     if method == 'ours-network':
-        return C.in_child(C.run_register, moving, fixed, 'affine', threads,
+        return C.in_child(C.run_register, moving, fixed, mode, threads,
                           [*options, '--refine', '0'])
     if method == 'greedy':
-        res = C.in_child(C.run_greedy, moving, fixed, 'NCC 2x2x2', threads, False)
+        res = C.in_child(C.run_greedy, moving, fixed, 'NCC 2x2x2', threads, False,
+                         6 if mode == 'rigid' else 12)
         return dict(res, time=res['affine_time'])
-    return C.in_child(C.run_ants, moving, fixed, 'Affine', threads)
+    return C.in_child(C.run_ants, moving, fixed, mode.capitalize(), threads)
 
 
 def summarise_errors(rows: list[dict]) -> list[dict]:
@@ -163,6 +168,9 @@ def main(argv=None) -> int:
                         help='known affines per image and rotation range (default 2)')
     parser.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS),
                         help='methods (default: all)')
+    parser.add_argument('--mode', choices=('affine', 'rigid'), default='affine',
+                        help='affine (default) or rigid: known transforms without scaling, '
+                             'every method in its rigid mode')
     parser.add_argument('--seed', type=int, default=0, help='seed of the known affines (0)')
     parser.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
     C.add_register_options(parser, '--ours-options', '--refine 30')
@@ -193,13 +201,14 @@ def main(argv=None) -> int:
             centre = points.mean(axis=0)
             for rotation in rotations:
                 for draw in range(args.draws):
-                    truth = known_affine(rng, rotation, centre)
+                    truth = known_affine(rng, rotation, centre,
+                                         0.0 if args.mode == 'rigid' else SCALE)
                     moving_path = Path(tmp) / f'{name}_r{rotation:g}_{draw}.nii.gz'
                     nb.save(nb.Nifti1Image(data, truth @ img.affine), moving_path)
                     before = errors(np.eye(4), truth, points)
                     for method in args.methods:
                         res = run_method(method, str(moving_path), str(fixed_path),
-                                         args.threads, args.ours_options)
+                                         args.threads, args.ours_options, args.mode)
                         err, worst = errors(res['affine'], truth, points)
                         row = {'image': name, 'what': spec['what'], 'brain': brain_src,
                                'rotation': rotation, 'draw': draw, 'method': method,
@@ -212,7 +221,7 @@ def main(argv=None) -> int:
                               f'{res["time"]:.1f} s', flush=True)
                     summary = summarise_errors(rows)
                     C.write_json(args.json, {
-                        'script': 'known_affine_bench',
+                        'script': 'known_affine_bench', 'mode': args.mode,
                         'argv': sys.argv[1:] if argv is None else argv,
                         'environment': C.environment(), 'rows': rows, 'summary': summary})
     print()
