@@ -94,23 +94,19 @@ def brain_mask(files: dict, data: np.ndarray, grid) -> tuple[np.ndarray, str]:
     return masks.brain_weight(data, grid) > 0.5, 'masks.brain_weight > 0.5'
 
 
-def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
-    """Rotation about x, then y, then z by ``angles_deg``."""
-    out = np.eye(3)
-    for axis, angle in enumerate(np.deg2rad(angles_deg)):
-        c, s = np.cos(angle), np.sin(angle)
-        i, j = [k for k in range(3) if k != axis]
-        rot = np.eye(3)
-        rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
-        out = rot @ out
-    return out
-
-
 def known_affine(rng: np.random.Generator, rotation: float, centre: np.ndarray,
                  scale: float = SCALE) -> np.ndarray:
-    """A world-space 4x4 ``T``: shift o rotation o scaling, about ``centre`` (RAS mm)."""
-    linear = rotation_matrix(rng.uniform(-rotation, rotation, 3)) @ np.diag(
-        rng.uniform(1 - scale, 1 + scale, 3))
+    """A world-space 4x4 ``T``: shift o rotation o scaling, about ``centre`` (RAS mm).
+
+    The rotation is voxelmorph's (``params_to_affine``) transposed, so that it turns about x,
+    then y, then z by the drawn angles (the convention of the committed results).
+    """
+    import torch
+    import voxelmorph as vxm
+
+    angles = torch.as_tensor(rng.uniform(-rotation, rotation, 3))
+    rot = vxm.functional.params_to_affine(3, rotation=angles, degrees=True).double().numpy()
+    linear = rot[:3, :3].T @ np.diag(rng.uniform(1 - scale, 1 + scale, 3))
     out = np.eye(4)
     out[:3, :3] = linear
     out[:3, 3] = centre - linear @ centre + rng.uniform(-SHIFT_MM, SHIFT_MM, 3)
@@ -185,6 +181,8 @@ def main(argv=None) -> int:
     C.pin_threads(args.threads)
     import nibabel as nb
 
+    from synthmorph_app.io.images import Geometry
+
     rng = np.random.default_rng(args.seed)
     rows = []
     print(f'threads {args.threads}; methods {", ".join(args.methods)}', flush=True)
@@ -193,8 +191,9 @@ def main(argv=None) -> int:
             img = nb.load(spec['image'])
             data = np.asarray(img.dataobj, dtype=np.float32)
             fixed_path = Path(tmp) / f'{name}_fixed.nii.gz'
-            nb.save(nb.Nifti1Image(data, img.affine), fixed_path)
-            _, grid = C.load(fixed_path)
+            fixed_img = nb.Nifti1Image(data, img.affine)
+            nb.save(fixed_img, fixed_path)
+            grid = Geometry.from_image(fixed_img)
             brain, brain_src = brain_mask(spec, data, grid)
             ijk = np.argwhere(brain)
             points = ijk @ grid.affine[:3, :3].T + grid.affine[:3, 3]
