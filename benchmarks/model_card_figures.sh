@@ -2,7 +2,7 @@
 # Every real-image figure that docs/model_cards.md quotes for the packaged networks, rerun on the
 # packaged files (run it after replacing a model in synthmorph_app/data/weights/).
 #   bash benchmarks/model_card_figures.sh TAG      # writes benchmarks/results/*_TAG.json
-# About 55 minutes on one CPU core (greedy runs side by side on the T1w pairs for time ratios).
+# About 65 minutes on one CPU core (greedy runs side by side on the T1w pairs for time ratios).
 # The two halves (the networks alone, the defaults) may run at once: `--part networks` and
 # `--part defaults` (greedy's time ratios are then taken beside the other half).
 set -euo pipefail
@@ -20,7 +20,8 @@ SYNTHMORPH_REFINE=0 python benchmarks/refine_bench.py --pairs 12 --no-ours --no-
     --register --register-mode affine --json "$R/refine_bench_affine_network_$tag.json"
 SYNTHMORPH_REFINE=0 python benchmarks/refine_bench.py --pairs 12 --no-ours --no-greedy --none \
     --register --register-mode joint --json "$R/refine_bench_deform_network_$tag.json"
-python benchmarks/template_bench.py --methods none ours-affine ours-joint \
+python benchmarks/template_bench.py --pairs mni fsaverage mni-t2w \
+    --methods none ours-affine ours-joint \
     --ours-options="--refine 0" --json "$R/template_bench_network_$tag.json"
 SYNTHMORPH_REFINE=0 python benchmarks/lambda_bench.py --pairs 4 \
     --json "$R/lambda_bench_deform_network_$tag.json" --plot "$F/lambda_deform_network_$tag.png"
@@ -37,6 +38,12 @@ python benchmarks/template_bench.py --methods ours-affine ours-joint \
     --json "$R/template_bench_defaults_$tag.json"
 python benchmarks/contrast_bench.py --methods ours-affine ours-joint --figure "" \
     --json "$R/contrast_bench_defaults_$tag.json"
+# across contrasts and people: FLAIR to another person's T1w (DLMUSE labels), bert (T1) to the
+# T2w template (aseg labels)
+SYNTHMORPH_REFINE=15 python benchmarks/refine_bench.py --pairs 12 --moving-contrast FLAIR \
+    --no-ours --no-greedy --register --json "$R/refine_bench_flair_register_$tag.json"
+python benchmarks/template_bench.py --pairs mni-t2w --methods ours-affine ours-joint \
+    --json "$R/template_bench_t2w_defaults_$tag.json"
 python benchmarks/lambda_bench.py --pairs 2 --json "$R/lambda_bench_$tag.json" \
     --plot "$F/lambda_$tag.png"
 # images moved by known affines, back to themselves: the affine mode and the network alone

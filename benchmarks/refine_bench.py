@@ -14,9 +14,19 @@ nearest neighbour), MIND-NCC of the moved image in the fixed brain (DLMUSE label
 voxels with a Jacobian determinant <= 0 in the fixed brain and head, SD of the log Jacobian in
 the brain, wall time (also as a ratio to greedy's on the same pair) and peak memory.
 
+``--moving-contrast FLAIR`` moves ``sub-A``'s FLAIR (its own 2 mm grid) instead of its T1w:
+cross-subject *and* cross-contrast pairs with labels. ``sub-A``'s DLMUSE labels (on its T1w grid)
+are carried onto its FLAIR by antspyx ``Rigid`` (T1w -> FLAIR of the one person, mutual
+information; the two scans of a session can differ by several mm and degrees, so the world
+coordinates alone would not do), once per subject and the same for every method. greedy then
+uses NMI unless ``--greedy-metric`` says otherwise. ``--same-subject`` pairs each moving subject
+with its own T1w instead: with FLAIR, a check of what a deformable step does where a rigid map
+suffices (as far as the two scans of a session share their geometry).
+
 Run from the repository root, e.g.::
 
     python benchmarks/refine_bench.py --pairs 4 --ants --fireants --convexadam
+    python benchmarks/refine_bench.py --pairs 12 --moving-contrast FLAIR --no-ours --register
 
 This is a script, not a timed test. See ``benchmarks/README.md`` for figures.
 """
@@ -55,6 +65,10 @@ def t1w(sub: str) -> Path:
     return DATA / f'sub-{sub}' / 'anat' / f'sub-{sub}_T1w.nii.gz'
 
 
+def anat(sub: str, contrast: str) -> Path:
+    return DATA / f'sub-{sub}' / 'anat' / f'sub-{sub}_{contrast}.nii.gz'
+
+
 def labels(sub: str) -> Path:
     return (
         DATA
@@ -64,6 +78,20 @@ def labels(sub: str) -> Path:
         / 'anat'
         / f'sub-{sub}_space-T1w_desc-dlmuse_dseg.nii.gz'
     )
+
+
+def moving_labels(sub: str, contrast: str, moving) -> np.ndarray:
+    """``sub``'s DLMUSE labels on the grid of its ``contrast`` image (``moving``: array and
+    Geometry); for another contrast than T1w, carried by antspyx ``Rigid`` (in a child)."""
+    import nibabel as nb
+
+    lab = np.asarray(nb.load(labels(sub)).dataobj).astype(np.float32)
+    if contrast == 'T1w':
+        return lab
+    t1 = C.load(t1w(sub))
+    rigid = C.in_child(C.run_ants, str(t1w(sub)), str(anat(sub, contrast)), 'Rigid')
+    xfm = C.as_transform(rigid, moving[1], t1[1], linear=True)
+    return C.moved(lab, t1[1], xfm, moving[1], mode='nearest')
 
 
 def run_ours(moving_path, fixed_path, args) -> dict:
@@ -138,7 +166,8 @@ def _runners(args) -> dict:
             args.register_options,
         )
     if not args.no_greedy:
-        runners['greedy'] = lambda m, f: C.in_child(C.run_greedy, str(m), str(f), 'NCC 2x2x2',
+        metric = args.greedy_metric or ('NCC 2x2x2' if args.moving_contrast == 'T1w' else 'NMI')
+        runners['greedy'] = lambda m, f: C.in_child(C.run_greedy, str(m), str(f), metric,
                                                     args.threads)
     if args.ants:
         runners['ants'] = lambda m, f: C.in_child(C.run_ants, str(m), str(f), 'SyN',
@@ -198,6 +227,16 @@ def main(argv=None):
                      help='also ConvexAdam (MIND-SSC) after an affine (--convexadam-affine)')
     sel.add_argument('--convexadam-affine', choices=('ants', 'greedy'), default='ants',
                      help='the affine ConvexAdam starts from (default ants: antspyx Affine)')
+    sel.add_argument('--moving-contrast', choices=('T1w', 'FLAIR'), default='T1w',
+                     help="the moving subject's image (the fixed one is always a T1w); FLAIR: "
+                          'labels carried by a same-subject rigid registration (see above)')
+    sel.add_argument('--same-subject', action='store_true',
+                     help="each pair's moving subject to its own T1w (with --moving-contrast "
+                          'FLAIR: the labels match after the rigid alignment, so as far as '
+                          "the two scans share their geometry, a deformable step's motion is "
+                          'error)')
+    sel.add_argument('--greedy-metric', help="greedy's metric (default: NCC 2x2x2 for T1w, NMI "
+                                             'for FLAIR)')
     sel.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
     sel.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                             'refine_bench.json'), help='output JSON')
@@ -233,27 +272,33 @@ def main(argv=None):
     from synthmorph_app.engine import masks
 
     runners = _runners(args)
-    print(f'threads {args.threads}; methods {", ".join(runners)}; ours: lam {args.lam}, levels '
+    print(f'moving {args.moving_contrast}; threads {args.threads}; methods {", ".join(runners)}; '
+          f'ours: lam {args.lam}, levels '
           f'{args.levels}, iterations {args.iterations}, weight {args.weight}, metric '
           f'{args.metric}', flush=True)
     selected = [PAIRS[i] for i in args.only] if args.only else PAIRS[: args.pairs]
+    if args.same_subject:
+        selected = [(mov, mov) for mov, _ in selected]
     rows = []
+    contrast = args.moving_contrast
+    tag = '' if contrast == 'T1w' else f'_{contrast}'
     for mov, fix in selected:
-        pair = f'{mov}->{fix}'
+        pair = f'{mov}->{fix}' if contrast == 'T1w' else f'{mov} {contrast}->{fix}'
+        moving_path = anat(mov, contrast)
         flab = np.asarray(nb.load(labels(fix)).dataobj).astype(np.int32)
-        mlab = np.asarray(nb.load(labels(mov)).dataobj).astype(np.float32)
-        fixed, moving = C.load(t1w(fix)), C.load(t1w(mov))
+        fixed, moving = C.load(t1w(fix)), C.load(moving_path)
+        mlab = moving_labels(mov, contrast, moving)
         brain = flab > 0
         head = masks.head_mask(fixed[0], fixed[1], top_mm=None)
         common = np.intersect1d(np.unique(flab[flab > 0]), np.unique(mlab[mlab > 0]))
         pair_rows = []
         for name, runner in runners.items():
-            store = Path(args.cache or '/nonexistent') / f'{name}_{mov}_{fix}.json'
+            store = Path(args.cache or '/nonexistent') / f'{name}_{mov}_{fix}{tag}.json'
             if name != 'ours' and store.exists():
                 row = json.loads(store.read_text())
                 row['cached'] = True
             else:
-                res = runner(t1w(mov), t1w(fix))
+                res = runner(moving_path, t1w(fix))
                 row = C.result_row(pair, name, res, affine_time=res.get('affine_time'))
                 kw = {'moving_labels': mlab, 'fixed_labels': flab, 'labels': common}
                 row['dice_aff'] = C.score(res, moving, fixed, linear=True, **kw)['dice']
