@@ -111,8 +111,22 @@ def test_h5_read_by_ants_and_nitransforms(main_run, shared_data):
 
     xfm = nt.manip.load(str(fwd), fmt='itk')
     nt_out = np.asanyarray(apply(xfm, str(moving), reference=str(TEMPLATE), order=1).dataobj)
-    inside = np.zeros(ours.shape, bool)
-    inside[2:-2, 2:-2, 2:-2] = True  # boundary voxels depend on each tool's edge rule
+    # Voxels near an edge depend on each tool's edge rule: the template grid's border, and where
+    # the moving image's field of view ends inside the template (a field of ones moved by ANTs
+    # falls below 1 there; one voxel more for the tools' different half-voxel rules).
+    from scipy import ndimage
+
+    ones = ants.image_read(str(moving))
+    ones = ones.new_image_like(np.ones(ones.shape, dtype='float32'))
+    covered = ants.apply_transforms(
+        fixed=ants.image_read(str(TEMPLATE)), moving=ones, transformlist=[str(fwd)],
+        interpolator='linear',
+    ).numpy() > 0.999
+    interior = np.zeros(ours.shape, bool)
+    interior[2:-2, 2:-2, 2:-2] = True
+    inside = interior & ndimage.binary_erosion(covered, iterations=1)
+    # the comparison still covers nearly the whole template grid
+    assert inside.sum() > 0.9 * interior.sum()
     assert np.abs(ants_out - ours)[inside].max() < 1e-3 * span
     assert np.abs(nt_out - ours)[inside].max() < 1e-3 * span
 
