@@ -34,16 +34,13 @@ SYNTHMORPH_REFINE=15 python benchmarks/refine_bench.py --pairs 12 --no-ours --re
     --json "$R/refine_bench_register_$tag.json"
 SYNTHMORPH_REFINE=15 python benchmarks/refine_bench.py --pairs 12 --no-ours --no-greedy \
     --register --register-mode affine --json "$R/refine_bench_affine_mode_$tag.json"
-python benchmarks/template_bench.py --methods ours-affine ours-joint \
+python benchmarks/template_bench.py --pairs mni fsaverage mni-t2w --methods ours-affine ours-joint \
     --json "$R/template_bench_defaults_$tag.json"
 python benchmarks/contrast_bench.py --methods ours-affine ours-joint --figure "" \
     --json "$R/contrast_bench_defaults_$tag.json"
-# across contrasts and people: FLAIR to another person's T1w (DLMUSE labels), bert (T1) to the
-# T2w template (aseg labels)
+# across contrasts and people: FLAIR to another person's T1w (DLMUSE labels)
 SYNTHMORPH_REFINE=15 python benchmarks/refine_bench.py --pairs 12 --moving-contrast FLAIR \
     --no-ours --no-greedy --register --json "$R/refine_bench_flair_register_$tag.json"
-python benchmarks/template_bench.py --pairs mni-t2w --methods ours-affine ours-joint \
-    --json "$R/template_bench_t2w_defaults_$tag.json"
 python benchmarks/lambda_bench.py --pairs 2 --json "$R/lambda_bench_$tag.json" \
     --plot "$F/lambda_$tag.png"
 # images moved by known affines, back to themselves: the affine mode and the network alone

@@ -58,16 +58,6 @@ PAIRS = {
         'images': 'bert brain.mgz (skull-stripped) -> MNI152NLin6Asym res-01 desc-brain T1w',
         'labels': 'aseg labels < 100 present in both (wmparc, FreeSurfer numbers)',
     },
-    'mni-t2w': {
-        'moving': FS / 'bert' / 'mri' / 'brain.mgz',
-        'moving_labels': FS / 'bert' / 'mri' / 'aseg.mgz',
-        'fixed': MNI / 'tpl-MNI152NLin6Asym_res-01_desc-brain_T2w.nii.gz',
-        'fixed_labels': MNI / 'tpl-MNI152NLin6Asym_res-01_desc-wmparc_dseg.nii.gz',
-        'brain': MNI / 'tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz',
-        'images': 'bert brain.mgz (T1, skull-stripped) -> MNI152NLin6Asym res-01 desc-brain T2w',
-        'labels': 'aseg labels < 100 present in both (wmparc, FreeSurfer numbers)',
-        'greedy_metric': 'NMI',  # T1 to T2: local NCC assumes one contrast
-    },
     'fsaverage': {
         'moving': FS / 'bert' / 'mri' / 'brain.mgz',
         'moving_labels': FS / 'bert' / 'mri' / 'aseg.mgz',
@@ -78,6 +68,14 @@ PAIRS = {
         'labels': '30 largest fsaverage aseg structures present in both',
     },
 }
+
+# the T2w template on the T1w template's grid: the same labels and mask as 'mni'
+PAIRS['mni-t2w'] = dict(
+    PAIRS['mni'],
+    fixed=MNI / 'tpl-MNI152NLin6Asym_res-01_desc-brain_T2w.nii.gz',
+    images='bert brain.mgz (T1, skull-stripped) -> MNI152NLin6Asym res-01 desc-brain T2w',
+    greedy_metric='NMI',  # T1 to T2: greedy's local NCC assumes one contrast
+)
 
 METHODS = ('none', 'ours-affine', 'ours-joint', 'ants-affine', 'ants-syn', 'greedy')
 
