@@ -61,12 +61,12 @@ PAIRS = [
     ('12', '01'),
 ]
 
-def t1w(sub: str) -> Path:
-    return DATA / f'sub-{sub}' / 'anat' / f'sub-{sub}_T1w.nii.gz'
-
-
 def anat(sub: str, contrast: str) -> Path:
     return DATA / f'sub-{sub}' / 'anat' / f'sub-{sub}_{contrast}.nii.gz'
+
+
+def t1w(sub: str) -> Path:
+    return anat(sub, 'T1w')
 
 
 def labels(sub: str) -> Path:
@@ -85,13 +85,16 @@ def moving_labels(sub: str, contrast: str, moving) -> np.ndarray:
     Geometry); for another contrast than T1w, carried by antspyx ``Rigid`` (in a child)."""
     import nibabel as nb
 
-    lab = np.asarray(nb.load(labels(sub)).dataobj).astype(np.float32)
+    from synthmorph_app.io.images import Geometry
+
+    img = nb.load(labels(sub))  # on the T1w grid
+    lab = np.asarray(img.dataobj).astype(np.float32)
     if contrast == 'T1w':
         return lab
-    t1 = C.load(t1w(sub))
+    t1_grid = Geometry.from_image(img)
     rigid = C.in_child(C.run_ants, str(t1w(sub)), str(anat(sub, contrast)), 'Rigid')
-    xfm = C.as_transform(rigid, moving[1], t1[1], linear=True)
-    return C.moved(lab, t1[1], xfm, moving[1], mode='nearest')
+    xfm = C.as_transform(rigid, moving[1], t1_grid, linear=True)
+    return C.moved(lab, t1_grid, xfm, moving[1], mode='nearest')
 
 
 def run_ours(moving_path, fixed_path, args) -> dict:

@@ -102,9 +102,9 @@ def test_h5_read_by_ants_and_nitransforms(main_run, shared_data):
 
     import ants
 
+    ants_template, ants_moving = ants.image_read(str(TEMPLATE)), ants.image_read(str(moving))
     ants_out = ants.apply_transforms(
-        fixed=ants.image_read(str(TEMPLATE)), moving=ants.image_read(str(moving)),
-        transformlist=[str(fwd)], interpolator='linear',
+        fixed=ants_template, moving=ants_moving, transformlist=[str(fwd)], interpolator='linear',
     ).numpy()
     import nitransforms as nt
     from nitransforms.resampling import apply
@@ -116,11 +116,9 @@ def test_h5_read_by_ants_and_nitransforms(main_run, shared_data):
     # falls below 1 there; one voxel more for the tools' different half-voxel rules).
     from scipy import ndimage
 
-    ones = ants.image_read(str(moving))
-    ones = ones.new_image_like(np.ones(ones.shape, dtype='float32'))
+    ones = ants_moving.new_image_like(np.ones(ants_moving.shape, dtype='float32'))
     covered = ants.apply_transforms(
-        fixed=ants.image_read(str(TEMPLATE)), moving=ones, transformlist=[str(fwd)],
-        interpolator='linear',
+        fixed=ants_template, moving=ones, transformlist=[str(fwd)], interpolator='linear',
     ).numpy() > 0.999
     interior = np.zeros(ours.shape, bool)
     interior[2:-2, 2:-2, 2:-2] = True
