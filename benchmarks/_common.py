@@ -178,7 +178,7 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
     ``register(...)`` (it reads the lazily loaded image data, as the command does).
     """
     torch = _torch_threads()
-    from synthmorph_app.cli.parser import INIT_METHODS, build_parser
+    from synthmorph_app.cli.parser import CROSS_CONTRAST, INIT_METHODS, build_parser
     from synthmorph_app.cli.run import assign_weights
     from synthmorph_app.engine.register import register
     from synthmorph_app.io.images import load_image
@@ -195,6 +195,7 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
         device='cpu', init_method=args.init if args.init in INIT_METHODS else 'network',
         refine_metric=args.refine_metric, refine_levels=args.refine_levels,
         refine_weight=args.refine_weight,
+        cross_contrast=CROSS_CONTRAST[args.cross_contrast],
     )
     elapsed = time.perf_counter() - t0
     fwd = result.forward

@@ -38,9 +38,15 @@ python benchmarks/template_bench.py --pairs mni fsaverage mni-t2w --methods ours
     --json "$R/template_bench_defaults_$tag.json"
 python benchmarks/contrast_bench.py --methods ours-affine ours-joint --figure "" \
     --json "$R/contrast_bench_defaults_$tag.json"
-# across contrasts and people: FLAIR to another person's T1w (DLMUSE labels)
+# across contrasts and people: FLAIR to another person's T1w (DLMUSE labels), and to the same
+# person's T1w, as the BIDS-App registers a FLAIR (--cross-contrast yes)
 SYNTHMORPH_REFINE=15 python benchmarks/refine_bench.py --pairs 12 --moving-contrast FLAIR \
-    --no-ours --no-greedy --register --json "$R/refine_bench_flair_register_$tag.json"
+    --no-ours --no-greedy --register --register-options "--cross-contrast yes" \
+    --json "$R/refine_bench_flair_contrasts_$tag.json"
+SYNTHMORPH_REFINE=15 python benchmarks/refine_bench.py --pairs 6 --same-subject \
+    --moving-contrast FLAIR --no-ours --no-greedy --register \
+    --register-options "--cross-contrast yes" \
+    --json "$R/refine_bench_flair_same_subject_contrasts_$tag.json"
 python benchmarks/lambda_bench.py --pairs 2 --json "$R/lambda_bench_$tag.json" \
     --plot "$F/lambda_$tag.png"
 # images moved by known affines, back to themselves: the affine mode and the network alone

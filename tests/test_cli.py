@@ -46,6 +46,20 @@ def test_help_texts(capsys):
     assert 'fixed -> moving' in out and '.lta' in out and 'mri_synthmorph' in out
 
 
+def test_refine_options_parse_in_both_apps():
+    """``register`` and the BIDS-App share the refinement options; the BIDS-App's own
+    ``--contrasts`` (which suffixes) and ``--cross-contrast`` live side by side."""
+    from synthmorph_app.cli.bids import build_bids_parser
+    from synthmorph_app.cli.parser import CROSS_CONTRAST, build_parser
+
+    args = build_parser().parse_args(['register', '--cross-contrast', 'yes', 'm.nii', 'f.nii'])
+    assert CROSS_CONTRAST[args.cross_contrast] is True
+    args = build_bids_parser().parse_args(['bids', 'out', 'participant', '--contrasts', 'FLAIR',
+                                           '--cross-contrast', 'no'])
+    assert args.contrasts == ['FLAIR'] and CROSS_CONTRAST[args.cross_contrast] is False
+    assert build_bids_parser().parse_args(['bids', 'out', 'participant']).cross_contrast == 'auto'
+
+
 def test_register_writes_every_format_and_apply_matches(pair, tmp_path, capsys):
     moving, fixed = pair
     outs = {n: tmp_path / n for n in ('moved.nii.gz', 'inv.nii.gz', 'fwd.h5', 'inv.h5',

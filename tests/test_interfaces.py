@@ -34,7 +34,8 @@ def registered(tmp_path_factory):
     os.chdir(cwd)
     try:
         res = SynthMorphRegister(moving_image=str(T1W), fixed_image=str(TPL), mode='joint',
-                                 extent=192, num_threads=2).run()
+                                 extent=192, num_threads=2, refine=2,
+                                 refine_options={'cross_contrast': True}).run()
     finally:
         os.chdir(old)
     return res.outputs
@@ -50,6 +51,11 @@ def test_register_outputs(registered):
     meta = registered.metadata
     assert meta['mode'] == 'joint' and set(meta['models']) == {'affine', 'deform'}
     assert meta['timings']['total'] > 0
+    # told the contrasts differ, the deformable refinement ran at the raised lambda
+    assert meta['refine']['iterations'] == 2 and meta['refine']['cross_contrast'] is True
+    used = meta['refine']['deformable']
+    assert used['cross_contrast'] is True and used['lambda'] == pytest.approx(0.7)
+    assert used['metric'] in ('lncc', 'mind')
 
 
 @pytest.mark.slow
@@ -85,6 +91,7 @@ def test_qc_and_sink(registered, tmp_path, monkeypatch):
     meta = json.loads(paths['forward_xfm'].with_suffix('.json').read_text())
     assert meta['Sources'][0] == 'bids:raw:sub-01/anat/sub-01_T1w.nii.gz'
     assert meta['CommandLine'] == 'synthmorph-app test' and meta['QC'] == qc.qc
+    assert meta['Refinement'] == registered.metadata['refine'] and meta['Lambda'] == 0.5
     assert not list(out.glob('**/.*.tmp'))
 
 

@@ -103,10 +103,11 @@ def test_svf_recovers_known_warp(warped_pair, velocity_factor):
 
 
 def test_svf_mind_is_contrast_blind(warped_pair):
-    """MIND on an inverted copy does as well as LNCC on the same contrast (within 10 %)."""
+    """MIND on an inverted copy does as well as LNCC on the same contrast (within 10 %), at
+    one lambda (``auto`` would also raise it across contrasts)."""
     moving, fixed, true_v = warped_pair
     mask = _inside()
-    kwargs = {'lam': 0.1, 'levels': (4, 2), 'iterations': (30, 20)}
+    kwargs = {'lam': 0.1, 'levels': (4, 2), 'iterations': (30, 20), 'cross_contrast': False}
     same = _error(
         optimise.optimise_svf(moving, fixed, GRID, metric='lncc', **kwargs), true_v, mask
     )
@@ -135,6 +136,47 @@ def test_svf_lambda_is_monotone(warped_pair):
         )
         spread.append(_log_jacobian_sd(spatial.integrate_svf(v), mask))
     assert spread[2] < spread[1] < spread[0]
+
+
+def test_cross_contrast_lambda():
+    """Across contrasts the smoothness weighs CROSS_CONTRAST_FACTOR times more: 0.5 acts as
+    0.7, the ends stay, the order is kept."""
+    f = optimise.cross_contrast_lambda
+    assert f(0.5) == pytest.approx(0.7)
+    assert f(0.0) == 0.0 and f(1.0) == 1.0
+    lams = np.linspace(0.05, 0.95, 19)
+    raised = np.array([f(x) for x in lams])
+    assert np.all(raised > lams) and np.all(np.diff(raised) > 0)
+    ratio = raised / (1 - raised) / (lams / (1 - lams))
+    assert np.allclose(ratio, optimise.CROSS_CONTRAST_FACTOR)
+
+
+def test_svf_cross_contrast_is_smoother(warped_pair):
+    """``cross_contrast`` runs the refinement at the raised lambda (the same field as asking
+    for it), is smoother than the same contrast, and ``auto`` takes MIND for different
+    contrasts; ``report`` says what was used."""
+    moving, fixed, _ = warped_pair
+    mask = _inside()
+    kwargs = {'levels': (4, 2), 'iterations': (20, 10)}
+    reports = {}
+    fields = {}
+    for across in (False, True):
+        reports[across] = {}
+        fields[across] = optimise.optimise_svf(
+            moving, fixed, GRID, lam=0.5, metric='lncc', cross_contrast=across,
+            report=reports[across], **kwargs)
+    assert reports[False] == {'metric': 'lncc', 'cross_contrast': False, 'lambda': 0.5}
+    assert reports[True]['cross_contrast'] and reports[True]['lambda'] == pytest.approx(0.7)
+    raised = optimise.optimise_svf(moving, fixed, GRID, lam=0.7, metric='lncc', **kwargs)
+    assert torch.allclose(fields[True], raised)
+    spread = {k: _log_jacobian_sd(spatial.integrate_svf(v), mask) for k, v in fields.items()}
+    assert spread[True] < 0.9 * spread[False]
+    # auto: an inverted contrast picks MIND, which means different contrasts
+    report = {}
+    optimise.optimise_svf(moving, 2 - fixed, GRID, metric='auto', report=report,
+                          levels=(4,), iterations=(2,))
+    assert report['metric'] == 'mind' and report['cross_contrast']
+    assert report['lambda'] == pytest.approx(0.7)
 
 
 def test_svf_weight_limits_the_field(warped_pair, caplog):

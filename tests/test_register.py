@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from synthmorph_app.engine import spatial
-from synthmorph_app.engine.register import _velocity_factors, moved_image, register
+from synthmorph_app.engine.register import (
+    _moving_fov,
+    _velocity_factors,
+    moved_image,
+    register,
+)
 from synthmorph_app.io.images import Geometry
 
 RNG = np.random.default_rng(42)
@@ -246,6 +251,29 @@ def test_bad_arguments():
         register(img, img, lam=1.5)
     with pytest.raises(ValueError, match='5 steps'):
         register(img, img, steps=3)
+    with pytest.raises(ValueError, match='cross_contrast'):
+        register(img, img, cross_contrast='T2w')
+
+
+def test_moving_fov_leaves_out_what_the_moving_image_does_not_see():
+    """The deformable refinement's weight is 0 outside the moving field of view, and within
+    ``erode_mm`` of its edge, 1 inside."""
+    moving = Geometry((20, 20, 20), np.diag([2.0, 2.0, 2.0, 1.0]))  # 0..38 mm on each axis
+    grid = Geometry((40, 40, 40), np.diag([2.0, 2.0, 2.0, 1.0]) @ _shift(-10))  # -20..58 mm
+    inside = _moving_fov(torch.ones(1, 1, 20, 20, 20), moving, grid, np.eye(4), erode_mm=4.0)
+    profile = inside[0, 0, :, 15, 15].numpy()
+    x = -20 + 2 * np.arange(40)  # world x of the grid's voxels
+    assert np.all(profile[x < 4] == 0) and np.all(profile[(x >= 4) & (x <= 34)] == 1)
+    assert np.all(profile[x > 34] == 0)
+    # through a shift of the moving image by 10 mm the window moves with it
+    shifted = _moving_fov(torch.ones(1, 1, 20, 20, 20), moving, grid, _shift(10), erode_mm=4.0)
+    assert shifted[0, 0, :, 15, 15].numpy()[x == -6] == 1
+
+
+def _shift(mm):
+    mat = np.eye(4)
+    mat[:3, 3] = mm
+    return mat
 
 
 def _dice(a, b):
@@ -284,6 +312,9 @@ def test_refine_registers_real_cross_subject_pair(shared_data):
     dice = _dice(moved, flab.get_fdata())
     assert dice > 0.5, dice  # greedy reaches about 0.6 on such pairs, no registration < 0.2
     assert res.info['refine']['iterations'] == 10
+    # auto: two T1w are one contrast (local NCC, lambda as asked)
+    assert res.info['refine']['deformable'] == {'metric': 'lncc', 'cross_contrast': False,
+                                                'lambda': 0.5}
     for kind, card in res.info['models'].items():  # random networks would be left out
         assert card['used'] is bool(card['trained']), kind
     pts = np.argwhere(flab.get_fdata() > 0)[::500] @ flab.affine[:3, :3].T + flab.affine[:3, 3]

@@ -41,6 +41,18 @@ def test_register_template_wf_ports(templates, mode):
     assert wf.get_node('registration').interface.inputs.mode == mode
 
 
+@pytest.mark.parametrize('image_type, given, told', [
+    ('T1w', 'missing', False), ('FLAIR', 'missing', True), ('T2w', None, True),
+    ('FLAIR', False, False), ('T1w', True, True)])
+def test_templates_are_t1w_so_the_suffix_tells_the_contrasts(image_type, given, told):
+    options = {'refine_metric': 'auto'} | ({} if given == 'missing' else
+                                           {'cross_contrast': given})
+    wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], refine=5,
+                                   refine_options=options, image_type=image_type)
+    passed = wf.get_node('registration').interface.inputs.refine_options
+    assert passed == {'refine_metric': 'auto', 'cross_contrast': told}
+
+
 @pytest.mark.parametrize('device, gpu', [('cpu', False), ('cuda', True)])
 def test_gpu_nodes_say_so(device, gpu):
     wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], device=device,

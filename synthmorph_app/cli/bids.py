@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import SynthMorphError
-from .parser import _at_least, _unit_interval, add_refine_arguments
+from .parser import CROSS_CONTRAST, _at_least, _unit_interval, add_refine_arguments
 
 LOGGER = logging.getLogger('synthmorph_app.cli.bids')
 
@@ -443,7 +443,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
         mode=args.mode, lam=args.lam, extent=args.extent, refine=args.refine,
         refine_options={'init_method': args.init_method, 'refine_metric': args.refine_metric,
                         'refine_levels': args.refine_levels,
-                        'refine_weight': args.refine_weight},
+                        'refine_weight': args.refine_weight, 'cross_contrast': CROSS_CONTRAST[args.cross_contrast]},
         weights=weights or {}, device=device, omp_nthreads=omp,
     )
     outputs = OutputSettings(figures=args.figures, command_line=command_line,

@@ -73,6 +73,8 @@ def default_refine() -> int:
 
 
 INIT_METHODS = ('network', 'moments', 'identity')
+#: ``--cross-contrast`` choices and the ``cross_contrast`` of ``engine.register.register``.
+CROSS_CONTRAST = {'auto': None, 'yes': True, 'no': False}
 INIT_HELP = ('how the affine starts: network (with --refine, its prediction competes with a '
              'coarse pose search over rotations and axis flips; the best by similarity wins), '
              'moments (the search only), identity (no search)')
@@ -98,6 +100,13 @@ def add_refine_arguments(p, init_files: bool = False) -> None:
     if not init_files:
         p.add_argument('--init', dest='init_method', default='network',
                        choices=INIT_METHODS, help=INIT_HELP + ' (default network)')
+    p.add_argument('--cross-contrast', choices=tuple(CROSS_CONTRAST), default='auto',
+                   help='whether moving and fixed differ in MRI contrast. yes makes the '
+                        'deformable refinement smoother (lambda 0.5 acts as 0.7), so that what '
+                        'only the contrasts make look different (FLAIR lesions, another '
+                        'grey-white contrast) does not pull the field. auto: yes where the '
+                        'similarity check picks MIND (PDw, T2w to T1w); the BIDS-App decides '
+                        'by the suffix (the templates are T1w). Default auto')
     p.add_argument('--refine-weight', choices=('brain', 'head', 'none'), default='brain',
                    help='where the refinement similarity counts: brain (a rough brain weight '
                         'of our own, so neck and face do not pull), head or none '

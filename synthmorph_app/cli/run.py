@@ -122,7 +122,7 @@ def run_register(args) -> int:
 
     from ..io.images import Geometry, load_image, save_image
     from ..io.transforms import load_transform, save_transform
-    from .parser import INIT_METHODS
+    from .parser import CROSS_CONTRAST, INIT_METHODS
 
     _set_threads(args.threads)
     start = time.perf_counter()
@@ -156,6 +156,7 @@ def run_register(args) -> int:
         weights=weights, init=init, refine=args.refine, device=_device(args.gpu),
         init_method=init_method, refine_metric=args.refine_metric,
         refine_levels=args.refine_levels, refine_weight=args.refine_weight,
+        cross_contrast=CROSS_CONTRAST[args.cross_contrast],
     )
     _warn_untrained(result.info)
     outputs = _Outputs()

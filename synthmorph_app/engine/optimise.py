@@ -45,6 +45,17 @@ Loss and lambda
     0.5 and 0.7 gave mean Dice 0.632, 0.636 and 0.611 on two pairs, with SD of the log
     Jacobian 0.55, 0.36 and 0.22 and no folding in the brain at 0.5 (0.001 % at 0.3).
 
+Across contrasts (``cross_contrast``)
+    Where the two images differ in contrast, the similarity's optimum is not the anatomy's: a
+    FLAIR's periventricular caps and a different grey-white contrast pull the field by 4-6 mm
+    in the deep white matter of one person's own T1w. The refinement then runs at the raised
+    lambda :func:`cross_contrast_lambda` (0.5 acts as 0.7), a smoothness weighed
+    :data:`CROSS_CONTRAST_FACTOR` times more against the similarity. ``None`` (the default)
+    decides from the metric: MIND (chosen, or picked by ``'auto'``) means different contrasts.
+    Measured (``benchmarks/README.md``, "Session 12: a smoother refinement across
+    contrasts"): FLAIR to another person's T1w, 12 pairs, and bert T1 to the T2w template
+    gain, and the same person's FLAIR to its T1w loses less to the deformable step.
+
 Optimiser
     Adam written out here (:class:`Adam`): ``torch.optim.Adam``'s first step imports
     ``torch._dynamo`` (about 2-3 s on these CPUs), more than a coarse level costs.
@@ -90,6 +101,9 @@ MIND_DILATION_MM = 2.0
 ADAM_EPS = 0.3
 #: Local NCC window radius (voxels of each level).
 LNCC_RADIUS = 2
+#: How many times more the smoothness weighs against the similarity across contrasts
+#: (:func:`cross_contrast_lambda`): lambda 0.5 acts as 0.7.
+CROSS_CONTRAST_FACTOR = 7.0 / 3.0
 #: Default spacing of the optimised velocity field as a multiple of each level's image spacing:
 #: SynthMorph's half-resolution SVF.
 VELOCITY_FACTOR = 2.0
@@ -128,6 +142,15 @@ class Adam:
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-rate / c1)
             p.grad = None
+
+
+def cross_contrast_lambda(lam: float, factor: float = CROSS_CONTRAST_FACTOR) -> float:
+    """The lambda whose smoothness-to-similarity ratio is ``factor`` times that of ``lam``
+    (0 and 1 stay): ``lam' / (1 - lam') = factor * lam / (1 - lam)``."""
+    lam = float(lam)
+    if lam >= 1.0:
+        return 1.0
+    return factor * lam / (factor * lam + 1.0 - lam)
 
 
 def _lr_schedule(base: float, it: int, total: int, final: float = 0.1) -> float:
@@ -771,6 +794,8 @@ def optimise_svf(
     velocity_factor: float | Sequence[float] = VELOCITY_FACTOR,
     exact_gradient: bool = False,
     crop: bool = False,
+    cross_contrast: bool | None = None,
+    report: dict | None = None,
     verbose: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
     """Diffeomorphic registration of ``moving`` to ``fixed`` (both on ``grid``) by an SVF.
@@ -829,6 +854,12 @@ def optimise_svf(
         upper head's box with its margin is about 60 % of a 256 mm cube). Integrating on the
         coarser field grid instead was faster still, but its forward and inverse agreed only
         within 0.18 voxel at 2 mm (0.1 on the finer grid).
+    cross_contrast
+        Whether the images differ in contrast: True runs at :func:`cross_contrast_lambda`
+        of ``lam``; None decides by the metric (MIND: different contrasts).
+    report
+        A dict to fill with what was used: ``metric`` (the one ``'auto'`` chose),
+        ``cross_contrast`` and ``lambda`` (the refinement's).
     """
     moving = _volume(moving, 'moving')
     fixed = _volume(fixed, 'fixed')
@@ -875,6 +906,7 @@ def optimise_svf(
     if init_velocity is not None:
         velocity = init_velocity[(..., *sl)].to(device, torch.float32)
     chosen = None if metric == 'auto' else metric
+    lam_used = None
     for level, iters, factor in zip(levels, iterations, factors):
         shape = _level_shape(roi_shape, vox, float(level))
         spacing = [v * (n - 1) / max(m - 1, 1) for v, n, m in zip(vox, roi_shape, shape)]
@@ -916,6 +948,11 @@ def optimise_svf(
                         m_l, pos + level_disp(spatial.integrate_svf(vel, steps))
                     )
                 chosen = _resolve_metric(metric, m_chk, f_in, w_in)
+        if lam_used is None:
+            across = (chosen == 'mind') if cross_contrast is None else bool(cross_contrast)
+            lam_used = cross_contrast_lambda(lam) if across else float(lam)
+            if report is not None:
+                report.update(metric=chosen, cross_contrast=across, **{'lambda': lam_used})
         dissim = _Dissimilarity(chosen, max(min(spacing), 1e-3))
         # Features (MIND) of the warped images, recomputed each step: warping descriptors
         # instead biased the optimum by 0.3 voxel on a synthetic warp (local rotations and
@@ -948,7 +985,7 @@ def optimise_svf(
                 moved = dissim.features(spatial.sample_grid(m_l, pos + disp))
                 target, wt = ffeat, w_in
             sim = dissim(moved, target, wt)
-            loss = (1 - lam) * sim + lam * SMOOTHNESS_SCALE * _smoothness(v, vspacing)
+            loss = (1 - lam_used) * sim + lam_used * SMOOTHNESS_SCALE * _smoothness(v, vspacing)
             (loss * scale).backward()
             opt.step(_lr_schedule(lr, it, int(iters), final=0.2))
             last = float(sim.detach())
@@ -957,10 +994,11 @@ def optimise_svf(
         velocity = (param * taper).detach()
         if verbose:
             log.info(
-                'svf level %g mm (%s, images %s, field %s): dissimilarity %.4f -> %.4f in '
-                '%d iterations, %.1f s',
+                'svf level %g mm (%s, lambda %.2f, images %s, field %s): dissimilarity %.4f -> '
+                '%.4f in %d iterations, %.1f s',
                 level,
                 chosen,
+                lam_used,
                 'x'.join(str(b_ - a_) for a_, b_ in zip(a, b)),
                 'x'.join(map(str, vshape)),
                 first if first is not None else float('nan'),

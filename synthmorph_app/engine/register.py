@@ -36,6 +36,7 @@ from contextlib import contextmanager
 import nibabel as nb
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import SynthMorphError
 from ..io.images import Geometry
@@ -67,6 +68,10 @@ JOINT_AFFINE_ITERATIONS = AFFINE_ITERATIONS[:2]
 #: (greedy 0.784), about 16 -> 24 s (greedy 171-444 s); 3 mm fields gave 0.707 and 0.788 in
 #: 16 s (benchmarks/README.md, "Session 4").
 FIELD_SPACING_PER_INPUT_VOXEL = 2.0
+
+#: The deformable refinement's similarity counts only this far (mm) inside the moving image's
+#: field of view.
+FOV_ERODE_MM = 4.0
 
 
 class RegistrationResult:
@@ -150,6 +155,7 @@ def register(
     refine_metric: str = 'auto',
     refine_levels: tuple | None = None,
     refine_weight: str = 'brain',
+    cross_contrast: bool | None = None,
     device: str | torch.device | None = 'cpu',
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (3D nibabel images, any orientation and voxel size).
@@ -191,6 +197,11 @@ def register(
     refine_weight
         Where the similarity counts: ``'brain'`` (a rough brain weight of our own, so neck and
         face do not pull), ``'head'`` or ``'none'``.
+    cross_contrast
+        Whether the two images differ in MRI contrast: True makes the deformable refinement run
+        at :func:`.optimise.cross_contrast_lambda` of ``lam`` (0.5 acts as 0.7), so that what
+        only the contrasts make look different does not pull the field; False keeps ``lam``;
+        None (auto) takes True where the refinement's similarity check picks MIND.
     device
         ``'cpu'``, ``'cuda'`` or ``'auto'``.
     """
@@ -206,6 +217,8 @@ def register(
         )
     if refine < 0:
         raise ValueError(f'refine must be 0 or more iterations, got {refine}')
+    if cross_contrast not in (None, True, False):
+        raise ValueError(f'cross_contrast must be None, True or False, got {cross_contrast!r}')
     if init is not None and not init.is_linear:
         raise ValueError('the initial transform must be linear (affine or rigid)')
     device = resolve_device(device)
@@ -263,7 +276,8 @@ def register(
                     joint=mode == 'joint',
                 )
             info['refine'] = {'iterations': int(refine), 'metric': refine_metric,
-                              'init': init_method, 'weight': refine_weight}
+                              'init': init_method, 'weight': refine_weight,
+                              'cross_contrast': cross_contrast}
 
         reference, moving_ref = fixed_geom, moving_geom
         if mode in ('affine', 'rigid'):
@@ -316,7 +330,9 @@ def register(
                 if velocity is not None:
                     to_mid = np.linalg.inv(mid.affine) @ net_grid.affine @ velocity_to_mid
                     init_velocity = spatial.upsample_field(velocity, to_mid, mid.shape)
+                used = {}
                 mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=half_inv)
+                mid_w = mid_w * _moving_fov(moving_t, moving_geom, mid, half)
                 with torch.inference_mode(False):
                     # the velocity on its box (about 60 % of the 256 mm cube for a head):
                     # integrated there below, same result as on the whole grid
@@ -326,8 +342,10 @@ def register(
                         lam=lam, steps=steps, metric=refine_metric, levels=levels,
                         iterations=iterations, weight=mid_w.clone(),
                         velocity_factor=_velocity_factors(levels, fixed_geom, moving_geom),
-                        crop=True, verbose=LOGGER.isEnabledFor(logging.INFO),
+                        crop=True, cross_contrast=cross_contrast, report=used,
+                        verbose=LOGGER.isEnabledFor(logging.INFO),
                     )
+                info['refine']['deformable'] = used
                 velocity = velocity.detach()
 
         with timer('resample'):
@@ -360,6 +378,17 @@ def register(
 
     return RegistrationResult(forward, make_inverse, timer.timings, info,
                               mid_space=make_mid_space)
+
+
+def _moving_fov(moving_t, moving_geom, grid, matrix, erode_mm: float = FOV_ERODE_MM):
+    """1 where ``grid`` (through ``matrix``) sees the moving image's field of view, at least
+    ``erode_mm`` inside its edge; 0 elsewhere."""
+    ones = torch.ones_like(moving_t[:, :1])
+    inside = spatial.resample_linear(ones, moving_geom, grid, matrix=matrix)
+    inside = (inside > 0.999).to(moving_t.dtype)
+    radius = [max(1, round(erode_mm / float(v))) for v in grid.voxel_sizes]
+    kernel = [2 * r + 1 for r in radius]
+    return -F.max_pool3d(-inside, kernel, stride=1, padding=radius)
 
 
 def _linear_mid_space(affine: np.ndarray, fixed_geom: Geometry) -> tuple[Transform, Transform]:

@@ -160,6 +160,9 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
         'Resolution': spec.get('res'),
         'RegistrationMode': metadata.get('mode'),
         'Lambda': metadata.get('lambda'),
+        # iterations, metric, start, weight, cross_contrast asked, and what the deformable
+        # refinement used (the metric auto picked, the lambda it ran at)
+        'Refinement': metadata.get('refine', {'iterations': 0}),
         'Models': models,
         'Device': metadata.get('device'),
         'ElapsedTime': metadata.get('timings', {}).get('total'),

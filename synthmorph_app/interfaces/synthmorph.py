@@ -43,7 +43,8 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
     extent = traits.Float(256.0, usedefault=True, desc='side of the network space in mm')
     refine = traits.Int(0, usedefault=True, desc='test-time optimisation iterations')
     refine_options = traits.Dict(traits.Str, traits.Any, desc='more refinement settings: '
-                                 'init_method, refine_metric, refine_levels, refine_weight '
+                                 'init_method, refine_metric, refine_levels, refine_weight, '
+                                 'cross_contrast '
                                  '(keywords of engine.register.register)')
     weights = traits.Dict(traits.Str, traits.Str, desc='model weights by kind '
                           '({"affine": path, "deform": path}); default: packaged models')

@@ -61,7 +61,10 @@ def init_register_template_wf(
     omp_nthreads
         CPU threads of the registration node (its ``n_procs``).
     image_type
-        Contrast of the moving image (any: SynthMorph is contrast-agnostic).
+        Contrast of the moving image (any: SynthMorph is contrast-agnostic). The templates are
+        T1w, so unless ``refine_options`` says otherwise (``cross_contrast``), another
+        contrast tells the refinement that the images differ in contrast, and a T1w that they
+        do not.
 
     Inputs
     ------
@@ -115,6 +118,8 @@ a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
                         name='tf_select', run_without_submitting=True)
     tunables = load_tunables()
     on_gpu = device == 'cuda'
+    refine_options = _with_cross_contrast(refine_options, image_type) if refine \
+        else refine_options
     registration = pe.Node(
         SynthMorphRegister(mode=mode, lam=lam, extent=extent, refine=refine, device=device,
                            use_gpu=on_gpu, num_threads=omp_nthreads,
@@ -139,6 +144,15 @@ a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
         (poutputnode, outputnode, [(f, f) for f in out_fields]),
     ])  # fmt:skip
     return workflow
+
+
+def _with_cross_contrast(refine_options: dict | None, image_type: str) -> dict:
+    """``refine_options`` with ``cross_contrast`` set from the moving image's BIDS suffix
+    (the templates are T1w) where it is missing or None (auto)."""
+    options = dict(refine_options or {})
+    if options.get('cross_contrast') is None:
+        options['cross_contrast'] = image_type != 'T1w'
+    return options
 
 
 def _mode_text(mode: str, lam: float) -> str:
