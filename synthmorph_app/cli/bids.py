@@ -443,7 +443,8 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
         mode=args.mode, lam=args.lam, extent=args.extent, refine=args.refine,
         refine_options={'init_method': args.init_method, 'refine_metric': args.refine_metric,
                         'refine_levels': args.refine_levels,
-                        'refine_weight': args.refine_weight, 'cross_contrast': CROSS_CONTRAST[args.cross_contrast]},
+                        'refine_weight': args.refine_weight,
+                        'cross_contrast': CROSS_CONTRAST[args.cross_contrast]},
         weights=weights or {}, device=device, omp_nthreads=omp,
     )
     outputs = OutputSettings(figures=args.figures, command_line=command_line,
