@@ -80,6 +80,27 @@ def _error(v, true_v, mask):
     return float(err[mask].mean())
 
 
+def test_mask_box_and_weighted_centre_match_their_definitions():
+    """The box of a mask and a weight's centre of mass, computed without index arrays."""
+    rng = np.random.default_rng(4)
+    affine = np.array([[0, -1.1, 0, 20], [0.9, 0, 0.2, -30], [0, 0, 1.3, 5], [0, 0, 0, 1.0]])
+    grid = Geometry((15, 12, 10), affine)
+    mask = np.zeros(grid.shape, bool)
+    mask[3:9, 2:11, 5:7] = rng.random((6, 9, 2)) > 0.3
+    idx = np.argwhere(mask)
+    corners = np.array([[a, b, c] for a in (idx[:, 0].min(), idx[:, 0].max())
+                        for b in (idx[:, 1].min(), idx[:, 1].max())
+                        for c in (idx[:, 2].min(), idx[:, 2].max())])
+    ras = corners @ affine[:3, :3].T + affine[:3, 3]
+    lo, hi = optimise._world_bbox(grid, mask)
+    assert np.allclose(lo, ras.min(0)) and np.allclose(hi, ras.max(0))
+    weight = rng.random(grid.shape) * mask
+    ijk = (np.argwhere(np.ones(grid.shape)) * weight.reshape(-1, 1)).sum(0) / weight.sum()
+    centre = optimise._weighted_centre(
+        grid, torch.as_tensor(weight, dtype=torch.float32)[None, None])
+    assert np.allclose(centre, affine[:3, :3] @ ijk + affine[:3, 3], atol=1e-4)
+
+
 @pytest.mark.parametrize('velocity_factor', [2.0, (2.0, 1.0)])
 def test_svf_recovers_known_warp(warped_pair, velocity_factor):
     """Recovered within half a voxel, with the field at twice each level's spacing or, at the

@@ -225,9 +225,10 @@ def _world_bbox(geometry: Geometry, mask: np.ndarray | None = None):
     if mask is None:
         corners = np.array(np.meshgrid(*[[0, n - 1] for n in geometry.shape], indexing='ij'))
         ijk = corners.reshape(3, -1).T
-    else:
-        idx = np.argwhere(mask)
-        lo, hi = idx.min(0), idx.max(0)
+    else:  # from the mask's projections on each axis: no index array the size of the mask
+        spans = [np.flatnonzero(mask.any(axis=tuple(d for d in range(3) if d != axis)))
+                 for axis in range(3)]
+        lo, hi = [s[0] for s in spans], [s[-1] for s in spans]
         corners = np.array(np.meshgrid(*[[a, b] for a, b in zip(lo, hi)], indexing='ij'))
         ijk = corners.reshape(3, -1).T
     ras = ijk @ geometry.affine[:3, :3].T + geometry.affine[:3, 3]
@@ -425,12 +426,14 @@ def _fixed_box(fixed_grid, fixed_weight):
 def _weighted_centre(grid: Geometry, weight: torch.Tensor | None) -> np.ndarray:
     if weight is None:
         return spatial.fov_center(grid)
-    w = weight[0, 0].detach().double()
-    total = float(w.sum().clamp(min=1e-9))
-    # from the three marginal sums: exact, and no index array the size of the image
-    ijk = [float((w.sum(dim=tuple(d for d in range(3) if d != axis))
-                  * torch.arange(n, dtype=w.dtype, device=w.device)).sum()) / total
-           for axis, n in enumerate(w.shape)]
+    w = weight[0, 0].detach()
+    # from the three marginal sums (accumulated in double): exact, and no index array or
+    # double copy the size of the image
+    sums = [w.sum(dim=tuple(d for d in range(3) if d != axis), dtype=torch.float64)
+            for axis in range(3)]
+    total = max(float(sums[0].sum()), 1e-9)
+    ijk = [float((m * torch.arange(len(m), dtype=m.dtype, device=m.device)).sum()) / total
+           for m in sums]
     return grid.affine[:3, :3] @ np.asarray(ijk) + grid.affine[:3, 3]
 
 
