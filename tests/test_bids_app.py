@@ -148,12 +148,17 @@ def test_failure_isolation_and_rerun(tmp_path):
     bad = bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 3])  # truncated
+    t2w_only = bids / 'sub-03' / 'anat' / 'sub-03_T2w.nii.gz'  # no T1w: reported, not lost
+    t2w_only.parent.mkdir(parents=True)
+    shutil.copy(bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz', t2w_only)
     out = tmp_path / 'out'
     args = [bids, out, 'participant', '--mode', 'affine', '--no-figures', '-w',
             tmp_path / 'work', *FAST]
     first = _run(args, tmp_path)
     assert first.returncode == 1, first.stderr[-3000:]
     assert 'sub-02_T1w.nii.gz' in first.stderr and 'FAILED' in first.stderr
+    assert 'sub-03: no T1w image' in first.stderr and 'sub-03_T2w.nii.gz' in first.stderr
+    assert '1 subject(s) NOT PROCESSED' in first.stderr
     done = out / 'sub-01' / 'anat' / 'sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json'
     assert done.is_file()
     assert not (out / 'sub-02' / 'anat').exists() or not list(
@@ -161,9 +166,11 @@ def test_failure_isolation_and_rerun(tmp_path):
     assert 'FAILED' in (out / 'sub-02.html').read_text()
     stamp = done.stat().st_mtime_ns
     bad.write_bytes(data)  # fixed
+    t2w_only.rename(t2w_only.with_name('sub-03_T1w.nii.gz'))
     second = _run(args, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert '1 image(s) to register' in second.stdout and '1 already finished' in second.stdout
+    assert '2 image(s) to register' in second.stdout and '1 already finished' in second.stdout
+    assert 'NOT PROCESSED' not in second.stderr
     assert done.stat().st_mtime_ns == stamp
     assert (out / 'sub-02' / 'anat' /
             'sub-02_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json').is_file()

@@ -1,7 +1,8 @@
 """The BIDS-App: ``synthmorph-app BIDS_DIR OUTPUT_DIR {participant,group}`` and ``demo``.
 
 Exit codes follow the BIDS-App execution spec: 0 success (or nothing left to do), 1 a failure
-(the summary names each failed image and why), 2 bad arguments, 16 the input is not valid BIDS,
+(the summary names each failed image and why, and each selected subject without an image of
+the asked contrasts), 2 bad arguments, 16 the input is not valid BIDS,
 18 no image matches the selection, 130 interrupted.
 """
 
@@ -52,7 +53,8 @@ examples:
       --output-spaces MNI152NLin6Asym:res-2 MNI152NLin2009cAsym:res-1
   synthmorph-app /data/bids /data/out group           # qc.tsv and a QC page over subjects
 
-exit codes: 0 success, 1 some image failed (see the summary), 16 invalid BIDS input,
+exit codes: 0 success, 1 some image failed or a selected subject has no image of the
+asked contrasts (see the summary), 16 invalid BIDS input,
 18 nothing to process.
 """
 
@@ -310,9 +312,9 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         for name, spec in spaces:  # fail early, before any work, on a missing template
             get_template(name, spec)
         filters = load_bids_filters(args.bids_filter_file)
-        subjects = collect_data(bids_dir, participant_labels=args.participant_label,
-                                session_labels=args.session_label, contrasts=args.contrasts,
-                                bids_filters=filters)
+        selection = collect_data(bids_dir, participant_labels=args.participant_label,
+                                 session_labels=args.session_label, contrasts=args.contrasts,
+                                 bids_filters=filters)
     except NothingToDoError as err:
         print(f'synthmorph-app: nothing to process: {err}', file=sys.stderr)
         return EXIT_NOTHING
@@ -320,6 +322,11 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         print(f'synthmorph-app: error: {err}', file=sys.stderr)
         return EXIT_FAILURE
 
+    subjects = selection.images
+    missing = {sub: _missing_reason(sub, names, args.contrasts)
+               for sub, names in selection.missing.items()}
+    for reason in missing.values():
+        print(f'synthmorph-app: {reason}', file=sys.stderr)
     labels = [space_label(n, s) for n, s in spaces]
     lta_mode = args.mode if args.output_lta else None
     plan: dict[str, list[tuple[str, list[str]]]] = {}
@@ -398,8 +405,20 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
               file=sys.stderr)
         for image, reason in sorted(failures.items()):
             print(f'  <{image}>: {reason}', file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+    if missing:
+        print(f'synthmorph-app: {len(missing)} subject(s) NOT PROCESSED (no input image):',
+              file=sys.stderr)
+        for reason in missing.values():
+            print(f'  {reason}', file=sys.stderr)
+    return EXIT_FAILURE if failures or missing else EXIT_OK
+
+
+def _missing_reason(sub: str, names: list[str], contrasts: list[str] | None) -> str:
+    """The message for a selected subject without an image of the asked contrasts."""
+    asked = '/'.join(contrasts or ['T1w'])
+    has = (f'its anatomical images: {", ".join(names)}; choose contrasts with --contrasts'
+           if names else 'it has no anatomical image, anat/*.nii[.gz]')
+    return f'sub-{sub}: no {asked} image selected, not processed ({has}).'
 
 
 def _resolve_device(device: str) -> str:

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import uuid
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -162,6 +163,19 @@ def validate_dataset(bids_dir: str | os.PathLike) -> None:
         )
 
 
+@dataclass
+class Selection:
+    """What :func:`collect_data` found.
+
+    ``images``: the anatomical images to register, by subject label. ``missing``: the selected
+    subjects with no image of the asked contrasts, each with the anatomical files it does have
+    (names), so that the message can say what is there instead.
+    """
+
+    images: dict[str, list[Path]]
+    missing: dict[str, list[str]] = field(default_factory=dict)
+
+
 def collect_data(
     bids_dir: str | os.PathLike,
     *,
@@ -169,12 +183,13 @@ def collect_data(
     session_labels: list[str] | None = None,
     contrasts: list[str] | None = None,
     bids_filters: dict | None = None,
-) -> dict[str, list[Path]]:
+) -> Selection:
     """Anatomical images to register, by subject label, queried with pybids.
 
     ``contrasts`` are BIDS suffixes (default ``['T1w']``; ``['all']`` for every anatomical
     contrast in :data:`ANAT_CONTRASTS`). Labels may carry the ``sub-``/``ses-`` prefix.
-    Raises :class:`NothingToDoError` when nothing matches, naming what was asked.
+    Selected subjects without such an image are listed in ``missing``. Raises
+    :class:`NothingToDoError` when nothing matches, naming what was asked.
     """
     from bids import BIDSLayout
     from bids.layout import Query
@@ -195,6 +210,7 @@ def collect_data(
         contrasts = list(ANAT_CONTRASTS)
     filters = bids_filters or {}
     out: dict[str, list[Path]] = {}
+    missing: dict[str, list[str]] = {}
     for sub in wanted:
         images: list[Path] = []
         for contrast in contrasts:
@@ -209,6 +225,12 @@ def collect_data(
             images += [Path(p) for p in layout.get(**query)]
         if images:
             out[sub] = sorted(set(images))
+        else:
+            query = {'subject': sub, 'datatype': 'anat', 'extension': ['.nii', '.nii.gz'],
+                     'return_type': 'file'}
+            if session_labels:
+                query['session'] = [re.sub(r'^ses-', '', s) for s in session_labels]
+            missing[sub] = sorted(Path(p).name for p in layout.get(**query))
     if not out:
         raise NothingToDoError(
             f'no {"/".join(contrasts)} image in <{bids_dir}> matches the selection '
@@ -217,7 +239,7 @@ def collect_data(
             + '); check --participant-label, --session-label, --contrasts and '
             '--bids-filter-file.'
         )
-    return out
+    return Selection(out, missing)
 
 
 def in_container() -> dict | None:
