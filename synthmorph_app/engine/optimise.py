@@ -75,8 +75,10 @@ import torch.nn.functional as F
 from ..io.images import Geometry
 from . import masks, spatial
 from .similarity import (
+    AUTO_THRESHOLD,
     METRICS,
     choose_metric,
+    contrast_agreement,
     lncc,
     lncc_map,
     mind_ssc,
@@ -390,6 +392,34 @@ class _AffineLevel:
         self.metric = None
         self.dissim = None
 
+    def resolve_metric(self, metric: str, matrices) -> str:
+        """``metric``, or for ``'auto'`` the choice of :func:`.similarity.choose_metric` at the
+        best of a few world matrices (fixed RAS -> moving RAS).
+
+        Each is judged where both weights overlap after it (the moved moving weight, inside
+        its field of view, times the fixed weight), so a slab or a cut field of view does not
+        count its empty surroundings as a contrast mismatch; the pair gets LNCC when one of them
+        shows a shared contrast. A same-contrast pair agrees where it is aligned, a
+        cross-contrast pair nowhere.
+        """
+        if metric not in METRICS:
+            raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
+        if metric != 'auto':
+            return metric
+        device = self.fixed.device
+        scores = []
+        with torch.no_grad():
+            for matrix in matrices:
+                m = spatial.as_tensor(np.asarray(matrix, dtype=float), device)[None]
+                moved = self.sample(m, torch.cat([self.moving, self.mweight], dim=1))
+                weight = moved[:, 1:] if self.fweight is None else moved[:, 1:] * self.fweight
+                scores.append(contrast_agreement(moved[:, :1], self.fixed, weight))
+        best = max((v for v in scores if not math.isnan(v)), default=float('nan'))
+        chosen = 'lncc' if best > AUTO_THRESHOLD else 'mind'
+        log.info('metric auto: chose %s (contrast agreement %s)', chosen,
+                 ' / '.join(f'{v:.2f}' for v in scores))
+        return chosen
+
     def set_metric(self, metric):
         self.metric = metric
         self.dissim = _Dissimilarity(metric, self.voxel)
@@ -552,9 +582,7 @@ def optimise_affine(
     for voxel, iters in zip(levels, iterations):
         level = _AffineLevel(moving, moving_grid, fixed, fixed_grid, float(voxel), fw, mw, box)
         if chosen is None:
-            with torch.no_grad():
-                moved = level.sample(spatial.as_tensor(matrix, fixed.device)[None], level.moving)
-            chosen = _resolve_metric(metric, moved, level.fixed, level.fweight)
+            chosen = level.resolve_metric(metric, [matrix])
         level.set_metric(chosen)
         step = lr * voxel / levels[0] if lr is not None else 0.15 * voxel
         matrix, _ = _run_affine(level, matrix, centre, rigid, int(iters), step, verbose)
@@ -675,11 +703,8 @@ def robust_affine_init(
     pool = [about_centres(r) for r in rotations]
     extra = [np.asarray(c, dtype=float) for c in (candidates or [])]
 
-    identity = torch.as_tensor(about_centres(np.eye(3)), dtype=torch.float32, device=device)
-    if metric == 'auto':
-        with torch.no_grad():
-            moved = level.sample(identity[None], level.moving)
-        metric = _resolve_metric('auto', moved, level.fixed, level.fweight)
+    # judged at the centres of mass and at each given start (the header, a network's guess)
+    metric = level.resolve_metric(metric, [about_centres(np.eye(3))] + extra)
     level.set_metric(metric)
 
     with torch.no_grad():
