@@ -1,0 +1,129 @@
+"""Partial fields of view: a slab of a real brain, moved by a known rigid transform, back onto
+the whole brain it was cut from.
+
+High-resolution slabs (a 30-60 mm stack of coronal slices through the hippocampus, say) cover a
+part of the brain only. Each slab here is cut from bert's ``norm.mgz`` (1 mm, skull-stripped,
+conformed LIA) along the anterior axis, and its header is moved by a known rigid transform ``T``
+(10 degrees about the first world axis, -8 about the third, then 6 / -4 / 5 mm). The slab
+(moving) is registered to the whole ``norm.mgz`` (fixed) by ``synthmorph-app register``. The
+true forward transform (fixed RAS -> moving RAS) is ``T``, and the error of a result ``A`` is
+the mean over the slab's brain voxels (``aseg`` > 0, every 50th) of ``|A x - T x|`` in mm.
+
+Run from the repository root::
+
+    python benchmarks/slab_bench.py
+    python benchmarks/slab_bench.py --slabs 40:108 --modes rigid --options "--init identity"
+
+Writes every figure to ``--json`` and prints a Markdown table. A script, not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+BERT = C.DATA / 'freesurfer' / 'bert' / 'mri'
+
+
+def _rotation(degrees: float, axis: int) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    m = np.eye(4)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return m
+
+
+def true_transform() -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = [6.0, -4.0, 5.0]
+    return shift @ _rotation(10, 0) @ _rotation(-8, 2)
+
+
+def _slab_spec(text: str) -> tuple[int, int]:
+    width, start = (int(v) for v in text.split(':'))
+    if width < 1 or not 0 <= start < 256:
+        raise argparse.ArgumentTypeError(f'WIDTH:START in voxels of the 256^3 grid, got {text}')
+    return width, start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--slabs', nargs='+', type=_slab_spec,
+                        default=[(30, 95), (40, 108), (60, 98), (120, 68), (256, 0)],
+                        metavar='WIDTH:START',
+                        help='slabs: width and first index along the anterior voxel axis, in '
+                             'mm (1 mm voxels); default 30:95 40:108 60:98 120:68 256:0 (the '
+                             'whole image)')
+    parser.add_argument('--modes', nargs='+', default=['rigid', 'affine'],
+                        choices=('rigid', 'affine'), help='register modes (rigid affine)')
+    parser.add_argument('--options', default='',
+                        help='further register options, one string (e.g. "--init identity")')
+    parser.add_argument('--threads', type=int, default=1, help='threads (1)')
+    parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
+                                              'slab_bench.json'), help='output JSON')
+    args = parser.parse_args(argv)
+    import nibabel as nb
+
+    from synthmorph_app.io.transforms import load_transform
+
+    norm = nb.load(str(BERT / 'norm.mgz'))
+    data = np.asarray(norm.dataobj, dtype=np.float32)
+    brain = np.asarray(nb.load(str(BERT / 'aseg.mgz')).dataobj) > 0
+    true = true_transform()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fixed = Path(tmp) / 'whole.nii.gz'
+        nb.save(nb.Nifti1Image(data, norm.affine), fixed)
+        for width, start in args.slabs:
+            stop = min(start + width, data.shape[2])
+            offset = np.eye(4)
+            offset[2, 3] = start
+            moving = Path(tmp) / f'slab_{width}_{start}.nii.gz'
+            nb.save(nb.Nifti1Image(data[:, :, start:stop], true @ norm.affine @ offset), moving)
+            ijk = np.argwhere(brain[:, :, start:stop])[::50] + [0, 0, start]
+            ras = ijk @ norm.affine[:3, :3].T + norm.affine[:3, 3]
+            expected = ras @ true[:3, :3].T + true[:3, 3]
+            before = float(np.linalg.norm(ras - expected, axis=1).mean())
+            for mode in args.modes:
+                out = Path(tmp) / f'{mode}.txt'
+                cmd = ['synthmorph-app', 'register', '-m', mode, '-j', str(args.threads),
+                       *args.options.split(), str(moving), str(fixed), '-t', str(out)]
+                t0 = time.perf_counter()
+                run = subprocess.run(cmd, check=False, capture_output=True, text=True)
+                elapsed = time.perf_counter() - t0
+                row = {'slab_mm': stop - start, 'start': start, 'mode': mode,
+                       'options': args.options, 'error_before': before, 'time': elapsed}
+                if run.returncode:
+                    row['failed'] = run.stderr[-500:]
+                else:
+                    found = load_transform(out).map_points(ras)
+                    err = np.linalg.norm(found - expected, axis=1)
+                    row.update(error=float(err.mean()), error_max=float(err.max()))
+                rows.append(row)
+                print(f"slab {row['slab_mm']} mm from {start}, {mode}: error "
+                      f"{C.fmt(row.get('error'), 2)} mm (before {before:.1f} mm), "
+                      f'{elapsed:.1f} s', flush=True)
+                C.write_json(args.json, {'script': 'slab_bench', 'argv': sys.argv[1:]
+                                         if argv is None else argv,
+                                         'environment': C.environment(), 'rows': rows})
+    print()
+    print('| slab (mm) | first index | mode | error before (mm) | mean error (mm) | max (mm) |')
+    print('|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['slab_mm']} | {r['start']} | {r['mode']} | {r['error_before']:.1f} | "
+              f"{C.fmt(r.get('error'), 2)} | {C.fmt(r.get('error_max'), 2)} |")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
