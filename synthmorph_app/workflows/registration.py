@@ -64,7 +64,10 @@ def init_register_template_wf(
         Contrast of the moving image (any: SynthMorph is contrast-agnostic). The templates are
         T1w, so unless ``refine_options`` says otherwise (``cross_contrast``), another
         contrast tells the refinement that the images differ in contrast, and a T1w that they
-        do not.
+        do not. In the deformable modes a T1w also gets local NCC where ``refine_metric`` is
+        ``'auto'`` or missing: the image check behind ``auto`` took a whole-head T1w for
+        another contrast against the whole-head template, and MIND gave 0.04 lower Dice there
+        (``benchmarks/README.md``, ``mni_head_bench.py``).
 
     Inputs
     ------
@@ -118,7 +121,7 @@ a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
                         name='tf_select', run_without_submitting=True)
     tunables = load_tunables()
     on_gpu = device == 'cuda'
-    refine_options = _with_cross_contrast(refine_options, image_type) if refine \
+    refine_options = _contrast_options(refine_options, image_type, mode) if refine \
         else refine_options
     registration = pe.Node(
         SynthMorphRegister(mode=mode, lam=lam, extent=extent, refine=refine, device=device,
@@ -146,12 +149,17 @@ a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
     return workflow
 
 
-def _with_cross_contrast(refine_options: dict | None, image_type: str) -> dict:
-    """``refine_options`` with ``cross_contrast`` set from the moving image's BIDS suffix
-    (the templates are T1w) where it is missing or None (auto)."""
+def _contrast_options(refine_options: dict | None, image_type: str, mode: str) -> dict:
+    """``refine_options`` told what the moving image's BIDS suffix says (the templates are
+    T1w): ``cross_contrast`` where it is missing or None (auto), and for a T1w in the deformable
+    modes the local NCC ``refine_metric`` where it is missing or ``'auto'`` (the linear modes
+    keep ``auto``: there MIND, when ``auto`` picked it, aligned no worse)."""
     options = dict(refine_options or {})
     if options.get('cross_contrast') is None:
         options['cross_contrast'] = image_type != 'T1w'
+    if (image_type == 'T1w' and mode in ('joint', 'deform')
+            and options.get('refine_metric', 'auto') == 'auto'):
+        options['refine_metric'] = 'lncc'
     return options
 
 

@@ -1,0 +1,111 @@
+"""The BIDS-App's default job on real scans: a whole-head T1w onto the whole-head
+MNI152NLin6Asym T1w (``res-02``), scored with labels.
+
+Moving: ``bids/sub-XX_T1w`` (2 mm, with neck). Fixed: ``tpl-MNI152NLin6Asym_res-02_T1w`` (with
+head), the BIDS-App's default output space. Score: mean Dice over 21 subcortical structures
+(ventricles, caudate, putamen, pallidum, thalamus, hippocampus, amygdala, accumbens, ventral DC,
+brainstem): the subject's DLMUSE labels, renumbered to FreeSurfer's numbers (:data:`MUSE_TO_FS`;
+odd MUSE numbers are right, even left), moved onto the template's ``res-01_desc-wmparc_dseg``
+grid (nearest neighbour) and compared with it. Dice after the affine part and after the whole
+transform.
+
+``--settings NAME=OPTIONS`` runs ``register`` (joint) once per setting, each in its own
+process, with OPTIONS passed to it (``auto=`` for the defaults).
+
+Run from the repository root::
+
+    python benchmarks/mni_head_bench.py --settings auto= lncc="--refine-metric lncc" \\
+        mind="--refine-metric mind"
+
+Writes every figure to ``--json`` and prints a Markdown table. A script, not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+#: DLMUSE (MUSE) label -> FreeSurfer aseg label, for the structures both have.
+MUSE_TO_FS = {4: 14, 11: 15, 23: 58, 30: 26, 31: 54, 32: 18, 35: 16, 36: 50, 37: 11, 47: 53,
+              48: 17, 51: 43, 52: 4, 55: 52, 56: 13, 57: 51, 58: 12, 59: 49, 60: 10, 61: 60,
+              62: 28}
+MNI = C.DATA / 'templateflow' / 'tpl-MNI152NLin6Asym'
+BIDS = C.DATA / 'bids'
+
+
+def _setting(text: str) -> tuple[str, list[str]]:
+    name, _, options = text.partition('=')
+    if not name:
+        raise argparse.ArgumentTypeError(f'NAME=OPTIONS, got {text!r}')
+    return name, options.split()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--subjects', nargs='+',
+                        default=[f'{i:02d}' for i in range(1, 13)], help='01 ... 12 (all)')
+    parser.add_argument('--settings', nargs='+', type=_setting, default=[('auto', [])],
+                        metavar='NAME=OPTIONS', help='register settings (default: auto=)')
+    parser.add_argument('--threads', type=int, default=1, help='threads (1)')
+    parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
+                                              'mni_head_bench.json'), help='output JSON')
+    args = parser.parse_args(argv)
+    C.pin_threads(args.threads)
+    import nibabel as nb
+
+    from synthmorph_app import evaluate
+    from synthmorph_app.io.images import Geometry
+
+    fixed = str(MNI / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz')
+    wmparc = nb.load(str(MNI / 'tpl-MNI152NLin6Asym_res-01_desc-wmparc_dseg.nii.gz'))
+    fixed_labels = np.rint(np.asarray(wmparc.dataobj)).astype(np.int32)
+    label_grid = Geometry.from_image(wmparc)
+    fixed_grid = Geometry.from_image(nb.load(fixed))
+    labels = sorted(MUSE_TO_FS.values())
+    rows = []
+    for sub in args.subjects:
+        moving = str(BIDS / f'sub-{sub}' / 'anat' / f'sub-{sub}_T1w.nii.gz')
+        dlmuse = nb.load(str(BIDS / 'derivatives' / 'dlmuse' / f'sub-{sub}' / 'anat' /
+                             f'sub-{sub}_space-T1w_desc-dlmuse_dseg.nii.gz'))
+        muse = np.asarray(dlmuse.dataobj).astype(np.int32)
+        moving_labels = np.zeros(muse.shape, np.float32)
+        for a, b in MUSE_TO_FS.items():
+            moving_labels[muse == a] = b
+        moving_grid = Geometry.from_image(dlmuse)
+        for name, options in args.settings:
+            res = C.in_child(C.run_register, moving, fixed, 'joint', args.threads, options)
+            row = {'subject': sub, 'setting': name, 'options': options, 'time': res['time'],
+                   'peak_mb': res['peak_mb'],
+                   'deformable': res['info'].get('refine', {}).get('deformable')}
+            for key, linear in (('dice_aff', True), ('dice', False)):
+                xfm = C.as_transform(res, fixed_grid, moving_grid, linear=linear)
+                moved = C.moved(moving_labels, moving_grid, xfm, label_grid, mode='nearest')
+                row[key] = evaluate.mean_dice(evaluate.dice_per_label(moved, fixed_labels,
+                                                                      labels))
+            rows.append(row)
+            metric = (row['deformable'] or {}).get('metric')
+            print(f"sub-{sub} {name}: Dice affine {row['dice_aff']:.3f}, joint "
+                  f"{row['dice']:.3f} ({metric}, {row['time']:.0f} s)", flush=True)
+            C.write_json(args.json, {'script': 'mni_head_bench',
+                                     'argv': sys.argv[1:] if argv is None else argv,
+                                     'environment': C.environment(), 'rows': rows})
+    print()
+    print('| setting | subjects | Dice after affine | mean Dice | worst | metric picked |')
+    print('|---|---|---|---|---|---|')
+    for name, _ in args.settings:
+        sel = [r for r in rows if r['setting'] == name]
+        picked = sorted({(r['deformable'] or {}).get('metric') or '-' for r in sel})
+        print(f"| {name} | {len(sel)} | {np.mean([r['dice_aff'] for r in sel]):.3f} | "
+              f"{np.mean([r['dice'] for r in sel]):.3f} | {min(r['dice'] for r in sel):.3f} | "
+              f"{', '.join(picked)} |")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
