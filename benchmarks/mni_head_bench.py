@@ -10,7 +10,9 @@ grid (nearest neighbour) and compared with it. Dice after the affine part and af
 transform.
 
 ``--settings NAME=OPTIONS`` runs ``register`` (joint) once per setting, each in its own
-process, with OPTIONS passed to it (``auto=`` for the defaults).
+process, with OPTIONS passed to it (``auto=`` for the defaults). Two names run other tools
+instead: ``greedy`` (``picsl_greedy``: affine, then deformable, NCC 2x2x2, as
+``refine_bench.py`` runs it) and ``ants`` (antspyx ``SyN``, its defaults).
 
 Run from the repository root::
 
@@ -79,10 +81,15 @@ def main(argv=None) -> int:
             moving_labels[muse == a] = b
         moving_grid = Geometry.from_image(dlmuse)
         for name, options in args.settings:
-            res = C.in_child(C.run_register, moving, fixed, 'joint', args.threads, options)
+            if name == 'greedy':
+                res = C.in_child(C.run_greedy, moving, fixed, 'NCC 2x2x2', args.threads)
+            elif name == 'ants':
+                res = C.in_child(C.run_ants, moving, fixed, 'SyN', args.threads)
+            else:
+                res = C.in_child(C.run_register, moving, fixed, 'joint', args.threads, options)
             row = {'subject': sub, 'setting': name, 'options': options, 'time': res['time'],
                    'peak_mb': res['peak_mb'],
-                   'deformable': res['info'].get('refine', {}).get('deformable')}
+                   'deformable': res.get('info', {}).get('refine', {}).get('deformable')}
             for key, linear in (('dice_aff', True), ('dice', False)):
                 xfm = C.as_transform(res, fixed_grid, moving_grid, linear=linear)
                 moved = C.moved(moving_labels, moving_grid, xfm, label_grid, mode='nearest')
