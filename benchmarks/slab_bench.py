@@ -34,19 +34,15 @@ import _common as C
 BERT = C.DATA / 'freesurfer' / 'bert' / 'mri'
 
 
-def _rotation(degrees: float, axis: int) -> np.ndarray:
-    a = np.deg2rad(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    m = np.eye(4)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
-
-
 def true_transform() -> np.ndarray:
-    shift = np.eye(4)
-    shift[:3, 3] = [6.0, -4.0, 5.0]
-    return shift @ _rotation(10, 0) @ _rotation(-8, 2)
+    """10 degrees about the first world axis, then -8 about the third (intrinsic), then a
+    (6, -4, 5) mm shift."""
+    from scipy.spatial.transform import Rotation
+
+    out = np.eye(4)
+    out[:3, :3] = Rotation.from_euler('XZ', [10, -8], degrees=True).as_matrix()
+    out[:3, 3] = [6.0, -4.0, 5.0]
+    return out
 
 
 def _slab_spec(text: str) -> tuple[int, int]:

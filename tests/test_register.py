@@ -406,7 +406,11 @@ def test_rigid_recovers_a_slab_of_the_same_head(shared_data):
     cut[anterior] = slice(108, 148)  # 40 mm about the middle of the 256 mm FOV
     shift = np.eye(4)
     shift[anterior, 3] = 108
-    true = _shift([6.0, -4.0, 5.0]) @ _rotation_deg(10, 0) @ _rotation_deg(-8, 2)
+    from scipy.spatial.transform import Rotation
+
+    turn = np.eye(4)
+    turn[:3, :3] = Rotation.from_euler('XZ', [10, -8], degrees=True).as_matrix()
+    true = _shift([6.0, -4.0, 5.0]) @ turn
     slab = nb.Nifti1Image(data[tuple(cut)], true @ head.affine @ shift)
     res = register(slab, nb.Nifti1Image(data, head.affine), mode='rigid', refine=15)
     pts = np.argwhere(brain[tuple(cut)])[::50] + shift[:3, 3]
@@ -415,11 +419,3 @@ def test_rigid_recovers_a_slab_of_the_same_head(shared_data):
                            axis=1)
     assert error.mean() < 1.0, error.mean()
 
-
-def _rotation_deg(degrees, axis):
-    a = np.deg2rad(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    m = np.eye(4)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
