@@ -9,7 +9,7 @@ odd MUSE numbers are right, even left), moved onto the template's ``res-01_desc-
 grid (nearest neighbour) and compared with it. Dice after the affine part and after the whole
 transform.
 
-``--settings NAME=OPTIONS`` runs ``register`` (joint) once per setting, each in its own
+``--settings NAME=OPTIONS`` runs ``register`` (``--mode``, joint by default) once per setting, each in its own
 process, with OPTIONS passed to it (``auto=`` for the defaults). Two names run other tools
 instead: ``greedy`` (``picsl_greedy``: affine, then deformable, NCC 2x2x2, as
 ``refine_bench.py`` runs it) and ``ants`` (antspyx ``SyN``, its defaults).
@@ -54,6 +54,9 @@ def main(argv=None) -> int:
                         default=[f'{i:02d}' for i in range(1, 13)], help='01 ... 12 (all)')
     parser.add_argument('--settings', nargs='+', type=_setting, default=[('auto', [])],
                         metavar='NAME=OPTIONS', help='register settings (default: auto=)')
+    parser.add_argument('--mode', default='joint', choices=('joint', 'affine'),
+                        help="ours' register mode (joint); greedy and ANTs stop after their "
+                             'affine stage with affine')
     parser.add_argument('--threads', type=int, default=1, help='threads (1)')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'mni_head_bench.json'), help='output JSON')
@@ -81,13 +84,18 @@ def main(argv=None) -> int:
             moving_labels[muse == a] = b
         moving_grid = Geometry.from_image(dlmuse)
         for name, options in args.settings:
+            affine_only = args.mode == 'affine'
             if name == 'greedy':
-                res = C.in_child(C.run_greedy, moving, fixed, 'NCC 2x2x2', args.threads)
+                res = C.in_child(C.run_greedy, moving, fixed, 'NCC 2x2x2', args.threads,
+                                 deformable=not affine_only)
             elif name == 'ants':
-                res = C.in_child(C.run_ants, moving, fixed, 'SyN', args.threads)
+                res = C.in_child(C.run_ants, moving, fixed, 'Affine' if affine_only else 'SyN',
+                                 args.threads)
             else:
-                res = C.in_child(C.run_register, moving, fixed, 'joint', args.threads, options)
-            row = {'subject': sub, 'setting': name, 'options': options, 'time': res['time'],
+                res = C.in_child(C.run_register, moving, fixed, args.mode, args.threads,
+                                 options)
+            row = {'subject': sub, 'setting': name, 'mode': args.mode, 'options': options,
+                   'time': res['time'],
                    'peak_mb': res['peak_mb'],
                    'deformable': res.get('info', {}).get('refine', {}).get('deformable')}
             for key, linear in (('dice_aff', True), ('dice', False)):
