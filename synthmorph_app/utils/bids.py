@@ -209,15 +209,17 @@ def collect_data(
     if 'all' in contrasts:
         contrasts = list(ANAT_CONTRASTS)
     filters = bids_filters or {}
+    sessions = ({'session': [re.sub(r'^ses-', '', s) for s in session_labels]}
+                if session_labels else {})
     out: dict[str, list[Path]] = {}
     missing: dict[str, list[str]] = {}
     for sub in wanted:
+        # the subject's anatomical images in the selected sessions
+        anat = {'subject': sub, 'datatype': 'anat', 'extension': ['.nii', '.nii.gz'],
+                'return_type': 'file', **sessions}
         images: list[Path] = []
         for contrast in contrasts:
-            query = {'subject': sub, 'datatype': 'anat', 'suffix': contrast,
-                     'extension': ['.nii', '.nii.gz'], 'return_type': 'file'}
-            if session_labels:
-                query['session'] = [re.sub(r'^ses-', '', s) for s in session_labels]
+            query = {**anat, 'suffix': contrast}
             for key, value in filters.get(contrast.lower(), {}).items():
                 if key in ('subject', 'datatype', 'suffix', 'return_type'):
                     continue  # chosen by --participant-label and --contrasts
@@ -226,11 +228,7 @@ def collect_data(
         if images:
             out[sub] = sorted(set(images))
         else:
-            query = {'subject': sub, 'datatype': 'anat', 'extension': ['.nii', '.nii.gz'],
-                     'return_type': 'file'}
-            if session_labels:
-                query['session'] = [re.sub(r'^ses-', '', s) for s in session_labels]
-            missing[sub] = sorted(Path(p).name for p in layout.get(**query))
+            missing[sub] = sorted(Path(p).name for p in layout.get(**anat))
     if not out:
         raise NothingToDoError(
             f'no {"/".join(contrasts)} image in <{bids_dir}> matches the selection '
