@@ -101,11 +101,9 @@ def main(argv=None) -> int:
                              'argv': sys.argv[1:] if argv is None else argv,
                              'environment': C.environment(), 'rows': rows})
     print()
-    print('| case | register (s) | moved_image (s) | peak memory (MB) |')
-    print('|---|---|---|---|')
-    for r in rows:
-        print(f"| {r['case']} | {r['register_s']:.1f} | {r['moved_image_s']:.1f} | "
-              f"{r['peak_mb']:.0f} |")
+    print(C.markdown(rows, [('case', 'case', 0), ('register_s', 'register (s)', 1),
+                            ('moved_image_s', 'moved_image (s)', 1),
+                            ('peak_mb', 'peak memory (MB)', 0)]))
     return 0
 
 

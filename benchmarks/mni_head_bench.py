@@ -110,15 +110,15 @@ def main(argv=None) -> int:
             C.write_json(args.json, {'script': 'mni_head_bench',
                                      'argv': sys.argv[1:] if argv is None else argv,
                                      'environment': C.environment(), 'rows': rows})
+    summary = C.summarise(rows, ['dice_aff', 'dice'], by='setting')
+    for row in summary:
+        row['picked'] = ', '.join(sorted({(r['deformable'] or {}).get('metric') or '-'
+                                          for r in rows if r['setting'] == row['setting']}))
     print()
-    print('| setting | subjects | Dice after affine | mean Dice | worst | metric picked |')
-    print('|---|---|---|---|---|---|')
-    for name, _ in args.settings:
-        sel = [r for r in rows if r['setting'] == name]
-        picked = sorted({(r['deformable'] or {}).get('metric') or '-' for r in sel})
-        print(f"| {name} | {len(sel)} | {np.mean([r['dice_aff'] for r in sel]):.3f} | "
-              f"{np.mean([r['dice'] for r in sel]):.3f} | {min(r['dice'] for r in sel):.3f} | "
-              f"{', '.join(picked)} |")
+    print(C.markdown(summary, [('setting', 'setting', 0), ('pairs', 'subjects', 0),
+                               *C.columns('dice_aff', 'dice', 'worst_dice', dice='mean Dice',
+                                          worst_dice='worst'),
+                               ('picked', 'metric picked', 0)]))
     return 0
 
 

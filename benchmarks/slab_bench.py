@@ -113,11 +113,9 @@ def main(argv=None) -> int:
                                          if argv is None else argv,
                                          'environment': C.environment(), 'rows': rows})
     print()
-    print('| slab (mm) | first index | mode | error before (mm) | mean error (mm) | max (mm) |')
-    print('|---|---|---|---|---|---|')
-    for r in rows:
-        print(f"| {r['slab_mm']} | {r['start']} | {r['mode']} | {r['error_before']:.1f} | "
-              f"{C.fmt(r.get('error'), 2)} | {C.fmt(r.get('error_max'), 2)} |")
+    print(C.markdown(rows, [('slab_mm', 'slab (mm)', 0), ('start', 'first index', 0),
+                            ('mode', 'mode', 0), ('error_before', 'error before (mm)', 1),
+                            ('error', 'mean error (mm)', 2), ('error_max', 'max (mm)', 2)]))
     return 0
 
 
