@@ -236,3 +236,33 @@ def test_bids_filter_file(tmp_path, shared_data):
                 '--participant-label', 'chris', '--dry-run'], tmp_path)
     assert res.returncode == 0, res.stderr
     assert 'sub-chris_T1w' in res.stdout
+
+
+def test_missing_subject_message_names_the_selection(tmp_path):
+    # sub-01 has a T1w in ses-1 only and a T2w in ses-2; sub-02 a T1w in ses-2
+    bids = tmp_path / 'bids'
+    shutil.copytree(DEMO_DIR, bids)
+    for sub, moves in {'01': {'T1w': '1', 'T2w': '2'}, '02': {'T1w': '2'}}.items():
+        anat = bids / f'sub-{sub}' / 'anat'
+        source = anat / f'sub-{sub}_T1w.nii.gz'
+        for suffix, ses in moves.items():
+            dest = bids / f'sub-{sub}' / f'ses-{ses}' / 'anat' / f'sub-{sub}_ses-{ses}_{suffix}.nii.gz'
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, dest)
+        shutil.rmtree(anat)
+    res = _run([bids, tmp_path / 'o', 'participant', '--session-label', '2', '--dry-run'],
+               tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'sub-02_ses-2_T1w.nii.gz' in res.stdout and 'sub-01' not in res.stdout
+    assert ('sub-01: no T1w image selected, not processed (its anatomical images in the selected '
+            'session(s) 2: sub-01_ses-2_T2w.nii.gz; choose contrasts with --contrasts).'
+            ) in res.stderr
+    filt = tmp_path / 'filter.json'
+    filt.write_text(json.dumps({'t1w': {'session': '1'}}))
+    res = _run([bids, tmp_path / 'o', 'participant', '--bids-filter-file', filt,
+                '--participant-label', '01', '02', '--dry-run'], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'sub-01_ses-1_T1w.nii.gz' in res.stdout
+    assert ('sub-02: no T1w image selected, not processed (its anatomical images: '
+            'sub-02_ses-2_T1w.nii.gz; choose contrasts with --contrasts or check '
+            '--bids-filter-file).') in res.stderr
