@@ -9,6 +9,12 @@ odd MUSE numbers are right, even left), moved onto the template's ``res-01_desc-
 grid (nearest neighbour) and compared with it. Dice after the affine part and after the whole
 transform.
 
+``--contrast FLAIR`` moves each subject's FLAIR instead (its own grid), with its DLMUSE labels
+carried onto it by antspyx ``Rigid`` from its T1w, as ``refine_bench.py --moving-contrast
+FLAIR`` does. The BIDS-App registers a FLAIR with ``--cross-contrast yes``, so give ours that
+option (``app="--cross-contrast yes"``); greedy then uses NMI, and ANTs SyN keeps its mutual
+information.
+
 ``--settings NAME=OPTIONS`` runs ``register`` (``--mode``, joint by default) once per setting, each in its own
 process, with OPTIONS passed to it (``auto=`` for the defaults). Two names run other tools
 instead: ``greedy`` (``picsl_greedy``: affine, then deformable, NCC 2x2x2, as
@@ -18,6 +24,8 @@ Run from the repository root::
 
     python benchmarks/mni_head_bench.py --settings auto= lncc="--refine-metric lncc" \\
         mind="--refine-metric mind"
+    python benchmarks/mni_head_bench.py --contrast FLAIR \\
+        --settings app="--cross-contrast yes" greedy ants
 
 Writes every figure to ``--json`` and prints a Markdown table. A script, not a timed test.
 """
@@ -32,13 +40,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
+import refine_bench
 
 #: DLMUSE (MUSE) label -> FreeSurfer aseg label, for the structures both have.
 MUSE_TO_FS = {4: 14, 11: 15, 23: 58, 30: 26, 31: 54, 32: 18, 35: 16, 36: 50, 37: 11, 47: 53,
               48: 17, 51: 43, 52: 4, 55: 52, 56: 13, 57: 51, 58: 12, 59: 49, 60: 10, 61: 60,
               62: 28}
 MNI = C.DATA / 'templateflow' / 'tpl-MNI152NLin6Asym'
-BIDS = C.DATA / 'bids'
 
 
 def _setting(text: str) -> tuple[str, list[str]]:
@@ -57,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument('--mode', default='joint', choices=('joint', 'affine'),
                         help="ours' register mode (joint); greedy and ANTs stop after their "
                              'affine stage with affine')
+    parser.add_argument('--contrast', default='T1w', choices=('T1w', 'FLAIR'),
+                        help="the moving image: each subject's T1w (default) or FLAIR")
     parser.add_argument('--threads', type=int, default=1, help='threads (1)')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'mni_head_bench.json'), help='output JSON')
@@ -75,18 +85,18 @@ def main(argv=None) -> int:
     labels = sorted(MUSE_TO_FS.values())
     rows = []
     for sub in args.subjects:
-        moving = str(BIDS / f'sub-{sub}' / 'anat' / f'sub-{sub}_T1w.nii.gz')
-        dlmuse = nb.load(str(BIDS / 'derivatives' / 'dlmuse' / f'sub-{sub}' / 'anat' /
-                             f'sub-{sub}_space-T1w_desc-dlmuse_dseg.nii.gz'))
-        muse = np.asarray(dlmuse.dataobj).astype(np.int32)
+        moving = str(refine_bench.anat(sub, args.contrast))
+        moving_grid = Geometry.from_image(nb.load(moving))
+        # DLMUSE on the moving image's grid (carried by a rigid map for a FLAIR)
+        muse = np.rint(refine_bench.moving_labels(sub, args.contrast, (None, moving_grid)))
         moving_labels = np.zeros(muse.shape, np.float32)
         for a, b in MUSE_TO_FS.items():
             moving_labels[muse == a] = b
-        moving_grid = Geometry.from_image(dlmuse)
         for name, options in args.settings:
             affine_only = args.mode == 'affine'
             if name == 'greedy':
-                res = C.in_child(C.run_greedy, moving, fixed, 'NCC 2x2x2', args.threads,
+                metric = 'NCC 2x2x2' if args.contrast == 'T1w' else 'NMI'
+                res = C.in_child(C.run_greedy, moving, fixed, metric, args.threads,
                                  deformable=not affine_only)
             elif name == 'ants':
                 res = C.in_child(C.run_ants, moving, fixed, 'Affine' if affine_only else 'SyN',
@@ -94,7 +104,8 @@ def main(argv=None) -> int:
             else:
                 res = C.in_child(C.run_register, moving, fixed, args.mode, args.threads,
                                  options)
-            row = {'subject': sub, 'setting': name, 'mode': args.mode, 'options': options,
+            row = {'subject': sub, 'contrast': args.contrast, 'setting': name,
+                   'mode': args.mode, 'options': options,
                    'time': res['time'],
                    'peak_mb': res['peak_mb'],
                    'deformable': res.get('info', {}).get('refine', {}).get('deformable')}

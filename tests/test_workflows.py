@@ -50,8 +50,9 @@ def test_templates_are_t1w_so_the_suffix_tells_the_contrasts(image_type, given, 
     wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], refine=5,
                                    refine_options=options, image_type=image_type)
     passed = wf.get_node('registration').interface.inputs.refine_options
-    # a T1w against the T1w templates: local NCC, not the image check of 'auto'
-    metric = 'lncc' if image_type == 'T1w' else 'auto'
+    # against the T1w templates the suffix tells the metric, not the image check of 'auto':
+    # local NCC within a contrast, MIND across contrasts
+    metric = 'mind' if told else 'lncc'
     assert passed == {'refine_metric': metric, 'cross_contrast': told}
 
 
@@ -64,6 +65,17 @@ def test_a_t1w_gets_lncc_in_deformable_modes_unless_told(mode, given, metric):
                                    image_type='T1w')
     passed = wf.get_node('registration').interface.inputs.refine_options
     assert passed == {'refine_metric': metric, 'cross_contrast': False}
+
+
+@pytest.mark.parametrize('mode, given, metric', [
+    ('joint', 'auto', 'mind'), ('deform', 'lncc', 'lncc'), ('joint', 'mind', 'mind'),
+    ('affine', 'auto', 'auto'), ('rigid', 'auto', 'auto')])
+def test_other_contrasts_get_mind_in_deformable_modes_unless_told(mode, given, metric):
+    wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], mode=mode, refine=5,
+                                   refine_options={'refine_metric': given},
+                                   image_type='FLAIR')
+    passed = wf.get_node('registration').interface.inputs.refine_options
+    assert passed == {'refine_metric': metric, 'cross_contrast': True}
 
 
 @pytest.mark.parametrize('device, gpu', [('cpu', False), ('cuda', True)])

@@ -92,9 +92,9 @@ def add_refine_arguments(p, init_files: bool = False) -> None:
                         '$SYNTHMORPH_REFINE)')
     p.add_argument('--refine-metric', choices=('auto', 'lncc', 'mind'), default='auto',
                    help='similarity of the refinement: local NCC for the same contrast, NCC of '
-                        'MIND descriptors across contrasts; auto compares the two images (the '
-                        'BIDS-App gives a T1w local NCC in the deformable modes: the templates '
-                        'are T1w) (default auto)')
+                        'MIND descriptors across contrasts; auto compares the two images (in the '
+                        'deformable modes the BIDS-App gives a T1w local NCC and other contrasts '
+                        'MIND: the templates are T1w) (default auto)')
     p.add_argument('--refine-levels', type=_levels, metavar='MM,MM,..',
                    help='spacings (mm) of the deformable refinement levels, coarse to fine '
                         '(default 8,4,2)')

@@ -64,9 +64,11 @@ def init_register_template_wf(
         Contrast of the moving image (any: SynthMorph is contrast-agnostic). The templates are
         T1w, so unless ``refine_options`` says otherwise (``cross_contrast``), another
         contrast tells the refinement that the images differ in contrast, and a T1w that they
-        do not. In the deformable modes a T1w also gets local NCC where ``refine_metric`` is
-        ``'auto'`` or missing: the image check behind ``auto`` took a whole-head T1w for
-        another contrast against the whole-head template, and MIND gave 0.04 lower Dice there
+        do not. In the deformable modes the same tells the metric where ``refine_metric`` is
+        ``'auto'`` or missing: local NCC within a contrast, MIND across contrasts. The image
+        check behind ``auto`` took a whole-head T1w for another contrast against the
+        whole-head template (MIND then gave 0.004 lower mean Dice, 0.04 on that subject), and
+        most FLAIRs for T1w (local NCC then gave 0.025 lower mean Dice onto the template)
         (``benchmarks/README.md``, ``mni_head_bench.py``).
 
     Inputs
@@ -151,15 +153,15 @@ a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
 
 def _contrast_options(refine_options: dict | None, image_type: str, mode: str) -> dict:
     """``refine_options`` told what the moving image's BIDS suffix says (the templates are
-    T1w): ``cross_contrast`` where it is missing or None (auto), and for a T1w in the deformable
-    modes the local NCC ``refine_metric`` where it is missing or ``'auto'`` (the linear modes
-    keep ``auto``: there MIND, when ``auto`` picked it, aligned no worse)."""
+    T1w): ``cross_contrast`` where it is missing or None (auto), and in the deformable modes
+    the ``refine_metric`` that fits it where it is missing or ``'auto'``: MIND across
+    contrasts, local NCC within one (the linear modes keep ``auto``: there MIND, when ``auto``
+    picked it, aligned no worse)."""
     options = dict(refine_options or {})
     if options.get('cross_contrast') is None:
         options['cross_contrast'] = image_type != 'T1w'
-    if (image_type == 'T1w' and mode in ('joint', 'deform')
-            and options.get('refine_metric', 'auto') == 'auto'):
-        options['refine_metric'] = 'lncc'
+    if mode in ('joint', 'deform') and options.get('refine_metric', 'auto') == 'auto':
+        options['refine_metric'] = 'mind' if options['cross_contrast'] else 'lncc'
     return options
 
 
