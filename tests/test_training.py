@@ -212,6 +212,17 @@ def test_resume_repeats_the_next_step_exactly(tmp_path):
         _trainer(tmp_path / 'b', 'deform', steps=4).fit()
 
 
+def test_resume_takes_the_runs_learning_rate(tmp_path):
+    first = _trainer(tmp_path, 'affine', steps=1, validation_pairs=1)
+    first.fit()
+    lower = _trainer(tmp_path, 'affine', steps=2, validation_pairs=1, lr=2.5e-5)
+    lower.fit(resume=True)
+    assert [g['lr'] for g in lower.optimizer.param_groups] == [2.5e-5]
+    with open(tmp_path / 'out' / 'train_log.csv') as fobj:
+        rows = list(csv.DictReader(fobj))
+    assert [float(r['lr']) for r in rows] == [1e-2, 2.5e-5]  # the first run's, then ours
+
+
 @pytest.mark.parametrize('task, key', [('affine', 'init'), ('deform', 'hidden_init')])
 def test_resume_a_checkpoint_written_before_the_init_option(tmp_path, task, key):
     """Checkpoints from before ``init``/``hidden_init`` resume, and record their 'torch' start;

@@ -602,6 +602,12 @@ class Trainer:
             model.config.update({k: saved[k] for k in INIT_KEYS if k in model.config})
             model.load_state_dict(state['models'][kind], strict=True)
         self.optimizer.load_state_dict(state['optimizer'])
+        # the run's learning rate, not the checkpoint's: resuming with a lower --lr lowers it
+        for group in self.optimizer.param_groups:
+            if group['lr'] != self.config.lr:
+                LOGGER.log(25, 'learning rate %g from here (the checkpoint ran at %g)',
+                           self.config.lr, group['lr'])
+                group['lr'] = self.config.lr
         if self.average is not None:
             if state.get('average') is None:
                 LOGGER.log(25, 'the checkpoint holds no weight average: it starts from its weights')
