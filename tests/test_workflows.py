@@ -56,26 +56,20 @@ def test_templates_are_t1w_so_the_suffix_tells_the_contrasts(image_type, given, 
     assert passed == {'refine_metric': metric, 'cross_contrast': told}
 
 
-@pytest.mark.parametrize('mode, given, metric', [
-    ('joint', 'mind', 'mind'), ('deform', 'lncc', 'lncc'), ('deform', 'auto', 'lncc'),
-    ('affine', 'auto', 'auto'), ('rigid', 'auto', 'auto')])
-def test_a_t1w_gets_lncc_in_deformable_modes_unless_told(mode, given, metric):
+@pytest.mark.parametrize('image_type, mode, given, metric', [
+    ('T1w', 'joint', 'mind', 'mind'), ('T1w', 'deform', 'lncc', 'lncc'),
+    ('T1w', 'deform', 'auto', 'lncc'), ('T1w', 'affine', 'auto', 'auto'),
+    ('T1w', 'rigid', 'auto', 'auto'), ('FLAIR', 'joint', 'auto', 'mind'),
+    ('FLAIR', 'deform', 'lncc', 'lncc'), ('FLAIR', 'joint', 'mind', 'mind'),
+    ('FLAIR', 'affine', 'auto', 'auto'), ('FLAIR', 'rigid', 'auto', 'auto')])
+def test_the_suffix_picks_the_metric_in_deformable_modes_unless_told(image_type, mode, given,
+                                                                     metric):
+    # local NCC for a T1w, MIND for another contrast; the linear modes keep auto
     wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], mode=mode, refine=5,
                                    refine_options={'refine_metric': given},
-                                   image_type='T1w')
+                                   image_type=image_type)
     passed = wf.get_node('registration').interface.inputs.refine_options
-    assert passed == {'refine_metric': metric, 'cross_contrast': False}
-
-
-@pytest.mark.parametrize('mode, given, metric', [
-    ('joint', 'auto', 'mind'), ('deform', 'lncc', 'lncc'), ('joint', 'mind', 'mind'),
-    ('affine', 'auto', 'auto'), ('rigid', 'auto', 'auto')])
-def test_other_contrasts_get_mind_in_deformable_modes_unless_told(mode, given, metric):
-    wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], mode=mode, refine=5,
-                                   refine_options={'refine_metric': given},
-                                   image_type='FLAIR')
-    passed = wf.get_node('registration').interface.inputs.refine_options
-    assert passed == {'refine_metric': metric, 'cross_contrast': True}
+    assert passed == {'refine_metric': metric, 'cross_contrast': image_type != 'T1w'}
 
 
 @pytest.mark.parametrize('device, gpu', [('cpu', False), ('cuda', True)])
