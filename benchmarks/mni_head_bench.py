@@ -83,17 +83,17 @@ def main(argv=None) -> int:
     label_grid = Geometry.from_image(wmparc)
     fixed_grid = Geometry.from_image(nb.load(fixed))
     labels = sorted(MUSE_TO_FS.values())
+    affine_only = args.mode == 'affine'
     rows = []
     for sub in args.subjects:
         moving = str(refine_bench.anat(sub, args.contrast))
         moving_grid = Geometry.from_image(nb.load(moving))
         # DLMUSE on the moving image's grid (carried by a rigid map for a FLAIR)
-        muse = np.rint(refine_bench.moving_labels(sub, args.contrast, (None, moving_grid)))
+        muse = np.rint(refine_bench.moving_labels(sub, args.contrast, moving_grid))
         moving_labels = np.zeros(muse.shape, np.float32)
         for a, b in MUSE_TO_FS.items():
             moving_labels[muse == a] = b
         for name, options in args.settings:
-            affine_only = args.mode == 'affine'
             if name == 'greedy':
                 metric = 'NCC 2x2x2' if args.contrast == 'T1w' else 'NMI'
                 res = C.in_child(C.run_greedy, moving, fixed, metric, args.threads,

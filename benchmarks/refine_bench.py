@@ -80,9 +80,9 @@ def labels(sub: str) -> Path:
     )
 
 
-def moving_labels(sub: str, contrast: str, moving) -> np.ndarray:
-    """``sub``'s DLMUSE labels on the grid of its ``contrast`` image (``moving``: array and
-    Geometry); for another contrast than T1w, carried by antspyx ``Rigid`` (in a child)."""
+def moving_labels(sub: str, contrast: str, moving_grid) -> np.ndarray:
+    """``sub``'s DLMUSE labels on ``moving_grid``, the Geometry of its ``contrast`` image; for
+    another contrast than T1w, carried by antspyx ``Rigid`` (in a child)."""
     import nibabel as nb
 
     from synthmorph_app.io.images import Geometry
@@ -93,8 +93,8 @@ def moving_labels(sub: str, contrast: str, moving) -> np.ndarray:
         return lab
     t1_grid = Geometry.from_image(img)
     rigid = C.in_child(C.run_ants, str(t1w(sub)), str(anat(sub, contrast)), 'Rigid')
-    xfm = C.as_transform(rigid, moving[1], t1_grid, linear=True)
-    return C.moved(lab, t1_grid, xfm, moving[1], mode='nearest')
+    xfm = C.as_transform(rigid, moving_grid, t1_grid, linear=True)
+    return C.moved(lab, t1_grid, xfm, moving_grid, mode='nearest')
 
 
 def run_ours(moving_path, fixed_path, args) -> dict:
@@ -290,7 +290,7 @@ def main(argv=None):
         moving_path = anat(mov, contrast)
         flab = np.asarray(nb.load(labels(fix)).dataobj).astype(np.int32)
         fixed, moving = C.load(t1w(fix)), C.load(moving_path)
-        mlab = moving_labels(mov, contrast, moving)
+        mlab = moving_labels(mov, contrast, moving[1])
         brain = flab > 0
         head = masks.head_mask(fixed[0], fixed[1], top_mm=None)
         common = np.intersect1d(np.unique(flab[flab > 0]), np.unique(mlab[mlab > 0]))

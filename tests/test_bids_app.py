@@ -266,3 +266,10 @@ def test_missing_subject_message_names_the_selection(tmp_path):
     assert ('sub-02: no T1w image selected, not processed (its anatomical images: '
             'sub-02_ses-2_T1w.nii.gz; choose contrasts with --contrasts or check '
             '--bids-filter-file).') in res.stderr
+    filt.write_text(json.dumps({'flair': {'acquisition': 'x'}}))  # filters no asked contrast
+    res = _run([bids, tmp_path / 'o', 'participant', '--bids-filter-file', filt,
+                '--session-label', 'ses-2', '--dry-run'], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert ('sub-01: no T1w image selected, not processed (its anatomical images in the selected '
+            'session(s) 2: sub-01_ses-2_T2w.nii.gz; choose contrasts with --contrasts).'
+            ) in res.stderr

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -324,7 +323,8 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         return EXIT_FAILURE
 
     subjects = selection.images
-    missing = {sub: _missing_reason(sub, names, args.contrasts, args.session_label, bool(filters))
+    missing = {sub: _missing_reason(sub, names, args.contrasts, selection.sessions,
+                                    selection.filtered)
                for sub, names in selection.missing.items()}
     for reason in missing.values():
         print(f'synthmorph-app: {reason}', file=sys.stderr)
@@ -418,12 +418,12 @@ def _missing_reason(sub: str, names: list[str], contrasts: list[str] | None,
                     sessions: list[str] | None = None, filtered: bool = False) -> str:
     """The message for a selected subject without an image of the asked contrasts.
 
-    ``names`` are the subject's anatomical images in the selected ``sessions`` (all sessions
-    when None); ``filtered`` says a BIDS filter file narrowed the query.
+    ``names`` are the subject's anatomical images in the selected ``sessions`` (labels without
+    ``ses-``; all sessions when empty); ``filtered`` says a BIDS filter file narrowed the query
+    of an asked contrast.
     """
     asked = '/'.join(contrasts or ['T1w'])
-    where = (' in the selected session(s) ' + ', '.join(re.sub(r'^ses-', '', s) for s in sessions)
-             if sessions else '')
+    where = ' in the selected session(s) ' + ', '.join(sessions) if sessions else ''
     hint = 'choose contrasts with --contrasts' + (' or check --bids-filter-file' if filtered else '')
     has = (f'its anatomical images{where}: {", ".join(names)}; {hint}'
            if names else f'it has no anatomical image{where}, anat/*.nii[.gz]')

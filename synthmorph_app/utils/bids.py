@@ -169,11 +169,15 @@ class Selection:
 
     ``images``: the anatomical images to register, by subject label. ``missing``: the selected
     subjects with no image of the asked contrasts, each with the anatomical files it does have
-    (names), so that the message can say what is there instead.
+    (names), so that the message can say what is there instead. ``sessions``: the selected
+    session labels without their ``ses-`` prefix (empty for all sessions). ``filtered``: whether
+    a BIDS filter narrowed the query of an asked contrast.
     """
 
     images: dict[str, list[Path]]
     missing: dict[str, list[str]] = field(default_factory=dict)
+    sessions: list[str] = field(default_factory=list)
+    filtered: bool = False
 
 
 def collect_data(
@@ -208,9 +212,11 @@ def collect_data(
     contrasts = list(contrasts or ['T1w'])
     if 'all' in contrasts:
         contrasts = list(ANAT_CONTRASTS)
-    filters = bids_filters or {}
-    sessions = ({'session': [re.sub(r'^ses-', '', s) for s in session_labels]}
-                if session_labels else {})
+    filters = {c: filt for c in contrasts
+               if (filt := {k: v for k, v in (bids_filters or {}).get(c.lower(), {}).items()
+                            if k not in ('subject', 'datatype', 'suffix', 'return_type')})}
+    session_labels = [re.sub(r'^ses-', '', s) for s in session_labels or []]
+    sessions = {'session': session_labels} if session_labels else {}
     out: dict[str, list[Path]] = {}
     missing: dict[str, list[str]] = {}
     for sub in wanted:
@@ -220,9 +226,8 @@ def collect_data(
         images: list[Path] = []
         for contrast in contrasts:
             query = {**anat, 'suffix': contrast}
-            for key, value in filters.get(contrast.lower(), {}).items():
-                if key in ('subject', 'datatype', 'suffix', 'return_type'):
-                    continue  # chosen by --participant-label and --contrasts
+            for key, value in filters.get(contrast, {}).items():
+                # subject, datatype and suffix are chosen by --participant-label and --contrasts
                 query[key] = Query.NONE if value is None else value
             images += [Path(p) for p in layout.get(**query)]
         if images:
@@ -237,7 +242,7 @@ def collect_data(
             + '); check --participant-label, --session-label, --contrasts and '
             '--bids-filter-file.'
         )
-    return Selection(out, missing)
+    return Selection(out, missing, session_labels, bool(filters))
 
 
 def in_container() -> dict | None:
