@@ -206,9 +206,13 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
 
 
 def run_greedy(moving: str, fixed: str, metric: str = 'NCC 2x2x2', threads: int = 1,
-               deformable: bool = True, dof: int = 12) -> dict:
-    """``picsl_greedy``: ``dof``-DOF linear stage (12: affine, 6: rigid;
-    ``-ia-image-centers``), then the deformable step.
+               deformable: bool = True, dof: int = 12, init: str = 'image-centers') -> dict:
+    """``picsl_greedy``: ``dof``-DOF linear stage (12: affine, 6: rigid), then the deformable step.
+
+    ``init`` starts the linear stage: ``'image-centers'`` (``-ia-image-centers``) or
+    ``'moments'``: greedy's ``-moments 1`` (the centres of mass matched; this build rejects
+    ``-ia-moments``), then a rigid stage from it, which starts the ``dof`` stage (from the
+    centres of mass alone, greedy's 12-DOF NMI and MI diverge on FLAIR -> MNI).
 
     Both use ``-n 100x50x10 -m METRIC`` and greedy's default smoothing. Returns the full
     transform, with ``affine_time`` the time of the affine stage.
@@ -220,7 +224,14 @@ def run_greedy(moving: str, fixed: str, metric: str = 'NCC 2x2x2', threads: int 
         aff, warp = f'{tmp}/aff.mat', f'{tmp}/warp.nii.gz'
         t0 = time.perf_counter()
         g = Greedy3D()
-        g.execute(f'{base} -a -dof {dof} -ia-image-centers -o {aff}')
+        start = '-ia-image-centers'
+        if init == 'moments':
+            g.execute(f'-threads {threads} -d 3 -i {fixed} {moving} -moments 1 -o {tmp}/mom.mat')
+            g.execute(f'{base} -a -dof 6 -ia {tmp}/mom.mat -o {tmp}/rigid.mat')
+            start = f'-ia {tmp}/rigid.mat'
+        elif init != 'image-centers':
+            raise ValueError(f"init must be 'image-centers' or 'moments', got {init!r}")
+        g.execute(f'{base} -a -dof {dof} {start} -o {aff}')
         t_aff = time.perf_counter() - t0
         if deformable:
             g.execute(f'{base} -it {aff} -o {warp}')

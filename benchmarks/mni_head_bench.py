@@ -17,8 +17,9 @@ information.
 
 ``--settings NAME=OPTIONS`` runs ``register`` (``--mode``, joint by default) once per setting, each in its own
 process, with OPTIONS passed to it (``auto=`` for the defaults). Two names run other tools
-instead: ``greedy`` (``picsl_greedy``: affine, then deformable, NCC 2x2x2, as
-``refine_bench.py`` runs it) and ``ants`` (antspyx ``SyN``, its defaults).
+instead: ``greedy`` (``picsl_greedy``: affine from the image centres, then deformable, NCC 2x2x2,
+as ``refine_bench.py`` runs it), ``greedy-moments`` (the same from the centres of mass,
+``-moments 1``, then rigid, then affine) and ``ants`` (antspyx ``SyN``, its defaults).
 
 Run from the repository root::
 
@@ -94,10 +95,11 @@ def main(argv=None) -> int:
         for a, b in MUSE_TO_FS.items():
             moving_labels[muse == a] = b
         for name, options in args.settings:
-            if name == 'greedy':
+            if name in ('greedy', 'greedy-moments'):
                 metric = 'NCC 2x2x2' if args.contrast == 'T1w' else 'NMI'
+                init = 'moments' if name == 'greedy-moments' else 'image-centers'
                 res = C.in_child(C.run_greedy, moving, fixed, metric, args.threads,
-                                 deformable=not affine_only)
+                                 deformable=not affine_only, init=init)
             elif name == 'ants':
                 res = C.in_child(C.run_ants, moving, fixed, 'Affine' if affine_only else 'SyN',
                                  args.threads)
