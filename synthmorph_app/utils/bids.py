@@ -212,6 +212,8 @@ def collect_data(
     contrasts = list(contrasts or ['T1w'])
     if 'all' in contrasts:
         contrasts = list(ANAT_CONTRASTS)
+    # each asked contrast's filter (keyed by its lower-case suffix), less the entities that
+    # --participant-label and --contrasts choose; contrasts left with none are not filtered
     filters = {c: filt for c in contrasts
                if (filt := {k: v for k, v in (bids_filters or {}).get(c.lower(), {}).items()
                             if k not in ('subject', 'datatype', 'suffix', 'return_type')})}
@@ -227,7 +229,6 @@ def collect_data(
         for contrast in contrasts:
             query = {**anat, 'suffix': contrast}
             for key, value in filters.get(contrast, {}).items():
-                # subject, datatype and suffix are chosen by --participant-label and --contrasts
                 query[key] = Query.NONE if value is None else value
             images += [Path(p) for p in layout.get(**query)]
         if images:
