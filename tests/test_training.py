@@ -221,6 +221,11 @@ def test_resume_takes_the_runs_learning_rate(tmp_path):
     with open(tmp_path / 'out' / 'train_log.csv') as fobj:
         rows = list(csv.DictReader(fobj))
     assert [float(r['lr']) for r in rows] == [1e-2, 2.5e-5]  # the first run's, then ours
+    # another loss is not a resume: refused, naming what differs, the run's files untouched
+    other = _trainer(tmp_path, 'affine', steps=3, validation_pairs=1, overlap_weight=1.0)
+    with pytest.raises(ValueError, match="overlap_weight: 10.0 there, 1.0 here"):
+        other.fit(resume=True)
+    assert json.loads((tmp_path / 'out' / 'config.json').read_text())['overlap_weight'] == 10.0
 
 
 @pytest.mark.parametrize('task, key', [('affine', 'init'), ('deform', 'hidden_init')])

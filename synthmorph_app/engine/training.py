@@ -237,6 +237,14 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+#: TrainConfig fields a resumed run may change: how long, how fast and where it runs, how
+#: often it saves and validates, and the start of weight averaging. Any other difference from
+#: the checkpoint's config (loss, grids, synthesis, networks, seed) refuses to resume.
+RESUMABLE_CHANGES = frozenset({
+    'steps', 'lr', 'device', 'threads', 'workers', 'checkpoint_every', 'validate_every',
+    'validation_pairs', 'ema', 'label_maps', 'out', 'init_affine', 'init_deform',
+})
+
 #: Network config keys that only say how a network started, with their value in checkpoints
 #: written before the key existed: a run resumes whatever they say (:meth:`Trainer.load_checkpoint`).
 INIT_KEYS = {'init': 'torch', 'hidden_init': 'torch'}
@@ -585,9 +593,24 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
-        """Restore models, optimizer, step and RNG states from a checkpoint."""
+        """Restore models, optimizer, step and RNG states from a checkpoint.
+
+        Raises ``ValueError`` when this run's config differs from the checkpoint's in what
+        defines the training problem (any field but :data:`RESUMABLE_CHANGES`), so that a resume
+        without the run's options does not go on with another loss.
+        """
         path = Path(path or Path(self.config.out) / CHECKPOINT)
         state = torch.load(path, map_location='cpu', weights_only=True)
+        saved_cfg = state.get('config') or {}
+        ours = self.config.to_dict()
+        changed = {k: (v, ours[k]) for k, v in saved_cfg.items()
+                   if k in ours and k not in RESUMABLE_CHANGES and v != ours[k]}
+        if changed:
+            listed = '; '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in changed.items())
+            raise ValueError(
+                f'the checkpoint <{path}> was trained with other settings ({listed}): resume '
+                f'with the run\'s options (its config.json), or choose another --out'
+            )
         for kind, model in self.models.items():
             saved = dict(state['model_configs'].get(kind) or {})
             for key, before in INIT_KEYS.items():
