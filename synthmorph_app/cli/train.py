@@ -24,7 +24,9 @@ outputs in --out: checkpoint.pt (models, optimizer, step, RNG states, config), t
 (loss and step time per step), validation.csv (mean Dice of the brain labels on pairs from the
 held-out maps training_seg_19 and training_seg_20), config.json, and the models as <kind>.pt +
 <kind>.json (model card) for register -w. Ctrl-C or SIGTERM stops after the current step and
-saves a checkpoint; --resume continues exactly where it stopped.
+saves a checkpoint; --resume continues exactly where it stopped. Resume with the run's options
+(its config.json): --steps, --lr, --threads, --device, the checkpoint and validation intervals and
+--ema may change, anything else (loss, grids, synthesis, networks, seed) refuses to resume.
 
 examples:
   synthmorph-app train affine --label-maps ../shared/data/label_maps --out runs/affine \\
