@@ -602,7 +602,7 @@ class Trainer:
         path = Path(path or Path(self.config.out) / CHECKPOINT)
         state = torch.load(path, map_location='cpu', weights_only=True)
         saved_cfg = state.get('config') or {}
-        ours = self.config.to_dict()
+        ours = json.loads(json.dumps(self.config.to_dict()))  # as saved: tuples become lists
         changed = {k: (v, ours[k]) for k, v in saved_cfg.items()
                    if k in ours and k not in RESUMABLE_CHANGES and v != ours[k]}
         if changed:
