@@ -20,6 +20,10 @@ Run from the repository root, e.g.::
     python benchmarks/affine_arch_bench.py training/affine-detector training/affine-encoder \\
         training/affine-decomposer --pairs 16
 
+``--weights FILE`` scores an exported model (a packaged name or a ``.pt``) in place of each run's
+checkpoint, on that run's held-out maps and settings: e.g. the packaged ``affine`` after a joint
+fine-tuning, which has no affine run of its own.
+
 A script, not a timed test; figures in ``benchmarks/README.md`` and ``training/MODEL_CARDS.md``.
 """
 
@@ -37,6 +41,7 @@ from synthmorph_app.engine import losses as L
 from synthmorph_app.engine import spatial
 from synthmorph_app.engine.synthesis import Synthesizer, step_generator
 from synthmorph_app.engine.training import TrainConfig, Trainer
+from synthmorph_app.engine.weights import load_model
 
 BENCH_SEED = 20261129
 
@@ -101,6 +106,9 @@ def main(argv=None) -> int:
                         help='per-image rotation ranges, degrees (default 0,15,30,45)')
     parser.add_argument('--checkpoint-name', default='checkpoint.pt',
                         help='checkpoint file inside each run (default checkpoint.pt)')
+    parser.add_argument('--weights', metavar='FILE',
+                        help="score this exported model (a packaged name or our .pt) in each "
+                             "run's setting instead of the run's own weights")
     parser.add_argument('--json', type=Path, help='write the figures as JSON')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -117,11 +125,18 @@ def main(argv=None) -> int:
     for run in args.runs:
         trainer = load_run(run, run / args.checkpoint_name)
         model = trainer.models[trainer.linear_kind]
+        weights = 'average' if trainer.average is not None else 'raw'
+        step = trainer.step
+        if args.weights:
+            exported, card = load_model(args.weights, trainer.linear_kind)
+            model.load_state_dict(exported.state_dict())
+            trainer.average = None
+            weights, step = card['path'], card.get('training', {}).get('steps', 0)
         # a run with a weight average (--ema) is scored with it, as its validation and exports
         with trainer.averaged():
             before, after = cross_map_dice(trainer, args.pairs)
-            row = {'run': str(run), 'arch': trainer.config.arch, 'step': trainer.step,
-                   'weights': 'average' if trainer.average is not None else 'raw',
+            row = {'run': str(run), 'arch': trainer.config.arch, 'step': step,
+                   'weights': weights,
                    'params': sum(p.numel() for p in model.parameters()),
                    'forward_s': round(forward_time(trainer), 4),
                    'dice_before': round(before, 4), 'dice': round(after, 4)}
