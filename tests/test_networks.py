@@ -47,6 +47,7 @@ SMALL = {
     },
     'encoder': {'arch': 'AffineEncoder', 'enc': [4, 8, 8]},
     'encoder_rigid': {'arch': 'AffineEncoder', 'enc': [4, 8, 8], 'rigid': True},
+    'encoder_grid': {'arch': 'AffineEncoder', 'enc': [4, 8, 8], 'pool_grid': 2},
     'decomposer': {'arch': 'AffineDecomposer', 'enc': [4, 8, 8], 'dec': [8, 8], 'add': [4]},
     'decomposer_rigid': {
         'arch': 'AffineDecomposer', 'enc': [4, 8, 8], 'dec': [8, 8], 'add': [4], 'rigid': True,
@@ -249,6 +250,26 @@ def test_affine_models_backpropagate(name):
     (out[:, :3] - EYE[:3]).square().sum().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_encoder_pool_grid_keeps_the_layout_and_old_configs():
+    # earlier models pooled globally and wrote no pool_grid: they build as they were
+    old = build_model({'arch': 'AffineEncoder', 'enc': [4, 8, 8]})
+    assert 'pool_grid' not in old.config and old.head.in_features == 8
+    grid = build_model({'arch': 'AffineEncoder', 'enc': [4, 8, 8], 'pool_grid': 2})
+    assert grid.config['pool_grid'] == 2 and grid.head.in_features == 8 * 2**3
+    # the head reads each cell apart: a weight on one cell sees a blob there and not elsewhere
+    with torch.no_grad():
+        grid.head.weight.zero_()
+        grid.head.weight[3, ::8] = 1.0  # cell (0, 0, 0) of every channel -> the x shift
+        core = torch.zeros(1, 8, 4, 4, 4)
+        core[..., :2, :2, :2] = 1.0
+        assert grid.head(grid.pool(core).flatten(1))[0, 3] == 8.0
+        assert grid.head(grid.pool(core.flip(2, 3, 4)).flatten(1))[0, 3] == 0.0
+        # the global average cannot tell the two apart
+        assert torch.equal(old.pool(core), old.pool(core.flip(2, 3, 4)))
+    with pytest.raises(ValueError, match='pool_grid'):
+        AffineEncoder(pool_grid=0)
 
 
 def test_affine_input_errors():

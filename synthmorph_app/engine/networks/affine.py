@@ -193,8 +193,9 @@ def _algebra(params: torch.Tensor, rigid: bool, scale: float) -> torch.Tensor:
 class AffineEncoder(nn.Module):
     """Parameter-encoder affine/rigid network.
 
-    The concatenated pair (moving, fixed) goes through conv + LeakyReLU + max-pool levels, a
-    global average and a linear layer to 12 parameters (6 if ``rigid``), initialised to zero.
+    The concatenated pair (moving, fixed) goes through conv + LeakyReLU + max-pool levels, an
+    average over each cell of a ``pool_grid``^3 grid, and a linear layer from the flattened cells
+    to 12 parameters (6 if ``rigid``), initialised to zero.
     They are read as an element ``L`` of the Lie algebra of affine (rigid) transforms in the
     centred frame: ``P`` (3x3) and a shift in units of half the largest grid size (rigid: a
     rotation vector in radians and the shift); see ``_algebra``. With ``symmetric=True`` the
@@ -214,6 +215,12 @@ class AffineEncoder(nn.Module):
         Antisymmetrise over the input order (above).
     downsample : {'average', 'subsample', None}
         Halve the input resolution first.
+    pool_grid : int
+        Cells per axis of the final average pooling, flattened into the linear layer. With 1 (a
+        global average, the default of the runs of sessions 6-15) the features lose where they
+        lie in the image, so the parameters of a rotation or a scaling, whose displacement
+        changes sign across the brain, cannot be read from them. 4 keeps a coarse layout, as the
+        paper's encoder keeps its flattened feature map.
     """
 
     def __init__(
@@ -223,6 +230,7 @@ class AffineEncoder(nn.Module):
         rigid: bool = False,
         symmetric: bool = True,
         downsample: str | None = 'average',
+        pool_grid: int = 1,
     ):
         super().__init__()
         _factor(downsample)
@@ -234,15 +242,20 @@ class AffineEncoder(nn.Module):
             'symmetric': bool(symmetric),
             'downsample': downsample,
         }
+        if int(pool_grid) < 1:
+            raise ValueError(f'pool_grid must be at least 1, got {pool_grid!r}')
+        if int(pool_grid) != 1:  # absent from the configs of earlier (global average) models
+            self.config['pool_grid'] = int(pool_grid)
+        self.pool = nn.AdaptiveAvgPool3d(int(pool_grid))
         self.core = UNetCore(2 * in_channels, enc, (), ())
-        self.head = nn.Linear(self.core.out_channels, 6 if rigid else 12)
+        self.head = nn.Linear(self.core.out_channels * int(pool_grid) ** 3, 6 if rigid else 12)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.multiple = _factor(downsample) * self.core.multiple
 
     def _params(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         x = downsample(torch.cat((moving, fixed), 1), self.config['downsample'])
-        return self.head(self.core(x).mean(dim=(2, 3, 4)))
+        return self.head(self.pool(self.core(x)).flatten(1))
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Voxel matrix (B, 4, 4) from fixed grid indices to moving grid indices."""
