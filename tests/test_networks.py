@@ -49,6 +49,9 @@ SMALL = {
     'encoder_rigid': {'arch': 'AffineEncoder', 'enc': [4, 8, 8], 'rigid': True},
     'encoder_grid': {'arch': 'AffineEncoder', 'enc': [4, 8, 8], 'pool_grid': 2},
     'decomposer': {'arch': 'AffineDecomposer', 'enc': [4, 8, 8], 'dec': [8, 8], 'add': [4]},
+    'decomposer_cost': {
+        'arch': 'AffineDecomposer', 'enc': [4, 8, 8], 'dec': [8, 8], 'add': [4], 'cost_volume': 1,
+    },
     'decomposer_rigid': {
         'arch': 'AffineDecomposer', 'enc': [4, 8, 8], 'dec': [8, 8], 'add': [4], 'rigid': True,
     },

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import UNetCore, check_pair, downsample, init_convs
+from .blocks import UNetCore, check_pair, cost_offsets, downsample, init_convs, mind_cost_volume
 from .fit import (
     barycenters,
     centred_to_voxel,
@@ -284,6 +284,11 @@ class AffineDecomposer(nn.Module):
     also runs on (fixed, moving), and the two fits are combined by :func:`~.fit.symmetrize`
     (``'log'``), which keeps rigid fits rigid.
 
+    ``cost_volume = R > 0`` adds a MIND cost volume of radius ``R`` to the U-Net's input, as for
+    the deformable network (:func:`~.blocks.mind_cost_volume`; ours, not the paper's): a dense
+    displacement U-Net trained from scratch on CPU otherwise stays at the zero field
+    (``docs/model_cards.md``). The key is absent from ``config`` when ``R = 0``.
+
     Parameters
     ----------
     in_channels : int
@@ -296,6 +301,8 @@ class AffineDecomposer(nn.Module):
         Halve the input resolution first.
     ridge : float
         Pull of degenerate affine fits towards the identity.
+    cost_volume : int
+        Radius of the MIND cost volume input (0: none).
     """
 
     def __init__(
@@ -307,6 +314,7 @@ class AffineDecomposer(nn.Module):
         rigid: bool = False,
         downsample: str | None = 'average',
         ridge: float = 1e-3,
+        cost_volume: int = 0,
     ):
         super().__init__()
         _factor(downsample)
@@ -320,7 +328,10 @@ class AffineDecomposer(nn.Module):
             'downsample': downsample,
             'ridge': float(ridge),
         }
-        self.core = UNetCore(2 * in_channels, enc, dec, add)
+        self.offsets = cost_offsets(cost_volume)
+        if self.offsets:
+            self.config['cost_volume'] = int(cost_volume)
+        self.core = UNetCore(2 * in_channels + len(self.offsets), enc, dec, add)
         self.head = nn.Conv3d(self.core.out_channels, 4, kernel_size=3, padding=1)
         with torch.no_grad():
             nn.init.normal_(self.head.weight, 0.0, 1e-5)
@@ -329,6 +340,8 @@ class AffineDecomposer(nn.Module):
 
     def _fit(self, moving: torch.Tensor, fixed: torch.Tensor, shape) -> torch.Tensor:
         x = downsample(torch.cat((moving, fixed), 1), self.config['downsample'])
+        if self.offsets:
+            x = torch.cat((x, mind_cost_volume(x, self.config['in_channels'], self.offsets)), 1)
         out = self.head(self.core(x))
         disp, weight = out[:, :3], F.softplus(out[:, 3])
         axes = []

@@ -17,12 +17,15 @@ so Keras layers map one to one onto ours.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..similarity import mind_ssc, shift_volume
 
 __all__ = [
     'Conv',
@@ -272,3 +275,28 @@ def check_pair(
             f'spatial shape {tuple(a.shape[2:])} must be divisible by {multiple} along every '
             f'axis (the network halves it that often); pad or crop the network grid'
         )
+
+
+def cost_offsets(radius: int) -> list:
+    """The ``(2R + 1)**3`` voxel offsets of a cost volume of radius ``R`` (none for 0)."""
+    radius = int(radius)
+    if radius < 0:
+        raise ValueError(f'cost_volume must be 0 or a radius >= 1, got {radius}')
+    span = range(-radius, radius + 1)
+    return list(itertools.product(span, repeat=3)) if radius else []
+
+
+def mind_cost_volume(pair: torch.Tensor, in_channels: int, offsets: Sequence) -> torch.Tensor:
+    """The cost volume ``(B, len(offsets), ...)`` of a pair ``(B, 2C, ...)`` (source channels
+    first): minus the mean squared difference of the target's MIND-SSC descriptors at ``x`` and
+    the source's at ``x + o`` for each offset ``o``, standardised over the offsets at each voxel
+    (flat regions give zeros). Ours, not SynthMorph's: it tells an untrained network which way
+    the images moved, contrast-independently (:mod:`.hyper`)."""
+    source = pair[:, :in_channels].mean(1, keepdim=True)
+    target = pair[:, in_channels:].mean(1, keepdim=True)
+    mind_s, mind_t = mind_ssc(source, 1, 1), mind_ssc(target, 1, 1)
+    cost = torch.cat(
+        [-((mind_t - shift_volume(mind_s, o)) ** 2).mean(1, keepdim=True) for o in offsets], 1
+    )
+    centred = cost - cost.mean(1, keepdim=True)
+    return centred / (cost.std(1, keepdim=True) + 1e-6)

@@ -30,15 +30,21 @@ configs of models without it stay as they were.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..similarity import mind_ssc, shift_volume
-from .blocks import HyperConv, HyperMLP, UNetCore, check_pair, downsample
+from .blocks import (
+    HyperConv,
+    HyperMLP,
+    UNetCore,
+    check_pair,
+    cost_offsets,
+    downsample,
+    mind_cost_volume,
+)
 
 __all__ = ['HyperUNet']
 
@@ -108,8 +114,7 @@ class HyperUNet(nn.Module):
         if not hyper_units:
             raise ValueError('hyper_units must list at least one dense layer')
         radius = int(cost_volume)
-        if radius < 0:
-            raise ValueError(f'cost_volume must be 0 or a radius >= 1, got {cost_volume}')
+        self.offsets = cost_offsets(radius)
         self.config = {
             'arch': 'HyperUNet',
             'in_channels': int(in_channels),
@@ -125,8 +130,6 @@ class HyperUNet(nn.Module):
         }
         if radius:
             self.config['cost_volume'] = radius
-        span = range(-radius, radius + 1)
-        self.offsets = list(itertools.product(span, repeat=3)) if radius else []
         hyper_dim = int(hyper_units[-1])
         self.hyper = HyperMLP(hyper_inputs, hyper_units, hyper_activation)
         self.core = UNetCore(
@@ -171,16 +174,5 @@ class HyperUNet(nn.Module):
 
     def cost(self, pair: torch.Tensor) -> torch.Tensor:
         """The cost volume ``(B, (2R+1)**3, ...)`` of a half-resolution pair ``(B, 2C, ...)``
-        (source channels first): minus the mean squared difference of the target's MIND-SSC
-        descriptors at ``x`` and the source's at ``x + o`` for each offset ``o``, standardised
-        over the offsets at each voxel (flat regions give zeros)."""
-        n = self.config['in_channels']
-        source = pair[:, :n].mean(1, keepdim=True)
-        target = pair[:, n:].mean(1, keepdim=True)
-        mind_s, mind_t = mind_ssc(source, 1, 1), mind_ssc(target, 1, 1)
-        cost = torch.cat(
-            [-((mind_t - shift_volume(mind_s, o)) ** 2).mean(1, keepdim=True)
-             for o in self.offsets], 1,
-        )  # fmt: skip
-        centred = cost - cost.mean(1, keepdim=True)
-        return centred / (cost.std(1, keepdim=True) + 1e-6)
+        (:func:`~.blocks.mind_cost_volume`)."""
+        return mind_cost_volume(pair, self.config['in_channels'], self.offsets)
