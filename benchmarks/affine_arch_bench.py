@@ -24,7 +24,7 @@ Run from the repository root, e.g.::
 checkpoint, on that run's held-out maps and settings: e.g. the packaged ``affine`` after a joint
 fine-tuning, which has no affine run of its own.
 
-A script, not a timed test; figures in ``benchmarks/README.md`` and ``training/MODEL_CARDS.md``.
+A script, not a timed test; figures in ``benchmarks/README.md`` and ``docs/model_cards.md``.
 """
 
 from __future__ import annotations
