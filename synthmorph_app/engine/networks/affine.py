@@ -242,13 +242,14 @@ class AffineEncoder(nn.Module):
             'symmetric': bool(symmetric),
             'downsample': downsample,
         }
-        if int(pool_grid) < 1:
+        cells = int(pool_grid)
+        if cells < 1:
             raise ValueError(f'pool_grid must be at least 1, got {pool_grid!r}')
-        if int(pool_grid) != 1:  # absent from the configs of earlier (global average) models
-            self.config['pool_grid'] = int(pool_grid)
-        self.pool = nn.AdaptiveAvgPool3d(int(pool_grid))
+        if cells != 1:  # absent from the configs of earlier (global average) models
+            self.config['pool_grid'] = cells
+        self.pool = nn.AdaptiveAvgPool3d(cells)
         self.core = UNetCore(2 * in_channels, enc, (), ())
-        self.head = nn.Linear(self.core.out_channels * int(pool_grid) ** 3, 6 if rigid else 12)
+        self.head = nn.Linear(self.core.out_channels * cells**3, 6 if rigid else 12)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.multiple = _factor(downsample) * self.core.multiple
