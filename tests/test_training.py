@@ -250,6 +250,42 @@ def test_resume_a_checkpoint_written_before_the_init_option(tmp_path, task, key)
         _trainer(tmp_path, task, steps=3).fit(resume=True)
 
 
+#: Tiny encoder and decomposer (a 24^3 grid takes two levels), without the settings that
+#: ARCH_DEFAULTS adds to fresh runs.
+TINY_ARCHS = {'encoder': ({'enc': [4, 8]}, 'pool_grid', 4, 2),
+              'decomposer': ({'enc': [4, 8], 'dec': [8], 'add': [4]}, 'cost_volume', 1, 2)}
+
+
+@pytest.mark.parametrize('arch', sorted(TINY_ARCHS))
+def test_fresh_arch_runs_take_the_settings_that_learn_and_old_checkpoints_resume(tmp_path, arch):
+    """A fresh encoder run pools on a 4^3 grid, a decomposer run reads the cost volume; a
+    checkpoint from before (its network without the key) resumes with its own network, while a
+    run that asks for another value of the key is refused."""
+    tiny, key, default, other = TINY_ARCHS[arch]
+    fresh = _trainer(tmp_path / 'fresh', 'affine', arch=arch, affine_model=tiny, steps=1)
+    assert fresh.models['affine'].config[key] == default
+    # an earlier run: the class default (no key in the network's config)
+    old = _trainer(tmp_path, 'affine', arch=arch, steps=1,
+                   affine_model={**tiny, key: 0 if key == 'cost_volume' else 1})
+    old.fit()
+    saved = torch.load(tmp_path / 'out' / 'checkpoint.pt', weights_only=True)
+    assert key not in saved['model_configs']['affine']
+    resumed = _trainer(tmp_path, 'affine', arch=arch, affine_model=tiny, steps=2)
+    assert resumed.fit(resume=True)['step'] == 2
+    assert key not in resumed.models['affine'].config
+    # the optimiser steps the resumed network's parameters, not the discarded default's
+    model_params = {id(p) for p in resumed.models['affine'].parameters()}
+    assert {id(p) for g in resumed.optimizer.param_groups for p in g['params']} == model_params
+    _, card = load_model(tmp_path / 'out' / 'affine.pt', 'affine')
+    assert key not in card['config']
+    with pytest.raises(ValueError, match=f"differ in \\['{key}'\\]"):
+        _trainer(tmp_path, 'affine', arch=arch, affine_model={**tiny, key: other},
+                 steps=3).fit(resume=True)
+    with pytest.raises(ValueError, match=f"arch: '{arch}' there, 'detector' here"):
+        _trainer(tmp_path, 'affine', arch='detector', affine_model=TINY_AFFINE,
+                 steps=3).fit(resume=True)
+
+
 def test_validation_and_exported_models(tmp_path):
     trainer = _trainer(tmp_path, 'affine', steps=2)
     summary = trainer.fit()

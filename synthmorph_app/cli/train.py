@@ -71,10 +71,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help='folder of label maps (NIfTI/MGZ, FreeSurfer labels)')
     p.add_argument('--out', required=True, metavar='DIR', help='output folder')
     p.add_argument('--arch', default='detector', choices=('detector', 'encoder', 'decomposer'),
-                   help='affine/rigid architecture (default: detector). A new encoder run '
-                        'should add --config \'{"affine_model": {"pool_grid": 4}}\' and a '
-                        'decomposer run \'{"affine_model": {"cost_volume": 1}}\': without them '
-                        'neither learnt anything on CPU (docs/model_cards.md)')
+                   help='affine/rigid architecture (default: detector). The encoder pools '
+                        'its features on a 4^3 grid (pool_grid 4) and the decomposer reads a '
+                        'MIND cost volume (cost_volume 1): without them neither learnt anything '
+                        'on CPU (docs/model_cards.md). A resumed run goes on with the network '
+                        'its checkpoint holds')
     p.add_argument('--steps', type=_non_negative_int, default=10000,
                    help='total optimisation steps (default 10000)')
     p.add_argument('--resume', action='store_true',

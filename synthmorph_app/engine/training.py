@@ -72,6 +72,7 @@ LOGGER = logging.getLogger('synthmorph_app.engine.training')
 
 __all__ = [
     'ARCHS',
+    'ARCH_DEFAULTS',
     'TASKS',
     'TrainConfig',
     'Trainer',
@@ -84,6 +85,16 @@ LOSS_GRIDS = ('half', 'full')
 #: ``--arch`` names -> network classes (:mod:`.networks`).
 ARCHS = {'detector': 'AffineDetector', 'encoder': 'AffineEncoder',
          'decomposer': 'AffineDecomposer'}
+#: Settings a fresh ``--arch`` run adds to its network's own defaults (``affine_model`` still
+#: overrides them): without them neither the encoder (a global mean cannot tell where features
+#: lie) nor the decomposer (a dense U-Net without a cost volume) left the identity on CPU
+#: (docs/model_cards.md, session 16). The network classes keep their old defaults, so the
+#: configs of earlier models build as they were.
+ARCH_DEFAULTS = {'detector': {}, 'encoder': {'pool_grid': 4},
+                 'decomposer': {'cost_volume': 1}}
+#: TrainConfig fields checked through the networks they build when a run resumes (see
+#: :meth:`Trainer.load_checkpoint`), not as settings.
+MODEL_FIELDS = ('affine_model', 'deform_model')
 #: Seed of the held-out validation pairs (fixed, whatever the training seed).
 VALIDATION_SEED = 20240601
 CHECKPOINT = 'checkpoint.pt'
@@ -140,7 +151,8 @@ class TrainConfig:
     symmetric : bool
         Deformable velocity as ``(D(m, f) - D(f, m)) / 2`` (as :func:`register` uses it).
     affine_model, deform_model : dict
-        Overrides of the networks' default configs (e.g. ``{'enc': [8, 16]}``).
+        Overrides of the networks' default configs (e.g. ``{'enc': [8, 16]}``); the affine
+        network's defaults are its class's plus :data:`ARCH_DEFAULTS` of ``arch``.
     init_affine, init_deform : str or None
         Start from these weights (a model name or path, :func:`.weights.load_model`); their
         config replaces the defaults and overrides. A rigid task may start from an affine
@@ -415,7 +427,8 @@ class Trainer:
             elif kind == 'deform':
                 model = build_model({**default_config('deform'), **cfg.deform_model})
             else:
-                base = {'arch': ARCHS[cfg.arch], 'rigid': kind == 'rigid'}
+                base = {'arch': ARCHS[cfg.arch], 'rigid': kind == 'rigid',
+                        **ARCH_DEFAULTS[cfg.arch]}
                 model = build_model({**base, **cfg.affine_model})
             models[kind] = model.to(self.device).train()
         return models
@@ -592,38 +605,71 @@ class Trainer:
         LOGGER.info('checkpoint at step %d: %s', self.step, path)
         return path
 
+    def _checkpoint_network(self, kind: str, saved: dict, path: Path):
+        """The ``kind`` network of a checkpoint whose config ``saved`` differs from this run's
+        network: it replaces that network when they differ only in what the run took from
+        defaults (e.g. a checkpoint from before :data:`ARCH_DEFAULTS`), since a resume goes on
+        with the network it holds. A difference in the architecture, the task or a setting the
+        run asks for (``affine_model``, ``deform_model``) raises ``ValueError``."""
+        from .networks import build_model
+
+        ours = self.models[kind].config
+        cfg = self.config
+        asked = set(cfg.deform_model if kind == 'deform' else cfg.affine_model)
+        asked |= {'arch', 'rigid'}
+        differ = {k for k in set(saved) | set(ours)
+                  if k not in INIT_KEYS and saved.get(k) != ours.get(k)}
+        init = cfg.init_deform if kind == 'deform' else cfg.init_affine
+        if differ & asked or init:
+            raise ValueError(
+                f'the checkpoint <{path}> holds a different {kind} network ({saved}) from this '
+                f'run ({ours}): they differ in {sorted(differ)}'
+            )
+        LOGGER.log(25, 'the checkpoint holds the %s network of its start (%s): the run goes on '
+                   'with it, not with the defaults of today (%s)', kind,
+                   ', '.join(f'{k}={saved.get(k)}' for k in sorted(differ)),
+                   ', '.join(f'{k}={ours.get(k)}' for k in sorted(differ)))
+        model = build_model(saved).to(self.device).train()
+        self.models[kind] = model
+        return model
+
     def load_checkpoint(self, path: str | Path | None = None) -> None:
         """Restore models, optimizer, step and RNG states from a checkpoint.
 
         Raises ``ValueError`` when this run's config differs from the checkpoint's in what
         defines the training problem (any field but :data:`RESUMABLE_CHANGES`), so that a resume
-        without the run's options does not go on with another loss.
+        without the run's options does not go on with another loss. The networks are compared
+        as built (:meth:`_checkpoint_network`), not through ``affine_model``/``deform_model``.
         """
         path = Path(path or Path(self.config.out) / CHECKPOINT)
         state = torch.load(path, map_location='cpu', weights_only=True)
         saved_cfg = state.get('config') or {}
         ours = json.loads(json.dumps(self.config.to_dict()))  # as saved: tuples become lists
         changed = {k: (v, ours[k]) for k, v in saved_cfg.items()
-                   if k in ours and k not in RESUMABLE_CHANGES and v != ours[k]}
+                   if k in ours and k not in RESUMABLE_CHANGES and k not in MODEL_FIELDS
+                   and v != ours[k]}
         if changed:
             listed = '; '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in changed.items())
             raise ValueError(
                 f'the checkpoint <{path}> was trained with other settings ({listed}): resume '
                 f'with the run\'s options (its config.json), or choose another --out'
             )
-        for kind, model in self.models.items():
+        rebuilt = False
+        for kind in list(self.models):
+            model = self.models[kind]
             saved = dict(state['model_configs'].get(kind) or {})
             for key, before in INIT_KEYS.items():
                 if key in model.config:
                     saved.setdefault(key, before)
             if _without_init(saved) != _without_init(model.config):
-                raise ValueError(
-                    f'the checkpoint <{path}> holds a different {kind} network '
-                    f'({state["model_configs"].get(kind)}) from this run ({model.config})'
-                )
+                model = self._checkpoint_network(kind, saved, path)
+                rebuilt = True
             # how the network started is the checkpoint's, whatever this run's default
             model.config.update({k: saved[k] for k in INIT_KEYS if k in model.config})
             model.load_state_dict(state['models'][kind], strict=True)
+        if rebuilt:
+            params = [p for m in self.models.values() for p in m.parameters()]
+            self.optimizer = torch.optim.Adam(params, lr=self.config.lr)
         self.optimizer.load_state_dict(state['optimizer'])
         # the run's learning rate, not the checkpoint's: resuming with a lower --lr lowers it
         for group in self.optimizer.param_groups:
