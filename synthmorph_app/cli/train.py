@@ -26,7 +26,9 @@ held-out maps training_seg_19 and training_seg_20), config.json, and the models 
 <kind>.json (model card) for register -w. Ctrl-C or SIGTERM stops after the current step and
 saves a checkpoint; --resume continues exactly where it stopped. Resume with the run's options
 (its config.json): --steps, --lr, --threads, --device, the checkpoint and validation intervals and
---ema may change, anything else (loss, grids, synthesis, networks, seed) refuses to resume.
+--ema may change, anything else (loss, grids, synthesis, seed, a network setting asked for in
+--config that differs from the checkpoint's) refuses to resume. A resume goes on with the networks
+its checkpoint holds, even where today's defaults differ.
 
 examples:
   synthmorph-app train affine --label-maps ../shared/data/label_maps --out runs/affine \\
