@@ -10,7 +10,10 @@ the brain, up to 45 degrees and 30 mm".
 ``T`` = shift o rotation o scaling, the rotation and scaling about the brain's centre:
 rotations uniform in +-R degrees about each of the three axes, for each R of ``--rotations``
 (default 0, 15, 30, 45), shifts uniform in +-30 mm per axis and scalings uniform in 0.9-1.1 per
-axis (the synthesis's ranges). No shear: ITK (greedy, ANTs) stores an image's orientation as
+axis (the synthesis's ranges; ``--scales LO,HI`` draws them elsewhere, e.g. ``0.65,0.8`` for a
+head the size of an infant's). ``--invert`` also inverts the copy's intensities inside the head
+(``max - x`` where ``x > 0``): another contrast, as an infant's T1w inverts grey and white
+matter; greedy then uses NMI instead of NCC. No shear: ITK (greedy, ANTs) stores an image's orientation as
 direction cosines and spacings and cannot read a sheared header, whereas scaling before a
 rotation keeps the header of these images (axes along the world's) representable. With ``--mode
 rigid`` there is no scaling either, and ours runs ``register -m rigid`` (greedy ``-dof 6``,
@@ -95,7 +98,7 @@ def brain_mask(files: dict, data: np.ndarray, grid) -> tuple[np.ndarray, str]:
 
 
 def known_affine(rng: np.random.Generator, rotation: float, centre: np.ndarray,
-                 scale: float = SCALE) -> np.ndarray:
+                 scales: tuple[float, float] = (1 - SCALE, 1 + SCALE)) -> np.ndarray:
     """A world-space 4x4 ``T``: shift o rotation o scaling, about ``centre`` (RAS mm).
 
     The rotation is voxelmorph's (``params_to_affine``) transposed, so that it turns about x,
@@ -106,7 +109,7 @@ def known_affine(rng: np.random.Generator, rotation: float, centre: np.ndarray,
 
     angles = torch.as_tensor(rng.uniform(-rotation, rotation, 3))
     rot = vxm.functional.params_to_affine(3, rotation=angles, degrees=True).double().numpy()
-    linear = rot[:3, :3].T @ np.diag(rng.uniform(1 - scale, 1 + scale, 3))
+    linear = rot[:3, :3].T @ np.diag(rng.uniform(scales[0], scales[1], 3))
     out = np.eye(4)
     out[:3, :3] = linear
     out[:3, 3] = centre - linear @ centre + rng.uniform(-SHIFT_MM, SHIFT_MM, 3)
@@ -121,14 +124,14 @@ def errors(found: np.ndarray, truth: np.ndarray, points: np.ndarray) -> tuple[fl
 
 
 def run_method(method: str, moving: str, fixed: str, threads: int, options,
-               mode: str = 'affine') -> dict:
+               mode: str = 'affine', metric: str = 'NCC 2x2x2') -> dict:
     if method == 'ours':
         return C.in_child(C.run_register, moving, fixed, mode, threads, options)
     if method == 'ours-network':
         return C.in_child(C.run_register, moving, fixed, mode, threads,
                           [*options, '--refine', '0'])
     if method == 'greedy':
-        res = C.in_child(C.run_greedy, moving, fixed, 'NCC 2x2x2', threads, False,
+        res = C.in_child(C.run_greedy, moving, fixed, metric, threads, False,
                          6 if mode == 'rigid' else 12)
         return dict(res, time=res['affine_time'])
     return C.in_child(C.run_ants, moving, fixed, mode.capitalize(), threads)
@@ -167,6 +170,10 @@ def main(argv=None) -> int:
     parser.add_argument('--mode', choices=('affine', 'rigid'), default='affine',
                         help='affine (default) or rigid: known transforms without scaling, '
                              'every method in its rigid mode')
+    parser.add_argument('--scales', default=f'{1 - SCALE:g},{1 + SCALE:g}', metavar='LO,HI',
+                        help='range of the scalings per axis (default 0.9,1.1; rigid: none)')
+    parser.add_argument('--invert', action='store_true',
+                        help="invert the copy's intensities inside the head (another contrast)")
     parser.add_argument('--seed', type=int, default=0, help='seed of the known affines (0)')
     parser.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
     C.add_register_options(parser, '--ours-options', '--refine 30')
@@ -176,6 +183,9 @@ def main(argv=None) -> int:
     try:
         files = {name: image_files(name) for name in args.images}
         rotations = [float(r) for r in args.rotations.split(',')]
+        scales = tuple(float(v) for v in args.scales.split(','))
+        if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
+            raise ValueError(f'--scales takes LO,HI with 0 < LO <= HI, got {args.scales!r}')
     except ValueError as err:
         parser.error(str(err))
     C.pin_threads(args.threads)
@@ -201,13 +211,16 @@ def main(argv=None) -> int:
             for rotation in rotations:
                 for draw in range(args.draws):
                     truth = known_affine(rng, rotation, centre,
-                                         0.0 if args.mode == 'rigid' else SCALE)
+                                         (1.0, 1.0) if args.mode == 'rigid' else scales)
                     moving_path = Path(tmp) / f'{name}_r{rotation:g}_{draw}.nii.gz'
-                    nb.save(nb.Nifti1Image(data, truth @ img.affine), moving_path)
+                    moved = np.where(data > 0, data.max() - data, 0) if args.invert else data
+                    nb.save(nb.Nifti1Image(moved.astype(np.float32), truth @ img.affine),
+                            moving_path)
                     before = errors(np.eye(4), truth, points)
                     for method in args.methods:
                         res = run_method(method, str(moving_path), str(fixed_path),
-                                         args.threads, args.ours_options, args.mode)
+                                         args.threads, args.ours_options, args.mode,
+                                         'NMI' if args.invert else 'NCC 2x2x2')
                         err, worst = errors(res['affine'], truth, points)
                         row = {'image': name, 'what': spec['what'], 'brain': brain_src,
                                'rotation': rotation, 'draw': draw, 'method': method,
