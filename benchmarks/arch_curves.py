@@ -27,26 +27,20 @@ def read_run(folder: Path) -> dict:
     """A run's name, architecture, settings and validated ``(step, dice)`` rows."""
     config = json.loads((folder / 'config.json').read_text())
     with open(folder / 'validation.csv', newline='') as fobj:
-        rows = [(int(r['step']), float(r['dice'])) for r in csv.DictReader(fobj)]
-    rows.sort()
-    if not rows:
+        logged = list(csv.DictReader(fobj))
+    if not logged:
         raise SystemExit(f'{folder}/validation.csv holds no validation')
-    before = {float(r) for r in _column(folder / 'validation.csv', 'dice_before')}
-    model = config.get('affine_model') or {}
+    rows = sorted((int(r['step']), float(r['dice'])) for r in logged)
+    before = {float(r['dice_before']) for r in logged}
     return {
         'run': folder.name,
         'arch': config.get('arch'),
-        'affine_model': model,
+        'affine_model': config.get('affine_model') or {},
         'lr': config.get('lr'),
         'curriculum': config.get('curriculum'),
         'dice_before': sorted(before),
         'curve': rows,
     }
-
-
-def _column(path: Path, name: str) -> list[str]:
-    with open(path, newline='') as fobj:
-        return [r[name] for r in csv.DictReader(fobj)]
 
 
 def at_steps(curve: list[tuple[int, float]], steps: list[int]) -> list[dict]:

@@ -398,8 +398,7 @@ class Trainer:
         self.shape = train_maps.shape
         self.num_channels = self.groups.num_channels
         self.models = self._build_models()
-        params = [p for m in self.models.values() for p in m.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=config.lr)
+        self.optimizer = self._optimizer()
         #: the weight average of ``config.ema`` (kind -> state dict), None when off
         self.average = self._weights() if config.ema else None
         self.step = 0
@@ -432,6 +431,11 @@ class Trainer:
                 model = build_model({**base, **cfg.affine_model})
             models[kind] = model.to(self.device).train()
         return models
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """Adam over the parameters of every model, at the run's learning rate."""
+        params = [p for m in self.models.values() for p in m.parameters()]
+        return torch.optim.Adam(params, lr=self.config.lr)
 
     def _weights(self) -> dict:
         """A copy of every model's state (kind -> state dict)."""
@@ -668,8 +672,7 @@ class Trainer:
             model.config.update({k: saved[k] for k in INIT_KEYS if k in model.config})
             model.load_state_dict(state['models'][kind], strict=True)
         if rebuilt:
-            params = [p for m in self.models.values() for p in m.parameters()]
-            self.optimizer = torch.optim.Adam(params, lr=self.config.lr)
+            self.optimizer = self._optimizer()
         self.optimizer.load_state_dict(state['optimizer'])
         # the run's learning rate, not the checkpoint's: resuming with a lower --lr lowers it
         for group in self.optimizer.param_groups:
