@@ -247,6 +247,29 @@ def test_random_affine_ranges():
     assert torch.allclose(mat @ centre, centre, atol=1e-6)  # about the grid centre
 
 
+def test_head_size_draws_an_isotropic_size_per_image():
+    still = SynthesisSettings(shift=0.0, rotate=0.0, scale=0.0, shear=0.0)
+    small = still.replace(head_size=(0.7, 0.7))
+    mat = random_affine(step_generator(0, 0), small, (32, 32, 32), VOX)
+    # the matrix pulls grid coordinates into the map: a head 0.7 the size reads 1/0.7 as far
+    assert torch.allclose(mat[:3, :3], torch.eye(3, dtype=torch.float64) / 0.7, atol=1e-6)
+    spread = still.replace(head_size=(0.6, 1.2))
+    sizes = [1 / float(random_affine(step_generator(0, k), spread, (32,) * 3, VOX)[0, 0])
+             for k in range(40)]
+    assert 0.6 - 1e-6 <= min(sizes) < 0.7 and 1.1 < max(sizes) <= 1.2 + 1e-6
+    # the default draws nothing more: the published stream is unchanged
+    base = SynthesisSettings()
+    assert torch.equal(random_affine(step_generator(2, 3), base, (32,) * 3, VOX),
+                       random_affine(step_generator(2, 3), base.replace(head_size=[1, 1]),
+                                     (32,) * 3, VOX))
+    assert spread.scaled(0.0).head_size == (1.0, 1.0)
+    assert spread.scaled(0.5).head_size == pytest.approx((0.6 ** 0.5, 1.2 ** 0.5))
+    with pytest.raises(ValueError, match='head_size'):
+        SynthesisSettings(head_size=(0.0, 1.0))
+    with pytest.raises(ValueError, match='head_size'):
+        SynthesisSettings(head_size=(1.2, 0.8))
+
+
 def test_random_shapes_and_shape_pairs():
     lab = random_shapes(step_generator(0, 0), (32, 32, 32), 6, 6.0)
     assert lab.shape == (1, 1, 32, 32, 32) and lab.min() >= 1 and lab.max() <= 6

@@ -40,6 +40,7 @@ What we take from neurite / voxelmorph 0.3.4, and why we write the rest
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -102,6 +103,11 @@ class SynthesisSettings:
         Rotation about each axis ~ U(-rotate, rotate) degrees (published 45).
     scale : float
         Scaling per axis ~ U(1 - scale, 1 + scale) (published 0.1).
+    head_size : (float, float)
+        An isotropic size factor per image, log-uniform in ``head_size``, on top of ``scale``:
+        heads smaller or larger than the label maps' adults (a newborn's head is about 0.7 of
+        an adult's per axis). ``(1, 1)``, the default and the published setting, draws
+        nothing, so runs without it keep their random stream.
     shear : float
         Shear terms ~ U(-shear, shear) (published 0.1).
     warp_probability : float
@@ -171,6 +177,7 @@ class SynthesisSettings:
     shift: float = 30.0
     rotate: float = 45.0
     scale: float = 0.1
+    head_size: tuple = (1.0, 1.0)
     shear: float = 0.1
     warp_probability: float = 1.0
     warp_std: tuple = (0.0, 3.0)
@@ -214,6 +221,9 @@ class SynthesisSettings:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f'{name} must lie in [0, 1], got {value}')
+        _check_range('head_size', self.head_size)
+        if self.head_size[0] <= 0:
+            raise ValueError(f'head_size must be positive, got {self.head_size}')
         _check_range('warp_std', self.warp_std)
         _check_range('warp_spacing', self.warp_spacing)
         _check_range('shapes_spacing', self.shapes_spacing)
@@ -254,13 +264,15 @@ class SynthesisSettings:
 
     def scaled(self, factor: float) -> SynthesisSettings:
         """The same settings with the affine ranges (shift, rotate, scale, shear) times
-        ``factor`` in [0, 1]: easier pairs for a curriculum (:func:`curriculum_factor`)."""
+        ``factor`` in [0, 1], and the log of ``head_size`` too: easier pairs for a curriculum
+        (:func:`curriculum_factor`)."""
         if not 0 <= factor <= 1:
             raise ValueError(f'factor must lie in [0, 1], got {factor}')
         if factor == 1:
             return self
         return replace(self, shift=self.shift * factor, rotate=self.rotate * factor,
-                       scale=self.scale * factor, shear=self.shear * factor)
+                       scale=self.scale * factor, shear=self.shear * factor,
+                       head_size=tuple(v ** factor for v in self.head_size))
 
     def to_dict(self) -> dict:
         """JSON-able dict of the settings."""
@@ -516,6 +528,9 @@ def random_affine(
     shift = _uniform(gen, -settings.shift, settings.shift, (3,)) / voxel_size
     angles = _uniform(gen, -settings.rotate, settings.rotate, (3,))
     scale = _uniform(gen, 1 - settings.scale, 1 + settings.scale, (3,))
+    if tuple(settings.head_size) != (1.0, 1.0):
+        low, high = (math.log(v) for v in settings.head_size)
+        scale = scale / math.exp(_scalar(gen, low, high))  # the matrix pulls: 1/size
     shear = _uniform(gen, -settings.shear, settings.shear, (3,))
     mat = vxm.functional.params_to_affine(
         3, translation=shift.cpu(), rotation=angles.cpu(), scale=scale.cpu(),
