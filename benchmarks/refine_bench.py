@@ -6,6 +6,8 @@ optimisation, ``synthmorph_app.engine.optimise``, tunable below), and on the sam
 (``picsl_greedy``: affine then deformable, NCC), and with flags ANTs SyN (antspyx defaults),
 FireANTs (greedy deformable on the CPU, after greedy's affine by default), ConvexAdam (MIND-SSC,
 after antspyx ``Affine`` by default) and ``synthmorph-app register``'s defaults through the public API.
+``--register-fixed-mask`` gives that run the fixed subject's DLMUSE labels as its brain mask
+(``-x``): what a fixed image with a known brain mask, such as a template, gets.
 
 Every method runs in its own child process (peak memory is its own) and is scored by one code
 path (``benchmarks/_common.py``, ``synthmorph_app.evaluate``): Dice over the DLMUSE labels present
@@ -164,10 +166,14 @@ def _runners(args) -> dict:
     if not args.no_ours:
         runners['ours'] = lambda m, f: C.in_child(run_ours, str(m), str(f), args)
     if args.register:
-        runners['register'] = lambda m, f: C.in_child(
-            C.run_register, str(m), str(f), args.register_mode, args.threads,
-            args.register_options,
-        )
+        def run_register(m, f):
+            options = list(args.register_options)
+            if args.register_fixed_mask:  # the fixed subject's labels: non-zero is brain
+                options += ['-x', str(labels(Path(f).name.split('_')[0][len('sub-'):]))]
+            return C.in_child(C.run_register, str(m), str(f), args.register_mode,
+                              args.threads, options)
+
+        runners['register'] = run_register
     if not args.no_greedy:
         metric = args.greedy_metric or ('NCC 2x2x2' if args.moving_contrast == 'T1w' else 'NMI')
         runners['greedy'] = lambda m, f: C.in_child(C.run_greedy, str(m), str(f), metric,
@@ -216,6 +222,10 @@ def main(argv=None):
                           "column is the affine's)")
     C.add_register_options(sel, '--register-options',
                            '-w training/deform-cv/deform.pt --refine 0')
+    sel.add_argument('--register-fixed-mask', action='store_true',
+                     help="give --register the fixed subject's DLMUSE labels as its brain mask "
+                          '(-x; non-zero is brain): a fixed image with a known brain mask, as '
+                          'a template has')
     sel.add_argument('--no-greedy', action='store_true', help='skip greedy (no time ratios)')
     sel.add_argument('--none', action='store_true',
                      help='also a row without registration (the identity in world space)')

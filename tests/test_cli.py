@@ -153,6 +153,30 @@ def test_bad_arguments(pair, tmp_path, capsys):
     assert 'pairs' in capsys.readouterr().err
 
 
+def test_masks_on_the_command_line(pair, tmp_path, capsys):
+    """-x/--moving-mask: a mask elsewhere in the world is one clear error naming it, before
+    anything is written; a mask of the image works, on its own grid."""
+    moving, fixed = pair
+    fimg = nb.load(str(fixed))
+    far = fimg.affine.copy()
+    far[:3, 3] += 400.0
+    bad = tmp_path / 'far_mask.nii.gz'
+    nb.save(nb.Nifti1Image(np.ones(fimg.shape, np.uint8) * (fimg.get_fdata() > 30), far), str(bad))
+    out = tmp_path / 'out.nii.gz'
+    code = main(['register', '-m', 'rigid', '--refine', '2', '-e', '128', '-o', str(out),
+                 '-x', str(bad), str(moving), str(fixed)])
+    err = capsys.readouterr().err
+    assert code == 1 and 'fixed mask' in err and str(bad) in err and 'covers no voxel' in err
+    assert err.count('error:') == 1 and not out.exists()
+    good = tmp_path / 'mask.nii.gz'
+    half = np.zeros(fimg.shape, np.uint8)
+    half[:, :, : fimg.shape[2] // 2] = 1
+    nb.save(nb.Nifti1Image(half, fimg.affine), str(good))
+    assert main(['register', '-m', 'rigid', '--refine', '2', '-e', '128', '-o', str(out),
+                 '-x', str(good), '--moving-mask', str(good), str(moving), str(fixed)]) == 0
+    assert out.exists()
+
+
 def test_assign_weights_by_name_then_order():
     got = assign_weights(['/m/synthmorph.deform.3.h5', '/m/synthmorph.affine.2.h5'], 'joint')
     assert got == {'deform': '/m/synthmorph.deform.3.h5', 'affine': '/m/synthmorph.affine.2.h5'}

@@ -81,6 +81,21 @@ def test_gpu_nodes_say_so(device, gpu):
     assert node.n_procs == 3 and node.mem_gb > 0
 
 
+@pytest.mark.parametrize('refine, options, connected', [
+    (5, None, True), (5, {'refine_weight': 'brain'}, True), (5, {'refine_weight': 'head'}, False),
+    (0, None, False)])
+def test_the_template_brain_mask_weights_the_refinement(refine, options, connected):
+    """With the default weight the template's own brain mask replaces our rough estimate for
+    the template; a weight the user asked for, or no refinement, leaves it out."""
+    wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], refine=refine,
+                                   refine_options=options)
+    into = {(u.name, d) for u, v, data in wf._graph.edges(data=True) if v.name == 'registration'
+            for _, d in data['connect']}
+    assert (('tf_select', 'fixed_mask') in into) == connected
+    assert ('inputnode', 'moving_mask') in into
+    assert ("template's brain mask" in wf.__desc__) == connected
+
+
 def test_app_workflow_builds(tmp_path):
     plan = {'01': [(str(T1W), ['MNI152NLin6Asym:res-2'])],
             '02': [(str(DEMO_DIR / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'),
@@ -100,16 +115,18 @@ def test_register_template_wf_in_parent(tmp_path):
     src = pe.Node(niu.IdentityInterface(fields=['t1w_preproc']), name='src')
     src.inputs.t1w_preproc = str(T1W)
     reg = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], mode='affine',
-                                    extent=192)
+                                    extent=192, refine=2)
     sink = pe.Node(niu.Function(function=_check, input_names=['anat2std_xfm', 'std2anat_xfm',
-                                                              'template', 'template_spec'],
+                                                              'template', 'template_spec',
+                                                              'metadata'],
                                 output_names=['ok']), name='sink')
     parent.connect([
         (src, reg, [('t1w_preproc', 'inputnode.moving_image')]),
         (reg, sink, [('outputnode.anat2std_xfm', 'anat2std_xfm'),
                      ('outputnode.std2anat_xfm', 'std2anat_xfm'),
                      ('outputnode.template', 'template'),
-                     ('outputnode.template_spec', 'template_spec')]),
+                     ('outputnode.template_spec', 'template_spec'),
+                     ('outputnode.metadata', 'metadata')]),
     ])  # fmt:skip
     parent.config['execution'].update(crashdump_dir=str(tmp_path), poll_sleep_duration=0.05)
     graph = parent.run(plugin='Linear')
@@ -117,9 +134,11 @@ def test_register_template_wf_in_parent(tmp_path):
     assert node.result.outputs.ok == 'MNI152NLin6Asym'
 
 
-def _check(anat2std_xfm, std2anat_xfm, template, template_spec):
+def _check(anat2std_xfm, std2anat_xfm, template, template_spec, metadata):
     from pathlib import Path
 
+    if metadata[0]['refine']['masks'] != ['fixed']:  # the template's brain mask weighed it
+        raise ValueError(metadata)
     for xfm in anat2std_xfm + std2anat_xfm:
         if not Path(xfm).is_file() or not xfm.endswith('.h5'):
             raise ValueError(xfm)

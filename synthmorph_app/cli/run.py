@@ -120,7 +120,7 @@ class _Outputs:
 
 def run_register(args) -> int:
 
-    from ..io.images import Geometry, load_image, save_image
+    from ..io.images import Geometry, load_image, load_masks, save_image
     from ..io.transforms import load_transform, save_transform
     from .parser import CROSS_CONTRAST, INIT_METHODS
 
@@ -138,6 +138,10 @@ def run_register(args) -> int:
 
     moving = load_image(args.moving, kind='moving image')
     fixed = load_image(args.fixed, kind='fixed image')
+    masks = load_masks(args.fixed_mask, args.moving_mask)
+    if masks and not args.refine:
+        LOGGER.warning('--fixed-mask/--moving-mask weight the refinement only: with --refine 0 '
+                       'they change nothing')
     init = None
     init_method = args.init if args.init in INIT_METHODS else 'network'
     if args.init not in INIT_METHODS:
@@ -156,6 +160,7 @@ def run_register(args) -> int:
         weights=weights, init=init, refine=args.refine, device=_device(args.gpu),
         init_method=init_method, refine_metric=args.refine_metric,
         refine_levels=args.refine_levels, refine_weight=args.refine_weight,
+        **masks,
         cross_contrast=CROSS_CONTRAST[args.cross_contrast],
     )
     _warn_untrained(result.info)

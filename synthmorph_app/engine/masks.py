@@ -10,6 +10,9 @@ under a second at 2 mm:
 * :func:`brain_weight`: a rough brain region: head voxels deeper than ``depth_mm`` (scalp and
   skull, 10 mm) below the head surface and within ``brain_mm`` (120 mm) of the top of the head,
   blurred into a soft weight, on a small floor over the rest of the cut head.
+* :func:`mask_weight`: the same floor over the head, but 1 inside a brain mask the user gives
+  (a template's ``desc-brain_mask``, a mask from skull-stripping), in place of the rough
+  estimate: the exact brain, cortex included, and nothing of the skull.
 
 Both assume a head roughly upright in world space (superior = +S), as in scanner coordinates;
 the affine search in :mod:`.optimise` rotates only within its range around that. They run in
@@ -22,7 +25,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..errors import InputImageError
 from ..io.images import Geometry
+from . import spatial
 
 #: Height (mm) of the head kept below its top: the neck below it does not count.
 TOP_MM = 140.0
@@ -139,14 +144,62 @@ def brain_weight(
     return _upsample(weight, stride, data.shape)
 
 
-def similarity_weight(volume, grid: Geometry, kind: str = 'brain') -> torch.Tensor:
+def mask_weight(
+    mask,
+    volume,
+    grid: Geometry,
+    *,
+    floor: float = 0.1,
+    blur_mm: float = 1.0,
+    top_mm: float = TOP_MM,
+    what: str = 'mask',
+) -> np.ndarray:
+    """The weight of a given brain mask in [0, 1] (float32, shape of ``grid``).
+
+    ``mask`` is a 3D nibabel image in the world space of ``volume`` (the image on ``grid``), on
+    any grid: it is resampled linearly by world coordinates, then blurred by ``blur_mm`` (SD).
+    Values within [0, 1] count as brain probabilities; a map with larger values (labels, such
+    as an ``aseg``) counts where it is non-zero. The weight is 1 in the brain, ``floor`` over
+    the rest of the head cut to ``top_mm`` (:func:`head_mask`), so that the skull still helps
+    a little, and 0 outside. Raises :class:`InputImageError` naming ``what`` when the mask
+    covers no voxel of the image.
+    """
+    data = _as_array(volume)
+    if data.shape != tuple(grid.shape):
+        raise ValueError(f'volume shape {data.shape} does not match its grid {grid.shape}')
+    values = np.asarray(mask.dataobj, dtype=np.float32).reshape(mask.shape[:3])
+    if float(values.max()) > 1.0:
+        values = (values != 0).astype(np.float32)
+    values = np.clip(values, 0.0, 1.0)
+    with torch.inference_mode():
+        brain = spatial.resample_linear(
+            torch.as_tensor(values)[None, None], Geometry.from_image(mask), grid
+        )[0, 0].numpy()
+    if float(brain.max()) < 0.5:
+        raise InputImageError(
+            f'The {what} covers no voxel of its image: it must lie in the same world space '
+            '(a brain mask of that image, or of the template on its grid).'
+        )
+    if blur_mm > 0:
+        brain = ndimage.gaussian_filter(brain, sigma=blur_mm / np.asarray(grid.voxel_sizes))
+        brain = np.clip(brain / float(brain.max()), 0.0, 1.0)
+    head = head_mask(data, grid, top_mm=top_mm)
+    return np.where(head, floor + (1 - floor) * brain, brain).astype(np.float32)
+
+
+def similarity_weight(
+    volume, grid: Geometry, kind: str = 'brain', *, mask=None, what: str = 'mask'
+) -> torch.Tensor:
     """The weight the optimisers use, as a ``(1, 1, X, Y, Z)`` tensor on ``volume``'s device.
 
     ``kind`` is ``'brain'`` (:func:`brain_weight`), ``'head'`` (:func:`head_mask`, cut to the
-    top 140 mm) or ``'none'`` (ones).
+    top 140 mm) or ``'none'`` (ones). A ``mask`` image (:func:`mask_weight`, named ``what`` in
+    errors) takes the place of ``kind``.
     """
     device = volume.device if isinstance(volume, torch.Tensor) else None
-    if kind == 'brain':
+    if mask is not None:
+        weight = mask_weight(mask, volume, grid, what=what)
+    elif kind == 'brain':
         weight = brain_weight(volume, grid)
     elif kind == 'head':
         weight = head_mask(volume, grid).astype(np.float32)

@@ -46,6 +46,10 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
                                  'init_method, refine_metric, refine_levels, refine_weight, '
                                  'cross_contrast '
                                  '(keywords of engine.register.register)')
+    fixed_mask = File(exists=True, desc='brain mask of the fixed image (e.g. the template\'s '
+                      'desc-brain_mask): weights the refinement in place of refine_weight')
+    moving_mask = File(exists=True, desc='brain mask of the moving image (weights the affine '
+                       'refinement)')
     weights = traits.Dict(traits.Str, traits.Str, desc='model weights by kind '
                           '({"affine": path, "deform": path}); default: packaged models')
     device = traits.Enum('cpu', 'cuda', 'auto', usedefault=True, desc='torch device')
@@ -94,12 +98,18 @@ class SynthMorphRegister(SimpleInterface):
                 refine=self.inputs.refine,
                 refine_options=self.inputs.refine_options
                 if isdefined(self.inputs.refine_options) else None,
+                fixed_mask=_defined(self.inputs.fixed_mask),
+                moving_mask=_defined(self.inputs.moving_mask),
                 weights=weights,
                 device=self.inputs.device,
                 num_threads=self.inputs.num_threads,
             )
         )
         return runtime
+
+
+def _defined(value):
+    return value if isdefined(value) else None
 
 
 def register_files(
@@ -116,6 +126,8 @@ def register_files(
     extent: float = 256.0,
     refine: int = 0,
     refine_options: dict | None = None,
+    fixed_mask: str | os.PathLike | None = None,
+    moving_mask: str | os.PathLike | None = None,
     weights: dict | None = None,
     device: str = 'cpu',
     num_threads: int | None = None,
@@ -124,6 +136,8 @@ def register_files(
 
     Returns a dict of output paths (``forward_xfm``, ``inverse_xfm``, ``moved_image``,
     ``log_jacobian`` -- the Jacobian determinant, named as the Nipype output) and ``metadata``.
+    ``fixed_mask``/``moving_mask``: brain mask files that weight the refinement
+    (``engine.register.register``).
     Input problems raise :class:`~synthmorph_app.errors.InputImageError` naming the file.
     """
     import nibabel as nb
@@ -133,7 +147,7 @@ def register_files(
     from ..engine.register import moved_image as resample
     from ..engine.register import register
     from ..evaluate import jacobian_determinant
-    from ..io.images import Geometry, load_image, save_image
+    from ..io.images import Geometry, load_image, load_masks, save_image
     from ..io.transforms import save_transform
 
     if num_threads:
@@ -141,8 +155,10 @@ def register_files(
     start = time.perf_counter()
     moving = load_image(moving_image, kind='moving image')
     fixed = load_image(fixed_image, kind='fixed image')
+    masks = load_masks(fixed_mask, moving_mask)
     result = register(moving, fixed, mode=mode, lam=lam, steps=steps, extent=extent,
-                      weights=weights, refine=refine, device=device, **(refine_options or {}))
+                      weights=weights, refine=refine, device=device, **masks,
+                      **(refine_options or {}))
     out = {
         'forward_xfm': str(save_transform(result.forward, forward_xfm)),
         'inverse_xfm': str(save_transform(result.inverse, inverse_xfm)),

@@ -61,7 +61,8 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
     Singleton trailing dimensions are squeezed (a ``(X, Y, Z, 1)`` file is 3D).
     Raises :class:`InputImageError` naming the file for: a missing file, an unknown extension,
     a truncated or corrupt file, fewer or more than three dimensions, a singular header affine,
-    NaN or infinite intensities and an image that holds one value only.
+    NaN or infinite intensities and an image that holds one value only. The data are loaded
+    into memory; the path stays in ``img.extra['source']``.
     """
     path = Path(path)
     what = f'{kind} <{path}>'
@@ -111,7 +112,15 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
         raise InputImageError(
             f'The {what} holds a single value ({float(data.min())}) everywhere: it is empty.'
         )
-    return nb.Nifti1Image(data, affine, header=_clean_header(img))
+    # the data are in memory: the file's name stays in ``extra`` for messages
+    return nb.Nifti1Image(data, affine, header=_clean_header(img), extra={'source': str(path)})
+
+
+def load_masks(fixed=None, moving=None) -> dict:
+    """The brain masks given (paths or None), checked by :func:`load_image`, as the
+    ``fixed_mask``/``moving_mask`` keywords of ``engine.register.register``."""
+    return {f'{side}_mask': load_image(path, kind=f'{side} mask')
+            for side, path in (('fixed', fixed), ('moving', moving)) if path}
 
 
 def _clean_header(img) -> nb.Nifti1Header | None:
