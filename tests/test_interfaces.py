@@ -34,7 +34,7 @@ def registered(tmp_path_factory):
     os.chdir(cwd)
     try:
         res = SynthMorphRegister(moving_image=str(T1W), fixed_image=str(TPL), mode='joint',
-                                 extent=192, num_threads=2, refine=2,
+                                 extent=192, num_threads=2, refine=2, fixed_mask=str(MASK),
                                  refine_options={'cross_contrast': True}).run()
     finally:
         os.chdir(old)
@@ -53,6 +53,7 @@ def test_register_outputs(registered):
     assert meta['timings']['total'] > 0
     # told the contrasts differ, the deformable refinement ran at the raised lambda
     assert meta['refine']['iterations'] == 2 and meta['refine']['cross_contrast'] is True
+    assert meta['refine']['masks'] == ['fixed']  # the template's mask weighed the refinement
     used = meta['refine']['deformable']
     assert used['cross_contrast'] is True and used['lambda'] == pytest.approx(0.7)
     assert used['metric'] in ('lncc', 'mind')
@@ -80,7 +81,8 @@ def test_qc_and_sink(registered, tmp_path, monkeypatch):
     assert not is_complete(out, T1W, 'MNI152NLin6Asym', spec)
     res = DerivativesSink(
         out_dir=str(out), bids_dir=str(DEMO_DIR), in_file=str(T1W), template='MNI152NLin6Asym',
-        template_spec=spec, template_file=str(TPL), space_image=registered.moved_image,
+        template_spec=spec, template_file=str(TPL), template_mask=str(MASK),
+        space_image=registered.moved_image,
         forward_xfm=registered.forward_xfm, inverse_xfm=registered.inverse_xfm,
         before_after=qc.before_after, jacobian_figure=qc.jacobian_figure,
         metadata=registered.metadata, qc=qc.qc, command_line='synthmorph-app test',
@@ -90,6 +92,7 @@ def test_qc_and_sink(registered, tmp_path, monkeypatch):
     assert all(p.is_file() for p in paths.values())
     meta = json.loads(paths['forward_xfm'].with_suffix('.json').read_text())
     assert meta['Sources'][0] == 'bids:raw:sub-01/anat/sub-01_T1w.nii.gz'
+    assert [Path(s).name for s in meta['Sources'][1:]] == [TPL.name, MASK.name]
     assert meta['CommandLine'] == 'synthmorph-app test' and meta['QC'] == qc.qc
     assert meta['Refinement'] == registered.metadata['refine'] and meta['Lambda'] == 0.5
     assert not list(out.glob('**/.*.tmp'))

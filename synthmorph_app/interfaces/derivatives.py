@@ -118,10 +118,13 @@ def write_linear_lta(xfm_file, out_file) -> Path:
 
 def save_derivatives(
     out_dir, bids_dir, in_file, template: str, spec: dict, files: dict, *, metadata: dict,
-    qc: dict, template_file=None, command_line: str = '', templateflow_home=None,
-    output_lta: bool = False,
+    qc: dict, template_file=None, template_mask=None, command_line: str = '',
+    templateflow_home=None, output_lta: bool = False,
 ) -> list[str]:
     """Copy ``files`` (keys as :func:`derivative_paths`) into ``out_dir`` with sidecars.
+
+    ``Sources`` name the image, the template and, where the refinement weighed by it
+    (``metadata['refine']['masks']`` holds ``'fixed'``), ``template_mask``.
 
     ``output_lta`` adds LTA files made from the ``.h5`` transforms (see the module docstring).
     """
@@ -134,12 +137,13 @@ def save_derivatives(
                                                      Path(scratch) / 'inverse.lta')}
         return _save_derivatives(out_dir, bids_dir, in_file, template, spec, files,
                                  metadata=metadata, qc=qc, template_file=template_file,
-                                 command_line=command_line,
+                                 template_mask=template_mask, command_line=command_line,
                                  templateflow_home=templateflow_home)
 
 
 def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, metadata, qc,
-                      template_file, command_line, templateflow_home) -> list[str]:
+                      template_file, template_mask, command_line,
+                      templateflow_home) -> list[str]:
     from .. import __version__
 
     mode = metadata.get('mode')
@@ -147,10 +151,12 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
     dest = derivative_paths(out_dir, in_file, template, spec,
                             lta_mode=(mode or 'joint') if output_lta else None)
     sources = [bids_uri(in_file, bids_dir)]
-    if template_file:
-        home = templateflow_home or os.environ.get('TEMPLATEFLOW_HOME')
-        tpl_uri = bids_uri(template_file, home, 'templateflow') if home else None
-        sources.append(tpl_uri or str(template_file))
+    home = templateflow_home or os.environ.get('TEMPLATEFLOW_HOME')
+    masked = 'fixed' in metadata.get('refine', {}).get('masks', [])
+    for path in (template_file, template_mask if masked else None):
+        if path:
+            uri = bids_uri(path, home, 'templateflow') if home else None
+            sources.append(uri or str(path))
     ent = parse_entities(in_file)
     models = {kind: {k: v for k, v in card.items() if k in ('name', 'sha256', 'trained', 'used')}
               for kind, card in metadata.get('models', {}).items()}
@@ -231,6 +237,8 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     template = traits.Str(mandatory=True, desc='template name, e.g. MNI152NLin6Asym')
     template_spec = traits.Dict(desc='template entities, e.g. {"res": "2"}')
     template_file = File(desc='the template image registered to')
+    template_mask = File(desc="the template's brain mask (a Source where the refinement used "
+                         'it)')
     space_image = File(exists=True, mandatory=True, desc='image resampled on the template')
     forward_xfm = File(exists=True, mandatory=True, desc='image-to-template transform (.h5)')
     inverse_xfm = File(exists=True, mandatory=True, desc='template-to-image transform (.h5)')
@@ -266,7 +274,7 @@ class DerivativesSink(SimpleInterface):
             self.inputs.out_dir, self.inputs.bids_dir, self.inputs.in_file, self.inputs.template,
             opt('template_spec') or {}, files, metadata=opt('metadata') or {},
             qc=opt('qc') or {}, template_file=opt('template_file'),
-            command_line=self.inputs.command_line, output_lta=self.inputs.output_lta,
+            template_mask=opt('template_mask'), command_line=self.inputs.command_line, output_lta=self.inputs.output_lta,
         )
         self._results['done'] = True
         return runtime

@@ -164,6 +164,7 @@ def init_anat_image_wf(
         (register_wf, ds_wf, [('poutputnode.template', 'inputnode.template'),
                               ('poutputnode.template_spec', 'inputnode.template_spec'),
                               ('poutputnode.template_file', 'inputnode.template_file'),
+                              ('poutputnode.template_mask', 'inputnode.template_mask'),
                               ('poutputnode.std_image', 'inputnode.space_image'),
                               ('poutputnode.anat2std_xfm', 'inputnode.forward_xfm'),
                               ('poutputnode.std2anat_xfm', 'inputnode.inverse_xfm'),
