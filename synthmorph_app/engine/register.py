@@ -275,10 +275,12 @@ def register(
             from . import masks
 
             with timer('refine'):
-                fixed_w = masks.similarity_weight(fixed_t, fixed_geom, refine_weight,
-                                                  mask=fixed_mask, what=_named(fixed_mask, 'fixed mask'))
-                moving_w = masks.similarity_weight(moving_t, moving_geom, refine_weight,
-                                                   mask=moving_mask, what=_named(moving_mask, 'moving mask'))
+                fixed_w = masks.similarity_weight(
+                    fixed_t, fixed_geom, refine_weight, mask=fixed_mask,
+                    what=_named(fixed_mask, 'fixed mask'))
+                moving_w = masks.similarity_weight(
+                    moving_t, moving_geom, refine_weight, mask=moving_mask,
+                    what=_named(moving_mask, 'moving mask'))
             if mode in ('joint', 'affine', 'rigid'):
                 affine = _refine_affine(
                     timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w,
