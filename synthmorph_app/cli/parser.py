@@ -110,7 +110,8 @@ def add_refine_arguments(p, init_files: bool = False) -> None:
                         'by the suffix (the templates are T1w). Default auto')
     p.add_argument('--refine-weight', choices=('brain', 'head', 'none'), default='brain',
                    help='where the refinement similarity counts: brain (a rough brain weight '
-                        'of our own, so neck and face do not pull), head or none '
+                        'of our own, so neck and face do not pull; the BIDS-App weighs the '
+                        "template by the template's own brain mask instead), head or none "
                         '(default brain). For two skull-stripped images head weighs the whole '
                         'brain, cortex included (bert brain to fsaverage: Dice 0.791 against '
                         '0.786; benchmarks/README.md)')
