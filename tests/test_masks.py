@@ -43,9 +43,9 @@ def test_a_brain_mask_on_another_grid_weights_the_head():
     tensor = masks.similarity_weight(head, grid, 'none', mask=binary)
     assert tensor.shape == (1, 1, *grid.shape) and float(tensor.min()) == 0  # mask over kind
 
-    far = nb.Nifti1Image(binary.get_fdata(), binary.affine @ np.diag([1, 1, 1, 1.0]))
-    far.affine[:3, 3] += 500.0
-    far = nb.Nifti1Image(binary.get_fdata(), far.affine)
+    shifted = binary.affine.copy()
+    shifted[:3, 3] += 500.0  # the same mask half a metre away
+    far = nb.Nifti1Image(binary.get_fdata(), shifted)
     with pytest.raises(InputImageError, match='fixed mask <x.nii.gz> covers no voxel'):
         masks.mask_weight(far, head, grid, what='fixed mask <x.nii.gz>')
 
