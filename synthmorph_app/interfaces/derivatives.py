@@ -274,7 +274,8 @@ class DerivativesSink(SimpleInterface):
             self.inputs.out_dir, self.inputs.bids_dir, self.inputs.in_file, self.inputs.template,
             opt('template_spec') or {}, files, metadata=opt('metadata') or {},
             qc=opt('qc') or {}, template_file=opt('template_file'),
-            template_mask=opt('template_mask'), command_line=self.inputs.command_line, output_lta=self.inputs.output_lta,
+            template_mask=opt('template_mask'), command_line=self.inputs.command_line,
+            output_lta=self.inputs.output_lta,
         )
         self._results['done'] = True
         return runtime

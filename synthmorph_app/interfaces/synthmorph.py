@@ -96,8 +96,7 @@ class SynthMorphRegister(SimpleInterface):
                 steps=self.inputs.steps,
                 extent=self.inputs.extent,
                 refine=self.inputs.refine,
-                refine_options=self.inputs.refine_options
-                if isdefined(self.inputs.refine_options) else None,
+                refine_options=_defined(self.inputs.refine_options),
                 fixed_mask=_defined(self.inputs.fixed_mask),
                 moving_mask=_defined(self.inputs.moving_mask),
                 weights=weights,

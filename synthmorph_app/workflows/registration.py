@@ -139,10 +139,10 @@ through *TemplateFlow* [@templateflow].
     )
     workflow.connect([
         (inputnode, split_desc, [('template', 'template')]),
-        (inputnode, registration, [('moving_image', 'moving_image')]),
+        (inputnode, registration, [('moving_image', 'moving_image'),
+                                   ('moving_mask', 'moving_mask')]),
         (split_desc, tf_select, [('name', 'name'), ('spec', 'spec')]),
         (tf_select, registration, [('t1w_file', 'fixed_image')]),
-        (inputnode, registration, [('moving_mask', 'moving_mask')]),
         (split_desc, poutputnode, [('name', 'template'), ('spec', 'template_spec')]),
         (tf_select, poutputnode, [('t1w_file', 'template_file'),
                                   ('brain_mask', 'template_mask')]),
