@@ -74,13 +74,16 @@ RUN useradd --create-home --home-dir /home/synthmorph --uid 1000 --user-group \
  && chmod 0555 /home/synthmorph
 
 # Threads are pinned to one per process; the app raises torch's count per registration node
-# (--omp-nthreads), so N parallel registrations never oversubscribe the CPUs.
+# (--omp-nthreads), so N parallel registrations never oversubscribe the CPUs. OpenMP threads
+# sleep while they wait, so a busy core elsewhere does not stall them (the package sets this
+# too; benchmarks/README.md, "A busy core").
 ENV PATH=/opt/venv/bin:$PATH \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     TEMPLATEFLOW_AUTOUPDATE=off \
     NIPYPE_NO_ET=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
     OMP_NUM_THREADS=1 \
+    OMP_WAIT_POLICY=PASSIVE \
     MKL_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -159,7 +159,8 @@ def build_bids_parser() -> argparse.ArgumentParser:
     g.add_argument('-w', '--work-dir', type=Path, metavar='DIR',
                    help='intermediate files (default: a folder in the system temp dir)')
     g.add_argument('--nprocs', '--n-cpus', type=_positive_int, metavar='N',
-                   help='processes run in parallel (default: all CPUs)')
+                   help='processes run in parallel (default: the CPUs this process may run on: '
+                        'a Slurm or container CPU allocation, else all)')
     g.add_argument('--omp-nthreads', type=_positive_int, metavar='N',
                    help='threads per registration (default: min(8, nprocs))')
     g.add_argument('--mem', '--mem-gb', dest='mem_gb', type=_memory_gb, metavar='SIZE',
@@ -360,7 +361,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
             print(f'synthmorph-app: error: {err}', file=sys.stderr)
             return EXIT_FAILURE
     device = _resolve_device(args.device)
-    nprocs = args.nprocs or os.cpu_count() or 1
+    nprocs = args.nprocs or usable_cpus()
     omp = args.omp_nthreads or min(8, nprocs)
     write_dataset_description(out_dir, bids_dir)
     config = {
@@ -428,6 +429,18 @@ def _missing_reason(sub: str, names: list[str], contrasts: list[str] | None,
     has = (f'its anatomical images{where}: {", ".join(names)}; {hint}'
            if names else f'it has no anatomical image{where}, anat/*.nii[.gz]')
     return f'sub-{sub}: no {asked} image selected, not processed ({has}).'
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the system has one.
+
+    A Slurm job or a container pinned to some cores still sees all the node's CPUs in
+    ``os.cpu_count()``; threads beyond its allocation would compete for the same cores.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def _resolve_device(device: str) -> str:
