@@ -139,3 +139,4 @@ def test_readme_demo_from_fresh_clone(fresh_install):
     assert 'SynthMorph' in (out / 'logs' / 'CITATION.md').read_text()  # boilerplate.bib
     config = json.loads(next((out / 'logs').glob('config_*.json')).read_text())
     assert Path(config['bids_dir']).is_relative_to(bindir.parent)
+    assert config['nprocs'] == 2 and config['omp_nthreads'] == 1  # two subjects side by side

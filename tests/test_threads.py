@@ -47,3 +47,14 @@ def test_the_bids_app_counts_the_cpus_its_process_may_run_on():
                             check=True)
     usable, total = (int(v) for v in result.stdout.split())
     assert usable == 1 and total >= 1
+
+
+def test_registrations_share_the_cpus_one_thread_each_when_there_are_enough():
+    from synthmorph_app.cli.bids import threads_per_registration
+
+    assert threads_per_registration(2, 2) == 1  # two subjects on 2 cores: side by side
+    assert threads_per_registration(64, 1000) == 1
+    assert threads_per_registration(8, 3) == 2
+    assert threads_per_registration(4, 1) == 4  # one image: all the cores
+    assert threads_per_registration(32, 1) == 8  # at most 8
+    assert threads_per_registration(2, 0) == 2
