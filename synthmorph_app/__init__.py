@@ -4,9 +4,10 @@ import os
 
 # OpenMP threads that spin while they wait (libgomp's default, which torch's CPU build uses)
 # collapse when a core is busy with anything else: a registration with 2 threads on a 2-core
-# machine took 238 s instead of 24 s while one core ran another job (benchmarks/README.md,
-# "A busy core"). Threads that sleep while they wait took the same time on an idle machine. OpenMP reads this when torch is first imported, so it
-# is set here, before any module of ours imports torch; a value the user set is kept.
+# machine took about 240 s instead of 23 s while one core ran another job; on an idle machine
+# the time was the same (benchmarks/README.md, "A busy core"). OpenMP reads this when torch is
+# first imported, so it is set here, before any module of ours imports torch; a value the user
+# set is kept.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 try:

@@ -1,5 +1,5 @@
-"""How our processes use CPU threads: OpenMP threads sleep while they wait, unless told not to,
-and the BIDS-App counts only the CPUs its process may run on.
+"""How our processes use CPU threads: OpenMP threads sleep while they wait, unless told not to;
+the BIDS-App counts only the CPUs its process may run on and shares them among registrations.
 
 Spinning OpenMP threads (libgomp's default) made a 2-thread registration ten times slower while
 another job held one of two cores (benchmarks/README.md, "A busy core"). OpenMP reads its
