@@ -197,7 +197,7 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
         device='cpu', init_method=args.init if args.init in INIT_METHODS else 'network',
         refine_metric=args.refine_metric, refine_levels=args.refine_levels,
         refine_weight=args.refine_weight, **masks,
-        cross_contrast=CROSS_CONTRAST[args.cross_contrast],
+        cross_contrast=CROSS_CONTRAST[args.cross_contrast], passes=args.passes,
     )
     elapsed = time.perf_counter() - t0
     fwd = result.forward

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument('--threads', type=int, default=1, help='threads per method (default 1)')
     parser.add_argument('-w', '--weights', action='append', metavar='FILE',
                         help='model files for register -w (default: the packaged ones)')
+    C.add_register_options(parser, '--register-options', '--refine 0 --passes 2')
     parser.add_argument('--json', type=Path, default=Path('lambda_bench.json'),
                         help='where to write all figures (default lambda_bench.json)')
     parser.add_argument('--plot', type=Path, help='write the plot (PNG) here')
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
         mlab, flab = C.load(labels(mov))[0], C.load(labels(fix))[0]
         brain = flab > 0
         for lam in lams:
-            options = ['-r', str(lam)] + [x for w in args.weights or [] for x in ('-w', w)]
+            options = (['-r', str(lam)] + [x for w in args.weights or [] for x in ('-w', w)]
+                       + list(args.register_options))
             result = C.in_child(C.run_register, str(t1w(mov)), str(t1w(fix)), 'joint',
                                 args.threads, options)
             row = {'pair': f'{mov}->{fix}', 'lambda': lam, 'time': result['time'],

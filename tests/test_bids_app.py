@@ -66,6 +66,7 @@ def test_participant_derivatives(main_run, shared_data):
         assert meta['RegistrationMode'] == 'joint' and meta['Lambda'] == 0.5
         assert set(meta['Models']) == {'affine', 'deform'}
         assert all(len(m['sha256']) == 64 for m in meta['Models'].values())
+        assert meta['Models']['deform']['passes'] == 1
         assert meta['Software']['Name'] == 'synthmorph-app'
         assert 'participant' in meta['CommandLine'] and meta['Device'] == 'cpu'
         assert meta['ElapsedTime'] > 0

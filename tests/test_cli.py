@@ -107,7 +107,7 @@ def test_header_only_and_mid_space(pair, tmp_path):
     assert mid.exists()
     mids = [tmp_path / 'mid_m.nii.gz', tmp_path / 'mid_f.nii.gz']
     assert main(['register', '-M', '-e', '128', '-o', str(mids[0]), '-O', str(mids[1]),
-                 '--refine', '0', str(moving), str(fixed)]) == 0  # joint: deformable halves
+                 '--refine', '0', '--passes', '2', str(moving), str(fixed)]) == 0  # joint: deformable halves
     a, b = (nb.load(str(m)) for m in mids)
     assert a.shape == b.shape and np.allclose(a.affine, b.affine)
 
@@ -142,6 +142,9 @@ def test_bad_arguments(pair, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(['register', '-r', '1.5', str(moving), str(fixed)])
     assert err.value.code == 2 and 'lambda must lie in [0, 1]' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(['register', '--passes', '0', str(moving), str(fixed)])
+    assert err.value.code == 2 and '--passes' in capsys.readouterr().err
     assert main(['register', '-t', str(tmp_path / 'x.png'), str(moving), str(fixed)]) == 1
     assert 'x.png' in capsys.readouterr().err
     assert main(['register', '-m', 'joint', '-t', str(tmp_path / 'x.lta'),

@@ -22,6 +22,7 @@ from synthmorph_app.workflows.registration import (
     SMRIPREP_OUTPUTS,
     init_register_template_wf,
 )
+from synthmorph_app.workflows.settings import RegistrationSettings
 
 T1W = DEMO_DIR / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
 
@@ -79,6 +80,14 @@ def test_gpu_nodes_say_so(device, gpu):
     node = wf.get_node('registration')
     assert node.is_gpu_node() is gpu
     assert node.n_procs == 3 and node.mem_gb > 0
+
+
+def test_settings_reach_the_registration_node():
+    settings = RegistrationSettings(lam=0.3, passes=2, refine=4)
+    wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'],
+                                   **settings.register_kwargs())
+    inputs = wf.get_node('registration').interface.inputs
+    assert (inputs.lam, inputs.passes, inputs.refine) == (0.3, 2, 4)
 
 
 @pytest.mark.parametrize('refine, options, connected', [

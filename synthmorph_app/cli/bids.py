@@ -145,6 +145,9 @@ def build_bids_parser() -> argparse.ArgumentParser:
                         'a name with affine/rigid/deform serves that model')
     g.add_argument('--extent', type=float, default=256.0, metavar='MM',
                    help='side of the network space in mm (default 256; 192 is faster)')
+    g.add_argument('--passes', type=_positive_int, default=1, metavar='N',
+                   help='runs of the deformable network, each on the image the runs before '
+                        'moved (default 1; 2 helps with --refine 0, see register --help)')
     g.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
                    help='where the networks run (default auto: CUDA when available)')
     g.add_argument('--no-figures', dest='figures', action='store_false',
@@ -374,6 +377,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         'session_label': args.session_label, 'contrasts': args.contrasts,
         'bids_filters': filters, 'output_spaces': labels, 'mode': args.mode,
         'lambda': args.lam, 'refine': args.refine, 'weights': weights, 'extent': args.extent,
+        'passes': args.passes,
         'device': device, 'nprocs': nprocs, 'omp_nthreads': omp, 'mem_gb': args.mem_gb,
         'resume': args.resume, 'figures': args.figures, 'output_lta': args.output_lta,
     }
@@ -495,7 +499,8 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
                                     'utils_level': 'WARNING'}})
     nlogging.update_logging(ncfg)
     settings = RegistrationSettings(
-        mode=args.mode, lam=args.lam, extent=args.extent, refine=args.refine,
+        mode=args.mode, lam=args.lam, extent=args.extent, passes=args.passes,
+        refine=args.refine,
         refine_options={'init_method': args.init_method, 'refine_metric': args.refine_metric,
                         'refine_levels': args.refine_levels,
                         'refine_weight': args.refine_weight,

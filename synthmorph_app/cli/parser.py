@@ -180,6 +180,11 @@ examples:
     p.add_argument('-e', '--extent', type=_positive_float, default=256.0, metavar='MM',
                    help='side of the cubic network space in mm, centred on each image '
                         '(default 256; 192 is faster for skull-stripped brains)')
+    p.add_argument('--passes', type=_at_least(1), default=1, metavar='N',
+                   help='joint/deform: run the deformable network N times, each pass on the '
+                        'image the passes before moved (default 1). With --refine 0, 2 passes '
+                        'raised mean Dice on 12 cross-subject T1w pairs from 0.433 to 0.463 '
+                        'for about 0.2 s more; the refinement makes them unnecessary')
     p.add_argument('-w', '--weights', action='append', metavar='FILE',
                    help='model weights: a packaged name, our .pt/.json, or an official '
                         'SynthMorph Keras .h5 (synthmorph.affine.2.h5, synthmorph.rigid.1.h5, '

@@ -161,7 +161,7 @@ def run_register(args) -> int:
         init_method=init_method, refine_metric=args.refine_metric,
         refine_levels=args.refine_levels, refine_weight=args.refine_weight,
         **masks,
-        cross_contrast=CROSS_CONTRAST[args.cross_contrast],
+        cross_contrast=CROSS_CONTRAST[args.cross_contrast], passes=args.passes,
     )
     _warn_untrained(result.info)
     outputs = _Outputs()

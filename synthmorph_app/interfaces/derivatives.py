@@ -158,7 +158,8 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
             uri = bids_uri(path, home, 'templateflow') if home else None
             sources.append(uri or str(path))
     ent = parse_entities(in_file)
-    models = {kind: {k: v for k, v in card.items() if k in ('name', 'sha256', 'trained', 'used')}
+    kept = ('name', 'sha256', 'trained', 'used', 'passes')
+    models = {kind: {k: v for k, v in card.items() if k in kept}
               for kind, card in metadata.get('models', {}).items()}
     common = {
         'Template': template,

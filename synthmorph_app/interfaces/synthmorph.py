@@ -41,6 +41,9 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
                        desc='regularisation weight lambda in [0, 1] (0 sharpest, 1 smoothest)')
     steps = traits.Int(7, usedefault=True, desc='integration steps of the velocity field')
     extent = traits.Float(256.0, usedefault=True, desc='side of the network space in mm')
+    passes = traits.Range(low=1, value=1, usedefault=True,
+                          desc='runs of the deformable network, each on the image the runs '
+                               'before moved (joint and deform modes)')
     refine = traits.Int(0, usedefault=True, desc='test-time optimisation iterations')
     refine_options = traits.Dict(traits.Str, traits.Any, desc='more refinement settings: '
                                  'init_method, refine_metric, refine_levels, refine_weight, '
@@ -95,6 +98,7 @@ class SynthMorphRegister(SimpleInterface):
                 lam=self.inputs.lam,
                 steps=self.inputs.steps,
                 extent=self.inputs.extent,
+                passes=self.inputs.passes,
                 refine=self.inputs.refine,
                 refine_options=_defined(self.inputs.refine_options),
                 fixed_mask=_defined(self.inputs.fixed_mask),
@@ -123,6 +127,7 @@ def register_files(
     lam: float = 0.5,
     steps: int = 7,
     extent: float = 256.0,
+    passes: int = 1,
     refine: int = 0,
     refine_options: dict | None = None,
     fixed_mask: str | os.PathLike | None = None,
@@ -156,7 +161,7 @@ def register_files(
     fixed = load_image(fixed_image, kind='fixed image')
     masks = load_masks(fixed_mask, moving_mask)
     result = register(moving, fixed, mode=mode, lam=lam, steps=steps, extent=extent,
-                      weights=weights, refine=refine, device=device, **masks,
+                      passes=passes, weights=weights, refine=refine, device=device, **masks,
                       **(refine_options or {}))
     out = {
         'forward_xfm': str(save_transform(result.forward, forward_xfm)),

@@ -30,6 +30,7 @@ def init_register_template_wf(
     mode: str = 'joint',
     lam: float = 0.5,
     extent: float = 256.0,
+    passes: int = 1,
     refine: int = 0,
     refine_options: dict | None = None,
     weights: dict | None = None,
@@ -56,7 +57,7 @@ def init_register_template_wf(
     ----------
     templates
         Output spaces in fMRIPrep syntax (``MNI152NLin6Asym:res-2``).
-    mode, lam, extent, refine, refine_options, weights, device
+    mode, lam, extent, passes, refine, refine_options, weights, device
         Passed to :class:`~synthmorph_app.interfaces.synthmorph.SynthMorphRegister`.
     omp_nthreads
         CPU threads of the registration node (its ``n_procs``).
@@ -130,8 +131,8 @@ through *TemplateFlow* [@templateflow].
     refine_options = _contrast_options(refine_options, image_type, mode) if refine \
         else refine_options
     registration = pe.Node(
-        SynthMorphRegister(mode=mode, lam=lam, extent=extent, refine=refine, device=device,
-                           use_gpu=on_gpu, num_threads=omp_nthreads,
+        SynthMorphRegister(mode=mode, lam=lam, extent=extent, passes=passes, refine=refine,
+                           device=device, use_gpu=on_gpu, num_threads=omp_nthreads,
                            **({'weights': weights} if weights else {}),
                            **({'refine_options': refine_options} if refine_options else {})),
         name='registration', n_procs=omp_nthreads,

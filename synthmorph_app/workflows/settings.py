@@ -21,6 +21,7 @@ class RegistrationSettings:
     mode: str = 'joint'
     lam: float = 0.5
     extent: float = 256.0
+    passes: int = 1
     refine: int = 0
     refine_options: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
