@@ -88,6 +88,9 @@ def test_settings_reach_the_registration_node():
                                    **settings.register_kwargs())
     inputs = wf.get_node('registration').interface.inputs
     assert (inputs.lam, inputs.passes, inputs.refine) == (0.3, 2, 4)
+    assert 'deformable network ran 2 times' in wf.__desc__  # the methods text says so
+    one = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'])
+    assert 'deformable network ran' not in one.__desc__
 
 
 @pytest.mark.parametrize('refine, options, connected', [

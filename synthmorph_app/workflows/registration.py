@@ -107,7 +107,7 @@ The {image_type} image was registered to {len(parsed)} standard space{'s' * (len
 ({names}) with SynthMorph [@synthmorph; @hoffmann2024], using synthmorph-app {__version__}
 [@synthmorphapp],
 a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
-{_mode_text(mode, lam)}{_refine_text(refine, refine_options)} Templates were accessed offline
+{_mode_text(mode, lam, passes)}{_refine_text(refine, refine_options)} Templates were accessed offline
 through *TemplateFlow* [@templateflow].
 """
     inputnode = pe.Node(
@@ -175,13 +175,15 @@ def _contrast_options(refine_options: dict | None, image_type: str, mode: str) -
     return options
 
 
-def _mode_text(mode: str, lam: float) -> str:
+def _mode_text(mode: str, lam: float, passes: int = 1) -> str:
+    again = (f' The deformable network ran {passes} times, each time on the image the runs '
+             f'before had moved, and the velocity fields were added.' if passes > 1 else '')
     if mode == 'joint':
         return (f'An affine network was followed by a deformable hypernetwork (regularisation '
                 f'weight lambda = {lam}), whose symmetric stationary velocity field was '
-                f'integrated into a diffeomorphism.')
+                f'integrated into a diffeomorphism.{again}')
     if mode == 'deform':
-        return f'A deformable hypernetwork (lambda = {lam}) registered the images.'
+        return f'A deformable hypernetwork (lambda = {lam}) registered the images.{again}'
     return f'The registration was {mode} ({"12" if mode == "affine" else "6"} degrees of freedom).'
 
 
