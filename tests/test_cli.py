@@ -107,7 +107,8 @@ def test_header_only_and_mid_space(pair, tmp_path):
     assert mid.exists()
     mids = [tmp_path / 'mid_m.nii.gz', tmp_path / 'mid_f.nii.gz']
     assert main(['register', '-M', '-e', '128', '-o', str(mids[0]), '-O', str(mids[1]),
-                 '--refine', '0', '--passes', '2', str(moving), str(fixed)]) == 0  # joint: deformable halves
+                 '--refine', '0', '--passes', '2',  # joint: deformable halves
+                 str(moving), str(fixed)]) == 0
     a, b = (nb.load(str(m)) for m in mids)
     assert a.shape == b.shape and np.allclose(a.affine, b.affine)
 
