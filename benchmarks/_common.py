@@ -174,13 +174,13 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
     ``options`` are further ``register`` arguments (e.g. ``['-r', '0.3']``); the others are
     the register parser's defaults (``--refine`` 15 unless
     ``$SYNTHMORPH_REFINE`` is set, ``--init network``, metric ``auto``, weight ``brain``, lambda
-    0.5, the packaged models, masks only from ``-x``/``--moving-mask``); the call mirrors
-    ``cli.run.run_register``. The time covers
+    0.5, the packaged models, masks only from ``-x``/``--moving-mask``); the keywords come from
+    ``cli.run.register_keywords``, as the command's. The time covers
     ``register(...)`` (it reads the lazily loaded image data, as the command does).
     """
     torch = _torch_threads()
-    from synthmorph_app.cli.parser import CROSS_CONTRAST, INIT_METHODS, build_parser
-    from synthmorph_app.cli.run import assign_weights
+    from synthmorph_app.cli.parser import build_parser
+    from synthmorph_app.cli.run import register_keywords
     from synthmorph_app.engine.register import register
     from synthmorph_app.io.images import load_image, load_masks
 
@@ -191,14 +191,7 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
     fimg = load_image(args.fixed, kind='fixed image')
     masks = load_masks(args.fixed_mask, args.moving_mask)
     t0 = time.perf_counter()
-    result = register(
-        mimg, fimg, mode=args.mode, lam=args.lam, steps=args.steps, extent=args.extent,
-        weights=assign_weights(args.weights, args.mode), init=None, refine=args.refine,
-        device='cpu', init_method=args.init if args.init in INIT_METHODS else 'network',
-        refine_metric=args.refine_metric, refine_levels=args.refine_levels,
-        refine_weight=args.refine_weight, **masks,
-        cross_contrast=CROSS_CONTRAST[args.cross_contrast], passes=args.passes,
-    )
+    result = register(mimg, fimg, init=None, device='cpu', **masks, **register_keywords(args))
     elapsed = time.perf_counter() - t0
     fwd = result.forward
     out = _transform_dict(fwd.affine, fwd.field, fwd.field_geometry)

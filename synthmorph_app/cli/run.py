@@ -118,11 +118,27 @@ class _Outputs:
             path.unlink(missing_ok=True)
 
 
+def register_keywords(args) -> dict:
+    """The keywords of ``engine.register.register`` that parsed ``register`` arguments set
+    (all but the images, masks, ``init`` transform file and device): one list for the command
+    and the benchmarks, which time the same call."""
+    from .parser import CROSS_CONTRAST, INIT_METHODS
+
+    return {
+        'mode': args.mode, 'lam': args.lam, 'steps': args.steps, 'extent': args.extent,
+        'weights': assign_weights(args.weights, args.mode), 'refine': args.refine,
+        'init_method': args.init if args.init in INIT_METHODS else 'network',
+        'refine_metric': args.refine_metric, 'refine_levels': args.refine_levels,
+        'refine_weight': args.refine_weight,
+        'cross_contrast': CROSS_CONTRAST[args.cross_contrast], 'passes': args.passes,
+    }
+
+
 def run_register(args) -> int:
 
     from ..io.images import Geometry, load_image, load_masks, save_image
     from ..io.transforms import load_transform, save_transform
-    from .parser import CROSS_CONTRAST, INIT_METHODS
+    from .parser import INIT_METHODS
 
     _set_threads(args.threads)
     start = time.perf_counter()
@@ -143,7 +159,6 @@ def run_register(args) -> int:
         LOGGER.warning('--fixed-mask/--moving-mask weight the refinement only: with --refine 0 '
                        'they change nothing')
     init = None
-    init_method = args.init if args.init in INIT_METHODS else 'network'
     if args.init not in INIT_METHODS:
         init = load_transform(
             args.init, reference=Geometry.from_image(fixed), moving=Geometry.from_image(moving)
@@ -154,15 +169,8 @@ def run_register(args) -> int:
 
     from ..engine.register import header_moved_image, moved_image, register
 
-    weights = assign_weights(args.weights, args.mode)
-    result = register(
-        moving, fixed, mode=args.mode, lam=args.lam, steps=args.steps, extent=args.extent,
-        weights=weights, init=init, refine=args.refine, device=_device(args.gpu),
-        init_method=init_method, refine_metric=args.refine_metric,
-        refine_levels=args.refine_levels, refine_weight=args.refine_weight,
-        **masks,
-        cross_contrast=CROSS_CONTRAST[args.cross_contrast], passes=args.passes,
-    )
+    result = register(moving, fixed, init=init, device=_device(args.gpu), **masks,
+                      **register_keywords(args))
     _warn_untrained(result.info)
     outputs = _Outputs()
     write_start = time.perf_counter()
