@@ -175,13 +175,12 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
     the register parser's defaults (``--refine`` 15 unless
     ``$SYNTHMORPH_REFINE`` is set, ``--init network``, metric ``auto``, weight ``brain``, lambda
     0.5, the packaged models, masks only from ``-x``/``--moving-mask``); the keywords come from
-    ``cli.run.register_keywords``, as the command's. The time covers
-    ``register(...)`` (it reads the lazily loaded image data, as the command does).
+    ``cli.run.run_registration``, as the command's (``--via`` included). The time covers
+    that call (it reads the lazily loaded image data, as the command does).
     """
     torch = _torch_threads()
     from synthmorph_app.cli.parser import build_parser
-    from synthmorph_app.cli.run import register_keywords
-    from synthmorph_app.engine.register import register
+    from synthmorph_app.cli.run import run_registration
     from synthmorph_app.io.images import load_image, load_masks
 
     args = build_parser().parse_args(
@@ -191,7 +190,7 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
     fimg = load_image(args.fixed, kind='fixed image')
     masks = load_masks(args.fixed_mask, args.moving_mask)
     t0 = time.perf_counter()
-    result = register(mimg, fimg, init=None, device='cpu', **masks, **register_keywords(args))
+    result = run_registration(args, mimg, fimg, masks=masks)
     elapsed = time.perf_counter() - t0
     fwd = result.forward
     out = _transform_dict(fwd.affine, fwd.field, fwd.field_geometry)

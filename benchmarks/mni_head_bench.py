@@ -16,7 +16,8 @@ option (``app="--cross-contrast yes"``); greedy then uses NMI, and ANTs SyN keep
 information.
 
 ``--settings NAME=OPTIONS`` runs ``register`` (``--mode``, joint by default) once per setting, each in its own
-process, with OPTIONS passed to it (``auto=`` for the defaults). Two names run other tools
+process, with OPTIONS passed to it (``auto=`` for the defaults; ``{t1w}`` in OPTIONS stands for
+the subject's T1w, e.g. ``via="--via {t1w}"`` registers a FLAIR through it). Two names run other tools
 instead: ``greedy`` (``picsl_greedy``: affine from the image centres, then deformable, NCC 2x2x2,
 as ``refine_bench.py`` runs it), ``greedy-moments`` (the same from the centres of mass,
 ``-moments 1``, then rigid, then affine) and ``ants`` (antspyx ``SyN``, its defaults).
@@ -104,8 +105,9 @@ def main(argv=None) -> int:
                 res = C.in_child(C.run_ants, moving, fixed, 'Affine' if affine_only else 'SyN',
                                  args.threads)
             else:
+                t1w = str(refine_bench.anat(sub, 'T1w'))
                 res = C.in_child(C.run_register, moving, fixed, args.mode, args.threads,
-                                 options)
+                                 [o.replace('{t1w}', t1w) for o in options])
             row = {'subject': sub, 'contrast': args.contrast, 'setting': name,
                    'mode': args.mode, 'options': options,
                    'time': res['time'],

@@ -203,6 +203,13 @@ examples:
     p.add_argument('--moving-mask', metavar='FILE',
                    help='brain mask of the moving image, likewise (it weights the affine '
                         'refinement; the deformable one weighs by the fixed image)')
+    p.add_argument('--via', metavar='FILE',
+                   help='another image of the same person in the T1w-like contrast of FIXED '
+                        '(e.g. the T1w of the session of a FLAIR): MOVING is aligned to it '
+                        'rigidly, it is registered to FIXED with the options above, and the '
+                        'transforms written are the two composed, so every contrast lands '
+                        'where the T1w does (12 FLAIRs onto the MNI template: mean Dice 0.581 '
+                        'directly, 0.652 through their T1w; benchmarks/README.md)')
     p.add_argument('--field-convention', choices=('itk', 'synthmorph'), default='itk',
                    help='vector convention of displacement-field files (default itk: LPS, as '
                         'ANTs reads; synthmorph: RAS mm, as mri_synthmorph apply reads)')

@@ -134,6 +134,21 @@ def register_keywords(args) -> dict:
     }
 
 
+def run_registration(args, moving, fixed, *, masks: dict, init=None, device: str = 'cpu'):
+    """``engine.register.register`` (or ``register_via`` with ``--via``) as the parsed
+    ``register`` arguments ask; the command and the benchmarks' timed call share it."""
+    from ..engine.register import register, register_via
+    from ..io.images import load_image
+
+    keywords = register_keywords(args)
+    if getattr(args, 'via', None):
+        if init is not None:
+            raise SynthMorphError('an initial transform file (-i) cannot be combined with --via')
+        via = load_image(args.via, kind='via image')
+        return register_via(moving, via, fixed, device=device, **masks, **keywords)
+    return register(moving, fixed, init=init, device=device, **masks, **keywords)
+
+
 def run_register(args) -> int:
 
     from ..io.images import Geometry, load_image, load_masks, save_image
@@ -167,10 +182,13 @@ def run_register(args) -> int:
             raise SynthMorphError(f'the initial transform <{args.init}> must be linear')
     LOGGER.info('loaded inputs in %.2f s', time.perf_counter() - start)
 
-    from ..engine.register import header_moved_image, moved_image, register
+    from ..engine.register import header_moved_image, moved_image
 
-    result = register(moving, fixed, init=init, device=_device(args.gpu), **masks,
-                      **register_keywords(args))
+    if args.via and args.mid_space:
+        raise SynthMorphError('-M/--mid-space has no meaning with --via (two registrations '
+                              'composed): leave one of them out')
+    result = run_registration(args, moving, fixed, masks=masks, init=init,
+                              device=_device(args.gpu))
     _warn_untrained(result.info)
     outputs = _Outputs()
     write_start = time.perf_counter()

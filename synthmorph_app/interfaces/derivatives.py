@@ -178,6 +178,20 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
     }
     if common['Resolution'] is None:
         common.pop('Resolution')
+    via = metadata.get('via')
+    if via:  # registered through the T1w of its session (engine.register.register_via)
+        uri = bids_uri(via['image'], bids_dir) if via.get('image') else None
+        if uri:
+            sources.append(uri)
+        common['Via'] = {
+            'Image': uri,
+            'RegistrationMode': via.get('mode'),
+            # T1w RAS -> image RAS; the transforms are the T1w's to the template, then this
+            'Matrix': via.get('matrix'),
+            'Models': {kind: {k: v for k, v in card.items() if k in kept}
+                       for kind, card in via.get('models', {}).items()},
+            'Refinement': via.get('refine', {'iterations': 0}),
+        }
     plan = []  # (final path, source file or None, sidecar dict or None)
     plan.append((dest['space_image'], files['space_image'],
                  {'Sources': sources, 'SpatialReference': template, **common}))

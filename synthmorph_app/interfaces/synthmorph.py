@@ -53,6 +53,10 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
                       'desc-brain_mask): weights the refinement in place of refine_weight')
     moving_mask = File(exists=True, desc='brain mask of the moving image (weights the affine '
                        'refinement)')
+    via_image = File(exists=True, desc='another image of the same person in the contrast of '
+                     'the fixed image (the T1w of a FLAIR\'s session): the moving image is '
+                     'aligned to it rigidly and it is registered to the fixed image; the '
+                     'transforms are the two composed')
     weights = traits.Dict(traits.Str, traits.Str, desc='model weights by kind '
                           '({"affine": path, "deform": path}); default: packaged models')
     device = traits.Enum('cpu', 'cuda', 'auto', usedefault=True, desc='torch device')
@@ -103,6 +107,7 @@ class SynthMorphRegister(SimpleInterface):
                 refine_options=_defined(self.inputs.refine_options),
                 fixed_mask=_defined(self.inputs.fixed_mask),
                 moving_mask=_defined(self.inputs.moving_mask),
+                via_image=_defined(self.inputs.via_image),
                 weights=weights,
                 device=self.inputs.device,
                 num_threads=self.inputs.num_threads,
@@ -132,6 +137,7 @@ def register_files(
     refine_options: dict | None = None,
     fixed_mask: str | os.PathLike | None = None,
     moving_mask: str | os.PathLike | None = None,
+    via_image: str | os.PathLike | None = None,
     weights: dict | None = None,
     device: str = 'cpu',
     num_threads: int | None = None,
@@ -141,7 +147,8 @@ def register_files(
     Returns a dict of output paths (``forward_xfm``, ``inverse_xfm``, ``moved_image``,
     ``log_jacobian`` -- the Jacobian determinant, named as the Nipype output) and ``metadata``.
     ``fixed_mask``/``moving_mask``: brain mask files that weight the refinement
-    (``engine.register.register``).
+    (``engine.register.register``). ``via_image``: register through that image of the same
+    person (``engine.register.register_via``); ``metadata['via']`` then names it.
     Input problems raise :class:`~synthmorph_app.errors.InputImageError` naming the file.
     """
     import nibabel as nb
@@ -149,7 +156,7 @@ def register_files(
     import torch
 
     from ..engine.register import moved_image as resample
-    from ..engine.register import register
+    from ..engine.register import register, register_via
     from ..evaluate import jacobian_determinant
     from ..io.images import Geometry, load_image, load_masks, save_image
     from ..io.transforms import save_transform
@@ -160,9 +167,15 @@ def register_files(
     moving = load_image(moving_image, kind='moving image')
     fixed = load_image(fixed_image, kind='fixed image')
     masks = load_masks(fixed_mask, moving_mask)
-    result = register(moving, fixed, mode=mode, lam=lam, steps=steps, extent=extent,
-                      passes=passes, weights=weights, refine=refine, device=device, **masks,
-                      **(refine_options or {}))
+    options = dict(mode=mode, lam=lam, steps=steps, extent=extent, passes=passes,
+                   weights=weights, refine=refine, device=device, **masks,
+                   **(refine_options or {}))
+    if via_image:
+        via = load_image(via_image, kind='via image (the T1w of the same session)')
+        result = register_via(moving, via, fixed, **options)
+        result.info['via']['image'] = str(via_image)
+    else:
+        result = register(moving, fixed, **options)
     out = {
         'forward_xfm': str(save_transform(result.forward, forward_xfm)),
         'inverse_xfm': str(save_transform(result.inverse, inverse_xfm)),

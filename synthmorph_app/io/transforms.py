@@ -132,6 +132,32 @@ class Transform:
             self, affine=np.linalg.inv(self.affine), reference=self.moving, moving=self.reference
         )
 
+    def then_linear(self, matrix: np.ndarray, moving: Geometry | None = None) -> Transform:
+        """``x -> matrix @ T(x)``: this transform, then a linear map into another space.
+
+        ``matrix`` maps points of this transform's moving space to those of ``moving`` (e.g. a
+        rigid map from a T1w to the same person's FLAIR). The field stays as it is, since the
+        matrix only joins the affine that follows it.
+        """
+        return replace(self, affine=np.asarray(matrix, dtype=float) @ self.affine,
+                       moving=moving)
+
+    def after_linear(self, matrix: np.ndarray, reference: Geometry | None = None) -> Transform:
+        """``x -> T(matrix @ x)``: a linear map from another space, then this transform.
+
+        ``matrix`` maps points of ``reference`` to this transform's reference space. As
+        ``T(M x) = A M (x + M^-1 u(M x))``, the field keeps its samples on its grid moved by
+        ``M^-1``, its vectors turned by ``M^-1``.
+        """
+        matrix = np.asarray(matrix, dtype=float)
+        out = replace(self, affine=self.affine @ matrix, reference=reference)
+        if self.field is not None:
+            inv = np.linalg.inv(matrix)
+            out.field = (self.field @ inv[:3, :3].T).astype(np.float32)
+            out.field_geometry = Geometry(self.field_geometry.shape,
+                                          inv @ self.field_geometry.affine)
+        return out
+
 
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 matrix to points (N, 3)."""

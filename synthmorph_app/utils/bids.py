@@ -60,6 +60,29 @@ def parse_entities(path: str | os.PathLike) -> dict:
     return out
 
 
+def session_t1w(path: str | os.PathLike) -> Path | None:
+    """The T1w image beside ``path`` (same folder: same subject and session), or None.
+
+    Where there are several (runs, acquisitions), the one that shares the most entities with
+    ``path`` (``acq``, ``run``...) wins, then the first by name. A T1w itself gets None.
+    """
+    path = Path(path)
+    entities = parse_entities(path)
+    if entities.get('suffix') == 'T1w':
+        return None
+    found = sorted(p for p in path.parent.glob('*_T1w.nii*')
+                   if re.search(r'\.nii(\.gz)?$', p.name)
+                   and all(parse_entities(p).get(k) == entities.get(k) for k in ('sub', 'ses')))
+    if not found:
+        return None
+
+    def shared(p):
+        other = parse_entities(p)
+        return sum(other.get(k) == v for k, v in entities.items() if k not in ('suffix',))
+
+    return max(found, key=shared)  # the first by name among equals
+
+
 def _prefix(entities: dict) -> str:
     return '_'.join(f'{k}-{entities[k]}' for k in KEPT_ENTITIES if entities.get(k))
 

@@ -15,7 +15,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..interfaces.reports import ImageQC
-from ..utils.bids import image_id, parse_entities
+from ..utils.bids import image_id, parse_entities, session_t1w
 from .outputs import init_ds_registration_wf
 from .registration import init_register_template_wf
 from .settings import OutputSettings, RegistrationSettings
@@ -145,9 +145,14 @@ def init_anat_image_wf(
     outputnode = pe.Node(niu.IdentityInterface(fields=['out_files']), name='outputnode')
     settings = settings or RegistrationSettings()
     outputs = outputs or OutputSettings()
+    kwargs = settings.register_kwargs()
+    via = session_t1w(in_file) if settings.via_t1w else None
+    kwargs['via_t1w'] = via is not None
     register_wf = init_register_template_wf(
-        templates=templates, image_type=entities['suffix'], **settings.register_kwargs(),
+        templates=templates, image_type=entities['suffix'], **kwargs,
     )
+    if via is not None:
+        register_wf.inputs.inputnode.via_image = str(via)
     image_qc = pe.Node(ImageQC(figures=outputs.figures), name='image_qc', mem_gb=1.0)
     ds_wf = init_ds_registration_wf(out_dir=out_dir, bids_dir=bids_dir, in_file=in_file,
                                     command_line=outputs.command_line,

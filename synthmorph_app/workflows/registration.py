@@ -37,6 +37,7 @@ def init_register_template_wf(
     device: str = 'cpu',
     omp_nthreads: int = 1,
     image_type: str = 'T1w',
+    via_t1w: bool = False,
     name: str = 'register_template_wf',
 ):
     """Register an anatomical image to one or more templates with SynthMorph.
@@ -71,6 +72,11 @@ def init_register_template_wf(
         whole-head template (MIND then gave 0.004 lower mean Dice, 0.04 on that subject), and
         most FLAIRs for T1w (local NCC then gave 0.025 lower mean Dice onto the template)
         (``benchmarks/README.md``, ``mni_head_bench.py``).
+    via_t1w
+        Register through the same person's T1w, given at ``inputnode.via_image``: the image is
+        aligned to it rigidly, the T1w is registered to each template (as a T1w: same
+        contrast), and the transforms are the two composed
+        (:func:`~synthmorph_app.engine.register.register_via`).
 
     Inputs
     ------
@@ -81,6 +87,8 @@ def init_register_template_wf(
         the affine refinement in place of our rough brain estimate.
     lesion_mask
         Accepted for sMRIPrep compatibility; unused.
+    via_image
+        With ``via_t1w``: the T1w of the same person (and session).
     template
         Iterable: one template specification per expansion.
 
@@ -102,16 +110,19 @@ def init_register_template_wf(
     parsed = parse_output_spaces(templates)
     names = ', '.join(f'*{get_template_metadata(n).get("Name", n)}* '
                       f'[@{n.lower()}; TemplateFlow ID: {n}]' for n, _ in parsed)
+    through = ('aligned rigidly to the T1w image of the same session, which was '
+               if via_t1w else '')
     workflow.__desc__ = f"""\
-The {image_type} image was registered to {len(parsed)} standard space{'s' * (len(parsed) > 1)}
+The {image_type} image was {through}registered to {len(parsed)} standard space{'s' * (len(parsed) > 1)}
 ({names}) with SynthMorph [@synthmorph; @hoffmann2024], using synthmorph-app {__version__}
 [@synthmorphapp],
 a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
-{_mode_text(mode, lam, passes)}{_refine_text(refine, refine_options)} Templates were accessed offline
-through *TemplateFlow* [@templateflow].
+{_mode_text(mode, lam, passes)}{_refine_text(refine, refine_options)}{_via_text(via_t1w)} Templates were
+accessed offline through *TemplateFlow* [@templateflow].
 """
     inputnode = pe.Node(
-        niu.IdentityInterface(fields=['lesion_mask', 'moving_image', 'moving_mask', 'template']),
+        niu.IdentityInterface(fields=['lesion_mask', 'moving_image', 'moving_mask', 'template',
+                                      'via_image']),
         name='inputnode',
     )
     inputnode.iterables = [('template', list(templates))]
@@ -128,8 +139,9 @@ through *TemplateFlow* [@templateflow].
                         name='tf_select', run_without_submitting=True)
     tunables = load_tunables()
     on_gpu = device == 'cuda'
-    refine_options = _contrast_options(refine_options, image_type, mode) if refine \
-        else refine_options
+    # through the T1w, the deformable step registers a T1w to the (T1w) template
+    refine_options = _contrast_options(refine_options, 'T1w' if via_t1w else image_type,
+                                       mode) if refine else refine_options
     registration = pe.Node(
         SynthMorphRegister(mode=mode, lam=lam, extent=extent, passes=passes, refine=refine,
                            device=device, use_gpu=on_gpu, num_threads=omp_nthreads,
@@ -154,6 +166,8 @@ through *TemplateFlow* [@templateflow].
                                      ('metadata', 'metadata')]),
         (poutputnode, outputnode, [(f, f) for f in out_fields]),
     ])  # fmt:skip
+    if via_t1w:
+        workflow.connect(inputnode, 'via_image', registration, 'via_image')
     if refine and (refine_options or {}).get('refine_weight', 'brain') == 'brain':
         # the template's own brain mask weights the refinement (the exact brain, cortex
         # included): mean Dice +0.007 on whole-head T1w pairs (benchmarks/README.md)
@@ -195,6 +209,13 @@ def _refine_text(refine: int, refine_options: dict | None) -> str:
              'head': ' over the whole head', 'none': ''}[weight]
     return (f' The networks\' result was refined by test-time optimisation ({refine} iterations '
             f'at the finest level) of the image similarity{where}.')
+
+
+def _via_text(via_t1w: bool) -> str:
+    if not via_t1w:
+        return ''
+    return (' The two transforms (rigid, then the T1w image\'s to the template) were composed '
+            'into one, so that the image lands where the T1w image does.')
 
 
 def _split_template(template):

@@ -27,6 +27,8 @@ class RegistrationSettings:
     weights: dict = field(default_factory=dict)
     device: str = 'cpu'
     omp_nthreads: int = 1
+    #: register other contrasts through the T1w of their session where there is one
+    via_t1w: bool = False
 
     def register_kwargs(self) -> dict:
         """Keywords for :func:`init_register_template_wf`."""
