@@ -258,6 +258,9 @@ def test_bids_app_via_t1w_records_the_t1w(shared_data, tmp_path):
     assert meta['Via']['RegistrationMode'] == 'rigid'
     assert np.asarray(meta['Via']['Matrix']).shape == (4, 4)
     assert set(meta['Models']) == {'affine', 'deform'} and 'rigid' in meta['Via']['Models']
+    assert 'aligned rigidly to the T1w image of their session' in (
+        out / 'logs' / 'CITATION.md').read_text()
+    assert '<th>through</th><td>sub-01_T1w.nii.gz</td>' in (out / 'sub-01.html').read_text()
     config = json.loads(next((out / 'logs').glob('config_*.json')).read_text())
     assert config['via_t1w'] is True
     assert not list(anat.glob('*T1w*'))  # the T1w itself was not asked for

@@ -579,7 +579,9 @@ def _write_citation(out_dir: Path, labels: list[str], args) -> None:
     from ..reports.boilerplate import citation_markdown
     from ..utils.bids import write_text_atomic
 
-    text, bib = citation_markdown(labels, mode=args.mode, lam=args.lam)
+    others = any(c != 'T1w' for c in (args.contrasts or ['T1w']))
+    text, bib = citation_markdown(labels, mode=args.mode, lam=args.lam,
+                                  via_t1w=args.via_t1w and others)
     write_text_atomic(out_dir / 'logs' / 'CITATION.md', text)
     write_text_atomic(out_dir / 'logs' / 'CITATION.bib', bib)
 

@@ -14,12 +14,20 @@ BIB = Path(__file__).resolve().parents[1] / 'data' / 'boilerplate.bib'
 
 
 def citation_markdown(spaces: list[str], *, mode: str = 'joint', lam: float = 0.5,
-                      image_type: str = 'anatomical') -> tuple[str, str]:
-    """Methods text (Markdown, pandoc citation keys) and the BibTeX entries it cites."""
+                      image_type: str = 'anatomical', via_t1w: bool = False) -> tuple[str, str]:
+    """Methods text (Markdown, pandoc citation keys) and the BibTeX entries it cites.
+
+    ``via_t1w``: images of other contrasts went through the T1w of their session.
+    """
     from ..workflows.registration import init_register_template_wf
 
     wf = init_register_template_wf(templates=spaces, mode=mode, lam=lam, image_type=image_type)
     desc = ' '.join(wf.__desc__.split())
+    if via_t1w:
+        desc += (' Images of a contrast other than T1w were aligned rigidly to the T1w image of'
+                 ' their session, where there was one, and the two transforms (rigid, then the'
+                 " T1w image's to the template) were composed into one, so that they land where"
+                 ' the T1w image does.')
     bib = BIB.read_text()
     entries = {m.group(1): m.group(0) for m in
                re.finditer(r'@\w+\{([^,]+),.*?\n\}', bib, flags=re.DOTALL)}

@@ -69,6 +69,8 @@ def write_subject_report(out_dir: str | os.PathLike, subject: str, *,
         rows = {
             'mode': meta.get('RegistrationMode'), 'lambda': meta.get('Lambda'),
             'device': meta.get('Device'), 'time (s)': meta.get('ElapsedTime'),
+            **({'through': Path(str((meta.get('Via') or {}).get('Image'))).name}
+               if meta.get('Via') else {}),
             **{k: v for k, v in it['qc'].items()},
             'models': ', '.join(f'{k}: {v.get("name")} ({str(v.get("sha256", ""))[:12]})'
                                 for k, v in meta.get('Models', {}).items()),
