@@ -167,7 +167,9 @@ def _runners(args) -> dict:
         runners['ours'] = lambda m, f: C.in_child(run_ours, str(m), str(f), args)
     if args.register:
         def run_register(m, f):
-            options = list(args.register_options)
+            # {t1w}: the moving subject's T1w (e.g. --register-options="--via {t1w}")
+            own_t1w = str(t1w(Path(m).name.split('_')[0][len('sub-'):]))
+            options = [o.replace('{t1w}', own_t1w) for o in args.register_options]
             if args.register_fixed_mask:  # the fixed subject's labels: non-zero is brain
                 options += ['-x', str(labels(Path(f).name.split('_')[0][len('sub-'):]))]
             return C.in_child(C.run_register, str(m), str(f), args.register_mode,
