@@ -153,8 +153,10 @@ def build_bids_parser() -> argparse.ArgumentParser:
                         'the T1w of its session: rigidly to that T1w, then by the T1w\'s own '
                         'registration to the (T1w) template, one composed transform, so all '
                         'of a person\'s images land where the T1w does. 12 FLAIRs onto '
-                        'MNI152NLin6Asym: mean Dice 0.581 directly, 0.652 through the T1w, in '
-                        'less time (benchmarks/README.md). Images with no T1w beside them, and '
+                        'MNI152NLin6Asym: mean Dice 0.581 directly, 0.652 through the T1w '
+                        '(benchmarks/README.md); the T1w\'s registration runs again for each '
+                        'such image, which costs more than a direct registration where the T1w '
+                        'is finer than the image. Images with no T1w beside them, and '
                         'all of them with --no-via-t1w, are registered directly '
                         '(default: --via-t1w)')
     g.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
