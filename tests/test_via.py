@@ -240,6 +240,45 @@ def test_workflow_registers_other_contrasts_through_the_session_t1w(tmp_path):
 
 
 @pytest.mark.slow
+def test_registrations_are_kept_and_reused(shared_data, tmp_path):
+    """The T1w's job stores its registration; a job through that T1w reads it back."""
+    from synthmorph_app.engine.cache import registration_key
+    from synthmorph_app.interfaces.synthmorph import register_files
+    from synthmorph_app.io.transforms import load_transform
+
+    anat = shared_data / 'bids' / 'sub-01' / 'anat'
+    flair, t1w = anat / 'sub-01_FLAIR.nii.gz', anat / 'sub-01_T1w.nii.gz'
+    cache = tmp_path / 'cache'
+    common = {'refine': 0, 'extent': 192.0, 'cache_dir': cache, 'num_threads': 1}
+    own = register_files(t1w, TEMPLATE, forward_xfm=tmp_path / 't1w.h5',
+                         inverse_xfm=tmp_path / 't1w_inv.h5', **common)
+    assert own['metadata']['cache'] == 'written'
+    assert len(list(cache.iterdir())) == 1
+    via = register_files(flair, TEMPLATE, forward_xfm=tmp_path / 'flair.h5',
+                         inverse_xfm=tmp_path / 'flair_inv.h5', via_image=t1w, **common)
+    assert via['metadata']['cache'] == 'read'  # not computed again
+    assert 'via load models' in via['metadata']['timings']
+    assert 'networks' not in via['metadata']['timings']
+    assert len(list(cache.iterdir())) == 1
+    # the FLAIR's transform is the rigid map after the T1w's, as written for the T1w
+    mni = Geometry.from_image(nb.load(str(TEMPLATE)))
+    pts = _inner_points(mni, 300)
+    t1w_fwd = load_transform(own['forward_xfm'])
+    flair_fwd = load_transform(via['forward_xfm'])
+    rigid = np.asarray(via['metadata']['via']['matrix'])
+    np.testing.assert_allclose(flair_fwd.map_points(pts),
+                               _apply(rigid, t1w_fwd.map_points(pts)), atol=1e-3)
+    # the key follows every input that decides the result
+    options = {'mode': 'joint', 'refine': 0, 'extent': 192.0}
+    key = registration_key(t1w, TEMPLATE, options)
+    assert key == registration_key(t1w, TEMPLATE, dict(options))
+    assert key != registration_key(t1w, TEMPLATE, {**options, 'lam': 0.3})
+    assert key != registration_key(flair, TEMPLATE, options)
+    assert key != registration_key(t1w, TEMPLATE, options, {'fixed_mask': flair})
+    assert key != registration_key(t1w, TEMPLATE, {**options, 'mode': 'affine'})
+
+
+@pytest.mark.slow
 def test_bids_app_via_t1w_records_the_t1w(shared_data, tmp_path):
     out = tmp_path / 'out'
     res = _cli(shared_data / 'bids', out, 'participant', '--participant-label', '01',
@@ -264,6 +303,10 @@ def test_bids_app_via_t1w_records_the_t1w(shared_data, tmp_path):
     config = json.loads(next((out / 'logs').glob('config_*.json')).read_text())
     assert config['via_t1w'] is True
     assert not list(anat.glob('*T1w*'))  # the T1w itself was not asked for
+    # the T1w's registration is kept in the work directory for the jobs that need it
+    kept = [p for p in (tmp_path / 'work' / 'registrations').iterdir()
+            if not p.name.startswith('.')]
+    assert len(kept) == 1 and (kept[0] / 'forward.h5').is_file()
 
 
 def test_bids_app_goes_through_the_t1w_unless_told_not_to():

@@ -154,9 +154,9 @@ def build_bids_parser() -> argparse.ArgumentParser:
                         'registration to the (T1w) template, one composed transform, so all '
                         'of a person\'s images land where the T1w does. 12 FLAIRs onto '
                         'MNI152NLin6Asym: mean Dice 0.581 directly, 0.652 through the T1w '
-                        '(benchmarks/README.md); the T1w\'s registration runs again for each '
-                        'such image, which costs more than a direct registration where the T1w '
-                        'is finer than the image. Images with no T1w beside them, and '
+                        '(benchmarks/README.md); the T1w\'s registration is computed once and '
+                        'kept in the work directory for its own job and these. Images with no '
+                        'T1w beside them, and '
                         'all of them with --no-via-t1w, are registered directly '
                         '(default: --via-t1w)')
     g.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
@@ -520,6 +520,9 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
                         'refine_weight': args.refine_weight,
                         'cross_contrast': CROSS_CONTRAST[args.cross_contrast]},
         weights=weights or {}, device=device, omp_nthreads=omp, via_t1w=args.via_t1w,
+        # the T1w's registration serves its own job and those that go through it
+        cache_dir=str(work_dir / 'registrations') if args.via_t1w and _other_contrasts(args)
+        else '',
     )
     outputs = OutputSettings(figures=args.figures, command_line=command_line,
                              output_lta=args.output_lta)
@@ -576,14 +579,18 @@ def _crash_reasons(crash_dir: Path) -> dict[str, str]:
     return out
 
 
+def _other_contrasts(args) -> bool:
+    """Whether contrasts other than T1w are asked for."""
+    return any(c != 'T1w' for c in (args.contrasts or ['T1w']))
+
+
 def _write_citation(out_dir: Path, labels: list[str], args) -> None:
     """``logs/CITATION.md`` (methods boilerplate) and ``logs/CITATION.bib``, atomically."""
     from ..reports.boilerplate import citation_markdown
     from ..utils.bids import write_text_atomic
 
-    others = any(c != 'T1w' for c in (args.contrasts or ['T1w']))
     text, bib = citation_markdown(labels, mode=args.mode, lam=args.lam,
-                                  via_t1w=args.via_t1w and others)
+                                  via_t1w=args.via_t1w and _other_contrasts(args))
     write_text_atomic(out_dir / 'logs' / 'CITATION.md', text)
     write_text_atomic(out_dir / 'logs' / 'CITATION.bib', bib)
 

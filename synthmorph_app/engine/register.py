@@ -415,6 +415,8 @@ def register_via(
     moving: nb.spatialimages.SpatialImage,
     via: nb.spatialimages.SpatialImage,
     fixed: nb.spatialimages.SpatialImage,
+    *,
+    second: RegistrationResult | None = None,
     **options,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` through ``via``, another image of the same person.
@@ -430,13 +432,18 @@ def register_via(
     refinement's iterations, weight, metric (``'auto'`` picks MIND across contrasts), device,
     extent and rigid model of ``options``, and ``moving_mask`` if given.
 
+    ``second``: the registration of ``via`` to ``fixed`` where it is already at hand (e.g. from
+    :mod:`.cache`); otherwise it is computed here.
+
     ``info['via']`` holds the rigid stage's info and matrix; its timings carry the prefix
     ``via ``. The result has no mid-space transforms.
     """
     rigid_keys = ('refine', 'refine_weight', 'extent', 'weights', 'device', 'init_method')
     first = register(moving, via, mode='rigid', moving_mask=options.get('moving_mask'),
                      **{k: options[k] for k in rigid_keys if k in options})
-    second = register(via, fixed, **{k: v for k, v in options.items() if k != 'moving_mask'})
+    if second is None:
+        second = register(via, fixed,
+                          **{k: v for k, v in options.items() if k != 'moving_mask'})
     matrix = first.forward.affine  # via points -> moving points
     moving_geom = Geometry.from_image(moving)
     forward = second.forward.then_linear(matrix, moving=moving_geom)

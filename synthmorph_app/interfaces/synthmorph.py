@@ -57,6 +57,9 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
                      'the fixed image (the T1w of a FLAIR\'s session): the moving image is '
                      'aligned to it rigidly and it is registered to the fixed image; the '
                      'transforms are the two composed')
+    cache_dir = traits.Str(desc='folder where registrations are kept and reused by later '
+                           'jobs (the registration of via_image when given, else of the moving '
+                           'image; see engine.cache)')
     weights = traits.Dict(traits.Str, traits.Str, desc='model weights by kind '
                           '({"affine": path, "deform": path}); default: packaged models')
     device = traits.Enum('cpu', 'cuda', 'auto', usedefault=True, desc='torch device')
@@ -108,6 +111,7 @@ class SynthMorphRegister(SimpleInterface):
                 fixed_mask=_defined(self.inputs.fixed_mask),
                 moving_mask=_defined(self.inputs.moving_mask),
                 via_image=_defined(self.inputs.via_image),
+                cache_dir=_defined(self.inputs.cache_dir),
                 weights=weights,
                 device=self.inputs.device,
                 num_threads=self.inputs.num_threads,
@@ -138,6 +142,7 @@ def register_files(
     fixed_mask: str | os.PathLike | None = None,
     moving_mask: str | os.PathLike | None = None,
     via_image: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
     weights: dict | None = None,
     device: str = 'cpu',
     num_threads: int | None = None,
@@ -149,6 +154,8 @@ def register_files(
     ``fixed_mask``/``moving_mask``: brain mask files that weight the refinement
     (``engine.register.register``). ``via_image``: register through that image of the same
     person (``engine.register.register_via``); ``metadata['via']`` then names it.
+    ``cache_dir``: keep the registration of the two images (of ``via_image`` and the fixed
+    image) there, and read it from there when an earlier job stored it (``engine.cache``).
     Input problems raise :class:`~synthmorph_app.errors.InputImageError` naming the file.
     """
     import nibabel as nb
@@ -168,14 +175,34 @@ def register_files(
     fixed = load_image(fixed_image, kind='fixed image')
     masks = load_masks(fixed_mask, moving_mask)
     options = dict(mode=mode, lam=lam, steps=steps, extent=extent, passes=passes,
-                   weights=weights, refine=refine, device=device, **masks,
-                   **(refine_options or {}))
+                   weights=weights, refine=refine, device=device, **(refine_options or {}))
+
+    def registration(source, source_file, source_mask):
+        """``source`` to the fixed image, through the cache when there is one."""
+        kept = {k: v for k, v in masks.items() if k == 'fixed_mask' or source_mask}
+
+        def compute():
+            return register(source, fixed, **options, **kept)
+
+        if not cache_dir:
+            return compute()
+        from ..engine.cache import cached_registration, registration_key
+
+        key = registration_key(source_file, fixed_image, options,
+                               {'fixed_mask': fixed_mask,
+                                'moving_mask': moving_mask if source_mask else None})
+        return cached_registration(cache_dir, key, compute,
+                                   reference=Geometry.from_image(fixed),
+                                   moving=Geometry.from_image(source))
+
     if via_image:
         via = load_image(via_image, kind='via image (the T1w of the same session)')
-        result = register_via(moving, via, fixed, **options)
+        result = register_via(moving, via, fixed,
+                              second=registration(via, via_image, source_mask=False),
+                              **options, **masks)
         result.info['via']['image'] = str(via_image)
     else:
-        result = register(moving, fixed, **options)
+        result = registration(moving, moving_image, source_mask=True)
     out = {
         'forward_xfm': str(save_transform(result.forward, forward_xfm)),
         'inverse_xfm': str(save_transform(result.inverse, inverse_xfm)),

@@ -38,6 +38,7 @@ def init_register_template_wf(
     omp_nthreads: int = 1,
     image_type: str = 'T1w',
     via_t1w: bool = False,
+    cache_dir: str | None = None,
     name: str = 'register_template_wf',
 ):
     """Register an anatomical image to one or more templates with SynthMorph.
@@ -77,6 +78,9 @@ def init_register_template_wf(
         aligned to it rigidly, the T1w is registered to each template (as a T1w: same
         contrast), and the transforms are the two composed
         (:func:`~synthmorph_app.engine.register.register_via`).
+    cache_dir
+        A folder where the registrations to the templates are kept, so that the T1w's own job
+        and the jobs that go through it compute each only once (:mod:`~synthmorph_app.engine.cache`).
 
     Inputs
     ------
@@ -145,6 +149,7 @@ accessed offline through *TemplateFlow* [@templateflow].
     registration = pe.Node(
         SynthMorphRegister(mode=mode, lam=lam, extent=extent, passes=passes, refine=refine,
                            device=device, use_gpu=on_gpu, num_threads=omp_nthreads,
+                           **({'cache_dir': str(cache_dir)} if cache_dir else {}),
                            **({'weights': weights} if weights else {}),
                            **({'refine_options': refine_options} if refine_options else {})),
         name='registration', n_procs=omp_nthreads,

@@ -29,12 +29,15 @@ class RegistrationSettings:
     omp_nthreads: int = 1
     #: register other contrasts through the T1w of their session where there is one
     via_t1w: bool = False
+    #: where registrations are kept for reuse (engine.cache); '' for none
+    cache_dir: str = ''
 
     def register_kwargs(self) -> dict:
         """Keywords for :func:`init_register_template_wf`."""
         out = asdict(self)
         out['refine_options'] = dict(self.refine_options) or None
         out['weights'] = dict(self.weights) or None
+        out['cache_dir'] = self.cache_dir or None
         return out
 
 
