@@ -300,6 +300,10 @@ def test_bids_app_via_t1w_records_the_t1w(shared_data, tmp_path):
     assert 'aligned rigidly to the T1w image of their session' in (
         out / 'logs' / 'CITATION.md').read_text()
     assert '<th>through</th><td>sub-01_T1w.nii.gz</td>' in (out / 'sub-01.html').read_text()
+    group = _cli(tmp_path / 'unused', out, 'group')
+    assert group.returncode == 0, group.stderr
+    header, row = (out / 'group' / 'qc.tsv').read_text().splitlines()
+    assert dict(zip(header.split('\t'), row.split('\t')))['via'] == 'sub-01_T1w.nii.gz'
     config = json.loads(next((out / 'logs').glob('config_*.json')).read_text())
     assert config['via_t1w'] is True
     assert not list(anat.glob('*T1w*'))  # the T1w itself was not asked for

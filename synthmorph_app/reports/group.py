@@ -18,7 +18,8 @@ from ..utils.bids import write_text_atomic
 from .metrics import QC_KEYS
 
 METRICS = (*QC_KEYS, 'time_s')
-COLUMNS = ('participant_id', 'image', 'template', 'mode', 'lambda', *METRICS, 'outlier')
+COLUMNS = ('participant_id', 'image', 'template', 'mode', 'lambda', 'via', *METRICS,
+           'outlier')
 
 
 def collect_qc(out_dir: str | os.PathLike) -> list[dict]:
@@ -35,6 +36,9 @@ def collect_qc(out_dir: str | os.PathLike) -> list[dict]:
             'template': ':'.join([meta['Template'], *(f'{k}-{v}' for k, v in
                                                       meta.get('TemplateSpec', {}).items())]),
             'mode': meta.get('RegistrationMode'), 'lambda': meta.get('Lambda'),
+            # the T1w it went through (--via-t1w), if any
+            'via': Path(str(meta['Via']['Image']).split(':')[-1]).name
+            if (meta.get('Via') or {}).get('Image') else None,
             **{key: qc.get(key) for key in QC_KEYS}, 'time_s': meta.get('ElapsedTime'),
         })
     return rows
