@@ -142,6 +142,7 @@ examples:
   synthmorph-app register -m affine -t aff.lta moving.mgz fixed.mgz
   synthmorph-app register -m rigid -H -o moved_header.nii.gz moving.nii.gz fixed.nii.gz
   synthmorph-app register -o moved.nii.gz -t fwd.h5 -x mni_brain_mask.nii.gz t1w.nii.gz mni.nii.gz
+  synthmorph-app register --via t1w.nii.gz -o flair_mni.nii.gz -t fwd.h5 flair.nii.gz mni.nii.gz
 """,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
