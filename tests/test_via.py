@@ -319,3 +319,34 @@ def test_bids_app_goes_through_the_t1w_unless_told_not_to():
     parser = build_bids_parser()
     assert parser.parse_args(['bids', 'out', 'participant']).via_t1w is True
     assert parser.parse_args(['bids', 'out', 'participant', '--no-via-t1w']).via_t1w is False
+
+
+def test_a_cache_that_cannot_be_written_does_not_fail_the_registration(tmp_path, caplog):
+    from synthmorph_app.engine.cache import cached_registration
+    from synthmorph_app.engine.register import RegistrationResult
+
+    xfm = _field_transform()
+    geom = xfm.field_geometry
+    xfm = Transform(affine=xfm.affine, field=xfm.field, field_geometry=geom, reference=geom,
+                    moving=geom)
+    blocker = tmp_path / 'not-a-folder'
+    blocker.write_text('a file where the cache folder should be')
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return RegistrationResult(xfm, xfm, {}, {'mode': 'joint'})
+
+    result = cached_registration(blocker, 'k' * 64, compute, reference=geom, moving=geom)
+    assert calls == [1] and result.forward is xfm and 'cache' not in result.info
+    assert 'could not keep the registration' in caplog.text
+    # a writable folder: stored, then read back without computing
+    cache = tmp_path / 'cache'
+    first = cached_registration(cache, 'k' * 64, compute, reference=geom, moving=geom)
+    second = cached_registration(cache, 'k' * 64, compute, reference=geom, moving=geom)
+    assert calls == [1, 1] and first.info['cache'] == 'written'
+    assert second.info['cache'] == 'read' and second.info['mode'] == 'joint'
+    pts = _inner_points(geom, 100)
+    np.testing.assert_allclose(second.forward.map_points(pts), xfm.map_points(pts), atol=1e-3)
+    np.testing.assert_allclose(second.inverse.map_points(pts), xfm.map_points(pts), atol=1e-3)
+    assert not [p for p in cache.iterdir() if p.name.startswith('.')]  # no scratch left

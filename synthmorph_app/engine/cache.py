@@ -85,7 +85,8 @@ def cached_registration(cache_dir, key: str, compute: Callable, *, reference: Ge
 
     ``reference`` and ``moving`` are the fixed and moving images' grids (attached to the
     transforms read back). A result read back has ``info['cache'] = 'read'`` (and the info of
-    the run that computed it); one computed here ``'written'``.
+    the run that computed it); one computed and stored here ``'written'``. Storing is best
+    effort: where it fails (a read-only or full disk), the result is returned all the same.
     """
     from .register import RegistrationResult
 
@@ -105,9 +106,10 @@ def cached_registration(cache_dir, key: str, compute: Callable, *, reference: Ge
                                        moving=reference),
                 {}, info)
     result = compute()
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f'.{key[:12]}-', dir=cache_dir))
-    try:
+    scratch = None
+    try:  # storing is a courtesy to later jobs: a failure here must not fail this one
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f'.{key[:12]}-', dir=cache_dir))
         save_transform(result.forward, scratch / 'forward.h5')
         save_transform(result.inverse, scratch / 'inverse.h5')
         (scratch / 'info.json').write_text(json.dumps(result.info, default=str))
@@ -115,7 +117,11 @@ def cached_registration(cache_dir, key: str, compute: Callable, *, reference: Ge
             os.rename(scratch, entry)
         except OSError:  # another job stored it first: keep theirs
             pass
+        else:
+            result.info['cache'] = 'written'
+    except (OSError, ValueError) as err:
+        LOGGER.warning('could not keep the registration in <%s>: %s', cache_dir, err)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    result.info['cache'] = 'written'
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return result
