@@ -350,3 +350,32 @@ def test_a_cache_that_cannot_be_written_does_not_fail_the_registration(tmp_path,
     np.testing.assert_allclose(second.forward.map_points(pts), xfm.map_points(pts), atol=1e-3)
     np.testing.assert_allclose(second.inverse.map_points(pts), xfm.map_points(pts), atol=1e-3)
     assert not [p for p in cache.iterdir() if p.name.startswith('.')]  # no scratch left
+
+
+@pytest.mark.slow
+def test_an_unreadable_t1w_fails_its_images_by_name_and_no_via_t1w_goes_around_it(
+        shared_data, tmp_path):
+    import os
+    import shutil
+
+    anat = tmp_path / 'bids' / 'sub-01' / 'anat'
+    anat.mkdir(parents=True)
+    shutil.copy(shared_data / 'bids' / 'dataset_description.json', tmp_path / 'bids')
+    shutil.copy(shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_FLAIR.nii.gz', anat)
+    t1w = anat / 'sub-01_T1w.nii.gz'  # truncated: unreadable
+    t1w.write_bytes((shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
+                    .read_bytes()[:5000])
+    env = {**os.environ, 'SYNTHMORPH_REFINE': '0', 'TMPDIR': str(tmp_path)}
+    out = tmp_path / 'out'
+    args = [tmp_path / 'bids', out, 'participant', '--contrasts', 'FLAIR', '--no-figures',
+            '--skip-bids-validation', '--extent', '192', '--nprocs', '1',
+            '-w', tmp_path / 'work']
+    res = _cli(*args, env=env)
+    assert res.returncode != 0
+    assert 'sub-01_FLAIR.nii.gz' in res.stderr and str(t1w) in res.stderr
+    assert '--no-via-t1w' in res.stderr
+    assert not list(out.glob('sub-01/anat/*FLAIR*'))  # nothing that looks complete
+    res = _cli(*args, '--no-via-t1w', env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fwd = out / 'sub-01' / 'anat' / 'sub-01_from-FLAIR_to-MNI152NLin6Asym_mode-image_xfm.json'
+    assert 'Via' not in json.loads(fwd.read_text())
