@@ -196,7 +196,8 @@ def register_files(
                                    moving=Geometry.from_image(source))
 
     if via_image:
-        via = load_image(via_image, kind='via image (the T1w of the same session)')
+        via = load_image(via_image, kind='via image (the T1w of the same session; the '
+                                          "BIDS-App's --no-via-t1w registers without it)")
         result = register_via(moving, via, fixed,
                               second=registration(via, via_image, source_mask=False),
                               **options, **masks)
