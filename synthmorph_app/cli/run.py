@@ -159,6 +159,9 @@ def run_register(args) -> int:
     start = time.perf_counter()
     if args.header_only and args.mode not in ('affine', 'rigid'):
         raise SynthMorphError('-H/--header-only needs a linear mode: use -m affine or -m rigid')
+    if args.via and args.mid_space:
+        raise SynthMorphError('-M/--mid-space has no meaning with --via (two registrations '
+                              'composed): leave one of them out')
     if not any((args.out_moving, args.out_fixed, args.trans, args.inverse)):
         LOGGER.warning('no output requested (-o, -O, -t, -T): registering without writing')
     # Check every output name before the long work starts.
@@ -184,9 +187,6 @@ def run_register(args) -> int:
 
     from ..engine.register import header_moved_image, moved_image
 
-    if args.via and args.mid_space:
-        raise SynthMorphError('-M/--mid-space has no meaning with --via (two registrations '
-                              'composed): leave one of them out')
     result = run_registration(args, moving, fixed, masks=masks, init=init,
                               device=_device(args.gpu))
     _warn_untrained(result.info)

@@ -428,9 +428,8 @@ def register_via(
     a person lands where the T1w does, and the deformable step sees two images of one
     contrast (12 FLAIRs onto the whole-head MNI152NLin6Asym: mean Dice 0.581 directly, 0.652
     through their T1w, every subject higher; ``benchmarks/README.md``, "Session 23"). The
-    rigid stage uses the
-    refinement's iterations, weight, metric (``'auto'`` picks MIND across contrasts), device,
-    extent and rigid model of ``options``, and ``moving_mask`` if given.
+    rigid stage uses the refinement's iterations, weight, metric (``'auto'`` picks MIND across
+    contrasts), device, extent and rigid model of ``options``, and ``moving_mask`` if given.
 
     ``second``: the registration of ``via`` to ``fixed`` where it is already at hand (e.g. from
     :mod:`.cache`); otherwise it is computed here.

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SynthMorphError
-from ..utils.bids import write_text_atomic
+from ..utils.bids import uri_name, write_text_atomic
 from .metrics import QC_KEYS
 
 METRICS = (*QC_KEYS, 'time_s')
@@ -30,14 +30,14 @@ def collect_qc(out_dir: str | os.PathLike) -> list[dict]:
         if meta.get('ToSpace') != meta.get('Template'):
             continue
         qc = meta.get('QC', {})
-        src = Path(meta['Sources'][0].split(':')[-1]).name
+        src = uri_name(meta['Sources'][0])
         rows.append({
             'participant_id': src.split('_')[0], 'image': src,
             'template': ':'.join([meta['Template'], *(f'{k}-{v}' for k, v in
                                                       meta.get('TemplateSpec', {}).items())]),
             'mode': meta.get('RegistrationMode'), 'lambda': meta.get('Lambda'),
             # the T1w it went through (--via-t1w), if any
-            'via': Path(str(meta['Via']['Image']).split(':')[-1]).name
+            'via': uri_name(meta['Via']['Image'])
             if (meta.get('Via') or {}).get('Image') else None,
             **{key: qc.get(key) for key in QC_KEYS}, 'time_s': meta.get('ElapsedTime'),
         })

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..utils.bids import write_text_atomic
+from ..utils.bids import uri_name, write_text_atomic
 
 STYLE = """
 body { font-family: Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px; }
@@ -31,7 +31,7 @@ def collect_subject(out_dir: str | os.PathLike, subject: str) -> list[dict]:
         meta = json.loads(side.read_text())
         if meta.get('ToSpace') != meta.get('Template'):
             continue  # the inverse
-        src = Path(meta['Sources'][0].split(':')[-1]).name
+        src = uri_name(meta['Sources'][0])
         stem = src.split('.nii')[0]
         prefix, suffix = stem.rsplit('_', 1)
         figs = out_dir / f'sub-{subject}' / 'figures'
@@ -69,8 +69,7 @@ def write_subject_report(out_dir: str | os.PathLike, subject: str, *,
         rows = {
             'mode': meta.get('RegistrationMode'), 'lambda': meta.get('Lambda'),
             'device': meta.get('Device'), 'time (s)': meta.get('ElapsedTime'),
-            **({'through': Path(str((meta.get('Via') or {}).get('Image'))).name}
-               if meta.get('Via') else {}),
+            **({'through': uri_name(meta['Via'].get('Image'))} if meta.get('Via') else {}),
             **{k: v for k, v in it['qc'].items()},
             'models': ', '.join(f'{k}: {v.get("name")} ({str(v.get("sha256", ""))[:12]})'
                                 for k, v in meta.get('Models', {}).items()),

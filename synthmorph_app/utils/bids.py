@@ -124,6 +124,11 @@ def bids_uri(path: str | os.PathLike, bids_dir: str | os.PathLike, dataset: str 
     return f'bids:{dataset}:{rel.as_posix()}'
 
 
+def uri_name(uri: str) -> str:
+    """The file name a ``Sources`` entry points to (a BIDS URI, or a ``file://`` URI)."""
+    return Path(str(uri).split(':')[-1]).name
+
+
 def load_bids_filters(path: str | os.PathLike | None) -> dict:
     """Read a ``--bids-filter-file``: ``{"t1w": {"session": "A"}, ...}`` keyed by contrast."""
     if not path:
