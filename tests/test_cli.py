@@ -44,6 +44,8 @@ def test_help_texts(capsys):
         assert err.value.code == 0
     out = capsys.readouterr().out
     assert 'fixed -> moving' in out and '.lta' in out and 'mri_synthmorph' in out
+    # the top-level page teaches the BIDS-App and the demo, which are not subcommands
+    assert 'BIDS_DIR OUTPUT_DIR participant' in out and 'demo OUTPUT_DIR' in out
 
 
 def test_refine_options_parse_in_both_apps():

@@ -98,3 +98,41 @@ def test_geometry_equality_and_voxel_sizes():
     assert a == Geometry((4, 5, 6), np.diag([1.0, 2.0, 3.0, 1.0]) + 1e-9)
     assert a != Geometry((4, 5, 7), np.diag([1.0, 2.0, 3.0, 1.0]))
     assert np.allclose(a.voxel_sizes, [1, 2, 3])
+
+
+def _raw_nifti(path, hdr, data):
+    """Write a header as it is (nibabel would mend codes it thinks wrong on save)."""
+    path.write_bytes(hdr.binaryblock + bytes(4) + np.asarray(data, np.float32).tobytes())
+    return path
+
+
+@pytest.mark.parametrize('codes', [(0, 0), (0, 9), (9, 0)])
+def test_no_orientation_is_refused(tmp_path, codes):
+    """Both codes 0, or an invalid code that nibabel resets to 0: the orientation is unknown."""
+    data = RNG.random((8, 9, 10)).astype(np.float32)
+    hdr = nb.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])).header
+    hdr['qform_code'], hdr['sform_code'] = codes
+    path = _raw_nifti(tmp_path / 'nocodes.nii', hdr, data)
+    with pytest.raises(InputImageError, match='no orientation') as err:
+        load_image(path, kind='moving image')
+    assert str(path) in str(err.value) and 'moving image' in str(err.value)
+
+
+def test_qform_and_sform_must_agree(tmp_path):
+    data = RNG.random((8, 9, 10)).astype(np.float32)
+    img = nb.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.set_qform(np.diag([-2.0, 2.0, 2.0, 1.0]), code=1)  # left-right flipped against the sform
+    img.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+    path = tmp_path / 'disagree.nii.gz'
+    nb.save(img, str(path))
+    with pytest.raises(InputImageError, match=r'qform \(LAS\) and an sform \(RAS\)') as err:
+        load_image(path)
+    assert str(path) in str(err.value)
+    # one of the two set is enough, and a qform that agrees with the sform is fine
+    for qform, qcode, scode in ((np.diag([-2.0, 2.0, 2.0, 1.0]), 1, 0),
+                                (np.diag([2.0, 2.0, 2.0, 1.0]), 0, 1),
+                                (np.diag([2.0, 2.0, 2.0, 1.0]) + 0.01 * np.eye(4), 1, 1)):
+        img.set_qform(qform, code=qcode)
+        img.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=scode)
+        nb.save(img, str(path))
+        assert load_image(path).shape == (8, 9, 10)

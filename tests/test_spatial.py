@@ -162,6 +162,22 @@ def test_matrix_sqrt():
     assert np.allclose(h @ h, a, atol=1e-8)
 
 
+def test_mid_space_split():
+    """Halfway (the square root) as a rule; a half turn with unequal scales has no real square
+    root, and the split falls back to the fixed space, still exact."""
+    a = _rotation(40, 1) @ np.diag([1.1, 0.9, 1.0, 1.0])
+    a[:3, 3] = [10, -5, 3]
+    to_moving, to_fixed = spatial.mid_space_split(a)
+    assert np.allclose(to_moving @ to_moving, a) and np.allclose(to_moving @ to_fixed, np.eye(4))
+    for turn in (np.diag([-1.0, -1.0, 1.0, 1.0]), _rotation(178, 2) @ _rotation(30, 0)):
+        b = turn @ np.diag([0.9, 1.1, 1.0, 1.0])
+        b[:3, 3] = [3, 20, -7]
+        assert not np.allclose(spatial.matrix_sqrt(b) @ spatial.matrix_sqrt(b), b, atol=1e-3)
+        to_moving, to_fixed = spatial.mid_space_split(b)
+        assert np.allclose(to_moving @ np.linalg.inv(to_fixed), b)
+        assert np.allclose(to_fixed, np.eye(4))
+
+
 def test_input_checks():
     with pytest.raises(ValueError, match='B, C, X, Y, Z'):
         spatial.sample_grid(torch.zeros((4, 4, 4)), torch.zeros((3, 4, 4, 4)))

@@ -255,10 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='synthmorph-app',
         description=(
-            'SynthMorph registration in PyTorch: any-contrast affine, rigid, deformable and '
+            'SynthMorph registration in PyTorch: any-contrast affine, rigid, deformable and\n'
             'joint registration of brain MRI, from the command line.'
         ),
-        epilog='Run "synthmorph-app COMMAND --help" for the options of each command.',
+        usage=(
+            'synthmorph-app BIDS_DIR OUTPUT_DIR {participant,group} [options]\n'
+            '       synthmorph-app demo OUTPUT_DIR\n'
+            '       synthmorph-app [-h] [--version] COMMAND ...'
+        ),
+        epilog=(
+            'The BIDS-App:\n'
+            '  synthmorph-app BIDS_DIR OUTPUT_DIR participant   register every subject\'s\n'
+            '      anatomical images to MNI152NLin6Asym and write BIDS derivatives\n'
+            '      (its options: synthmorph-app BIDS_DIR OUTPUT_DIR participant --help)\n'
+            '  synthmorph-app BIDS_DIR OUTPUT_DIR group         collect QC into group/\n'
+            '  synthmorph-app demo OUTPUT_DIR                   the BIDS-App on the small\n'
+            '      dataset that ships with the package\n\n'
+            'Run "synthmorph-app COMMAND --help" for the options of each command.'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument('--version', action='version', version=f'synthmorph-app {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)

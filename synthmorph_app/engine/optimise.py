@@ -589,6 +589,13 @@ def optimise_affine(
     return matrix
 
 
+#: Tilt (degrees) tried about each axis together with the best ``WRONG_HEADER_TURNS`` turns of
+#: the axes (a wrong header) in the affine search: a head pitched by 35 degrees in a header
+#: with two axes flipped is found only with it.
+WRONG_HEADER_TILT = 30.0
+WRONG_HEADER_TURNS = 3
+
+
 def _cube_rotations() -> list[np.ndarray]:
     """The 24 proper rotations that permute and flip the world axes."""
     out = []
@@ -656,7 +663,9 @@ def robust_affine_init(
        (:func:`.masks.head_mask`), so neck and field of view do not count.
     2. Centres of mass of the weights; every candidate rotation turns about them.
     3. Candidates: rotations on a grid of Euler angles within ``max_angle`` degrees (steps of
-       ``angle_step``), the 24 permutations and flips of the world axes (a wrong header), the
+       ``angle_step``), the 23 other permutations and flips of the world axes (a wrong header;
+       the best ``WRONG_HEADER_TURNS`` of them also tilted by ``WRONG_HEADER_TILT`` degrees about
+       each axis), the
        4 rotations that align the principal axes, and ``candidates`` (4x4 world matrices, e.g.
        a network's prediction), all scored at ``voxel`` mm by the weighted similarity.
     4. The ``top_k`` best (plus every given candidate) get a short optimisation
@@ -692,7 +701,9 @@ def robust_affine_init(
 
     angles = np.deg2rad(np.arange(-max_angle, max_angle + 1e-6, angle_step))
     rotations = [_euler(a, b, c) for a in angles for b in angles for c in angles]
-    rotations += [r for r in _cube_rotations() if not np.allclose(r, np.eye(3))]
+    turns = [r for r in _cube_rotations() if not np.allclose(r, np.eye(3))]
+    first_turn = len(rotations)
+    rotations += turns
     ax_f = _principal_axes(fixed_grid, fw)
     ax_m = _principal_axes(moving_grid, mw)
     for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):
@@ -707,9 +718,22 @@ def robust_affine_init(
     metric = level.resolve_metric(metric, [about_centres(np.eye(3))] + extra)
     level.set_metric(metric)
 
-    with torch.no_grad():
-        mats = torch.as_tensor(np.stack(pool + extra), dtype=torch.float32, device=device)
-        scores = torch.cat([level.loss(chunk) for chunk in mats.split(16)]).cpu().numpy()
+    def dissimilarity(matrices) -> np.ndarray:
+        with torch.no_grad():
+            mats = torch.as_tensor(np.stack(matrices), dtype=torch.float32, device=device)
+            return torch.cat([level.loss(chunk) for chunk in mats.split(16)]).cpu().numpy()
+
+    scores = dissimilarity(pool)
+    # a wrong header on a head that is also tilted: the best few turns of the axes, each
+    # tilted by up to WRONG_HEADER_TILT degrees about each axis (a pure turn can sit 35 degrees
+    # from the answer, too far for the short optimisation below)
+    best_turns = np.argsort(scores[first_turn:first_turn + len(turns)])[:WRONG_HEADER_TURNS]
+    tilt = np.deg2rad((-WRONG_HEADER_TILT, 0.0, WRONG_HEADER_TILT))
+    tilts = [_euler(a, b, c) for a in tilt for b in tilt for c in tilt]
+    tilted = [about_centres(turns[i] @ t) for i in best_turns for t in tilts
+              if not np.allclose(t, np.eye(3))]
+    pool += tilted
+    scores = np.concatenate([scores, dissimilarity(tilted + extra)])
     order = list(np.argsort(scores[: len(pool)])[:top_k])
     starts = [pool[i] for i in order] + extra
     start_scores = [scores[i] for i in order] + list(scores[len(pool):])

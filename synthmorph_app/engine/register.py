@@ -316,15 +316,16 @@ def register(
         info['models']['deform'] = _model_info(card)
         vox, shape = _network_space(card, extent)
         with timer('preprocess'):
-            half = spatial.matrix_sqrt(affine)
-            half_inv = np.linalg.inv(half)
-            centre = half[:3, :3] @ spatial.fov_center(fixed_geom) + half[:3, 3]
+            # mid-space point z: fixed point to_fixed @ z, moving point to_moving @ z
+            to_moving, to_fixed = spatial.mid_space_split(affine)
+            from_fixed, from_moving = np.linalg.inv(to_fixed), np.linalg.inv(to_moving)
+            centre = from_fixed[:3, :3] @ spatial.fov_center(fixed_geom) + from_fixed[:3, 3]
             mid = spatial.network_grid(fixed_geom, vox, shape, center=centre)
             f_mid = normalize_intensity(
-                spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=half_inv)
+                spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=to_fixed)
             )
             m_mid = normalize_intensity(
-                spatial.resample_linear(moving_t, moving_geom, mid, matrix=half)
+                spatial.resample_linear(moving_t, moving_geom, mid, matrix=to_moving)
             )
         velocity = init_velocity = None
         if not _skip_untrained(card, 'deform', refine, info):
@@ -353,17 +354,17 @@ def register(
                         center=centre,
                     )
                     f_mid = normalize_intensity(
-                        spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=half_inv)
+                        spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=to_fixed)
                     )
                     m_mid = normalize_intensity(
-                        spatial.resample_linear(moving_t, moving_geom, mid, matrix=half)
+                        spatial.resample_linear(moving_t, moving_geom, mid, matrix=to_moving)
                     )
                 if velocity is not None:
                     to_mid = np.linalg.inv(mid.affine) @ net_grid.affine @ velocity_to_mid
                     init_velocity = spatial.upsample_field(velocity, to_mid, mid.shape)
                 used = {}
-                mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=half_inv)
-                mid_w = mid_w * _moving_fov(moving_t, moving_geom, mid, half)
+                mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=to_fixed)
+                mid_w = mid_w * _moving_fov(moving_t, moving_geom, mid, to_moving)
                 with torch.inference_mode(False):
                     # the velocity on its box (about 60 % of the 256 mm cube for a head):
                     # integrated there below, same result as on the whole grid
@@ -381,7 +382,7 @@ def register(
 
         with timer('resample'):
             disp = _integrate(velocity, steps, velocity_to_mid, mid.shape)
-            field, field_grid = _mid_field(disp, mid, half, half_inv, fixed_geom)
+            field, field_grid = _mid_field(disp, mid, from_fixed, to_fixed, fixed_geom)
 
     forward = Transform(
         affine=affine, field=field, field_geometry=field_grid,
@@ -391,7 +392,7 @@ def register(
     def make_inverse() -> Transform:
         with torch.inference_mode():
             disp_inv = _integrate(-velocity, steps, velocity_to_mid, mid.shape)
-            field, field_grid = _mid_field(disp_inv, mid, half_inv, half, moving_geom)
+            field, field_grid = _mid_field(disp_inv, mid, from_moving, to_moving, moving_geom)
         return Transform(
             affine=np.linalg.inv(affine), field=field, field_geometry=field_grid,
             reference=moving_geom, moving=fixed_geom,
@@ -477,15 +478,15 @@ def _moving_fov(moving_t, moving_geom, grid, matrix, erode_mm: float = FOV_ERODE
 
 
 def _linear_mid_space(affine: np.ndarray, fixed_geom: Geometry) -> tuple[Transform, Transform]:
-    """Linear mid-space transforms ``(H, H^-1)`` on the fixed grid moved by ``H``.
+    """Linear mid-space transforms ``(M, F)`` (:func:`.spatial.mid_space_split`: as a rule
+    ``(H, H^-1)``, ``H`` the square root of ``A``) on the fixed grid moved by ``F^-1``.
 
-    With ``z = H x`` for fixed points ``x``: the moving point ``A x = H z``, the fixed point
-    ``H^-1 z``, so both images meet halfway.
+    With ``z = F^-1 x`` for fixed points ``x``: the moving point ``A x = M z``, the fixed point
+    ``F z``, so both images meet halfway.
     """
-    half = spatial.matrix_sqrt(affine)
-    mid = Geometry(fixed_geom.shape, half @ fixed_geom.affine)
-    return (Transform(affine=half, reference=mid),
-            Transform(affine=np.linalg.inv(half), reference=mid))
+    to_moving, to_fixed = spatial.mid_space_split(affine)
+    mid = Geometry(fixed_geom.shape, np.linalg.inv(to_fixed) @ fixed_geom.affine)
+    return Transform(affine=to_moving, reference=mid), Transform(affine=to_fixed, reference=mid)
 
 
 def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w, *,
@@ -553,11 +554,13 @@ def _integrate(velocity, steps, velocity_to_mid, shape) -> torch.Tensor:
 def _mid_field(disp, mid, to_mid, lin, image) -> tuple[np.ndarray, Geometry]:
     """A mid-space voxel displacement as a RAS field ``(X, Y, Z, 3)`` and its grid.
 
-    The forward transform is ``A (x + H^-1 u(H x))`` (``to_mid`` = ``H``, ``lin`` = ``H^-1``;
-    the inverse swaps them). When the image's own grid is at most 4 times the network grid's
-    size, the field is sampled there (what ANTs writes, and readers agree on it everywhere on
-    that grid, e.g. a template's); otherwise it stays on the mid-space grid mapped by ``lin``, with its vectors mapped
-    by the same matrix: network resolution, no resampling onto a large (1 mm) image grid.
+    The forward transform is ``A (x + F u(F^-1 x))`` (``to_mid`` = ``F^-1``, ``lin`` = ``F``,
+    the fixed side of :func:`.spatial.mid_space_split`, as a rule ``H^-1``); the inverse takes
+    the moving side ``M`` in its place. When the image's own grid is at most 4 times the
+    network grid's size, the field is sampled there (what ANTs writes, and readers agree on it
+    everywhere on that grid, e.g. a template's); otherwise it stays on the mid-space grid
+    mapped by ``lin``, with its vectors mapped by the same matrix: network resolution, no
+    resampling onto a large (1 mm) image grid.
     """
     world = spatial.field_voxel_to_world(disp, mid.affine)
     lin_t = spatial.as_tensor(lin[:3, :3], disp.device)

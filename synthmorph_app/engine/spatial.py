@@ -287,9 +287,34 @@ def _resample_labels(
 
 
 def matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Principal square root of a 4x4 affine (``H @ H == matrix``), via its real Schur form."""
+    """Principal square root of a 4x4 affine (``H @ H == matrix``), via its real Schur form.
+
+    Exact where the linear part turns by less than 180 degrees; a half turn has no real
+    square root (see :func:`mid_space_split`).
+    """
     from scipy.linalg import sqrtm
 
     root = np.real(sqrtm(np.asarray(matrix, dtype=float)))
     root[3] = (0, 0, 0, 1)
     return root
+
+
+def mid_space_split(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where two images meet: ``(to_moving, to_fixed)`` with ``to_moving @ inv(to_fixed)``
+    equal to ``matrix`` (fixed RAS -> moving RAS).
+
+    Halfway as a rule: ``(H, H^-1)`` with ``H`` the principal square root, so neither image is
+    resampled more than the other. A matrix that turns by about 180 degrees (a header with two
+    axes flipped, which the affine search puts right) has no real square root: the meeting
+    space is then the fixed image's, ``(matrix, I)``.
+    """
+    matrix = np.asarray(matrix, dtype=float)
+    half = matrix_sqrt(matrix)
+    scale = max(1.0, float(np.abs(matrix[:3, :3]).max()))
+    if (
+        np.all(np.isfinite(half))
+        and abs(np.linalg.det(half[:3, :3])) > 1e-3 * scale**3
+        and np.allclose(half @ half, matrix, atol=1e-4 * scale, rtol=0)
+    ):
+        return half, np.linalg.inv(half)
+    return matrix.copy(), np.eye(4)

@@ -61,7 +61,8 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
     Singleton trailing dimensions are squeezed (a ``(X, Y, Z, 1)`` file is 3D).
     Raises :class:`InputImageError` naming the file for: a missing file, an unknown extension,
     a truncated or corrupt file, fewer or more than three dimensions, a singular header affine,
-    NaN or infinite intensities and an image that holds one value only. The data are loaded
+    a NIfTI header without orientation (both codes 0) or with a qform and an sform that disagree
+    on the axes, NaN or infinite intensities and an image that holds one value only. The data are loaded
     into memory; the path stays in ``img.extra['source']``.
     """
     path = Path(path)
@@ -99,6 +100,7 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
             f'The {what} has a singular or non-finite voxel-to-world matrix; fix its header '
             '(qform/sform) before registering.'
         )
+    _check_orientation(img, what)
     if np.issubdtype(data.dtype, np.complexfloating) or data.dtype == bool:
         data = np.abs(data).astype(np.float32)
     data = np.asarray(data, dtype=np.float32)
@@ -114,6 +116,42 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
         )
     # the data are in memory: the file's name stays in ``extra`` for messages
     return nb.Nifti1Image(data, affine, header=_clean_header(img), extra={'source': str(path)})
+
+
+def _check_orientation(img, what: str) -> None:
+    """A NIfTI header must say where the head is: at least one of the qform and the sform
+    (code > 0), and the two in agreement on the axes when both are set.
+
+    With both codes 0 (nibabel resets an invalid code to 0) the world orientation is unknown:
+    nibabel falls back to a bare voxel-size matrix and every tool guesses differently, so a
+    registration in world space would mean nothing. A qform and an sform that name different
+    axes (a flip or a swap between them) are read differently by different tools (ITK-based
+    ones may take the qform, nibabel and FreeSurfer the sform), so our transforms would mean
+    different things to them.
+    """
+    if not isinstance(img, nb.Nifti1Image):  # MGH and the rest always carry their orientation
+        return
+    hdr = img.header
+    qcode, scode = int(hdr['qform_code']), int(hdr['sform_code'])
+    if qcode == 0 and scode == 0:
+        raise InputImageError(
+            f'The {what} has no orientation in its header: qform_code and sform_code are both '
+            '0 (or invalid), so left, front and top are unknown and a registration in world '
+            'space would mean nothing. Set the qform or the sform to the orientation the '
+            'scanner wrote (e.g. with fslorient, or nibabel set_qform(affine, code=1)) and '
+            'run again.'
+        )
+    if qcode > 0 and scode > 0:
+        q_axes = ''.join(nb.aff2axcodes(hdr.get_qform()))
+        s_axes = ''.join(nb.aff2axcodes(hdr.get_sform()))
+        if q_axes != s_axes:
+            raise InputImageError(
+                f'The {what} has a qform ({q_axes}) and an sform ({s_axes}) that disagree on '
+                'its orientation; tools differ in which one they read (ITK and ANTs may take '
+                'the qform, nibabel and FreeSurfer the sform), so the result would not mean '
+                'the same to all of them. Make them agree (e.g. fslorient -copysform2qform, '
+                'once you know the sform is right) and run again.'
+            )
 
 
 def load_masks(fixed=None, moving=None) -> dict:
