@@ -9,10 +9,19 @@ conformed LIA) along the anterior axis, and its header is moved by a known rigid
 true forward transform (fixed RAS -> moving RAS) is ``T``, and the error of a result ``A`` is
 the mean over the slab's brain voxels (``aseg`` > 0, every 50th) of ``|A x - T x|`` in mm.
 
+``--contrast`` asks the same of slabs of another contrast, with no ground truth from outside:
+axial slabs (along the voxel axis nearest to superior) of sub-chris's PDw (0.86 x 0.86 x 2.4 mm)
+and of sub-01..04's FLAIR (2 mm), moved by ``T`` in their headers, onto the same person's T1w.
+The reference is where the whole image lands (``register -m rigid`` of the whole PDw or FLAIR,
+its header moved by ``T`` too): the error is the mean of ``|A x - R x|`` over the T1w's head
+voxels that fall in the slab, the slab's registration judged by its consistency with the whole
+image's.
+
 Run from the repository root::
 
     python benchmarks/slab_bench.py
     python benchmarks/slab_bench.py --slabs 40:108 --modes rigid --options "--init identity"
+    python benchmarks/slab_bench.py --contrast --json benchmarks/results/slab_contrast.json
 
 Writes every figure to ``--json`` and prints a Markdown table. A script, not a timed test.
 """
@@ -65,9 +74,15 @@ def main(argv=None) -> int:
     parser.add_argument('--options', default='',
                         help='further register options, one string (e.g. "--init identity")')
     parser.add_argument('--threads', type=int, default=1, help='threads (1)')
+    parser.add_argument('--contrast', action='store_true',
+                        help='slabs of a PDw or FLAIR onto the same person\'s T1w (--widths)')
+    parser.add_argument('--widths', nargs='+', type=float, default=[30.0, 40.0, 60.0],
+                        metavar='MM', help='slab widths for --contrast (30 40 60 mm)')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'slab_bench.json'), help='output JSON')
     args = parser.parse_args(argv)
+    if args.contrast:
+        return contrast_main(args, argv)
     import nibabel as nb
 
     from synthmorph_app.io.transforms import load_transform
@@ -116,6 +131,85 @@ def main(argv=None) -> int:
     print(C.markdown(rows, [('slab_mm', 'slab (mm)', 0), ('start', 'first index', 0),
                             ('mode', 'mode', 0), ('error_before', 'error before (mm)', 1),
                             ('error', 'mean error (mm)', 2), ('error_max', 'max (mm)', 2)]))
+    return 0
+
+
+def _register(moving, fixed, out, args) -> tuple[object, float, str]:
+    """``register -m rigid`` as a command: (transform or None, seconds, stderr tail)."""
+    from synthmorph_app.io.transforms import load_transform
+
+    cmd = ['synthmorph-app', 'register', '-m', 'rigid', '-j', str(args.threads),
+           *args.options.split(), str(moving), str(fixed), '-t', str(out)]
+    t0 = time.perf_counter()
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if run.returncode:
+        return None, elapsed, run.stderr[-500:]
+    return load_transform(out), elapsed, ''
+
+
+def contrast_main(args, argv) -> int:
+    """Slabs of a PDw or FLAIR onto the same person's T1w, judged against the whole image."""
+    import nibabel as nb
+
+    bids = C.DATA / 'bids'
+    pairs = [('chris', 'PDw')] + [(f'{i:02d}', 'FLAIR') for i in range(1, 5)]
+    true = true_transform()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for sub, contrast in pairs:
+            anat = bids / f'sub-{sub}' / 'anat'
+            image = nb.load(str(anat / f'sub-{sub}_{contrast}.nii.gz'))
+            t1w = nb.load(str(anat / f'sub-{sub}_T1w.nii.gz'))
+            data = np.asarray(image.dataobj, dtype=np.float32)
+            whole = Path(tmp) / f'{sub}_whole.nii.gz'
+            nb.save(nb.Nifti1Image(data, true @ image.affine), whole)
+            reference, _, failed = _register(whole, anat / f'sub-{sub}_T1w.nii.gz',
+                                             Path(tmp) / 'whole.txt', args)
+            if reference is None:
+                print(f'sub-{sub} {contrast}: the whole image failed: {failed}')
+                continue
+            # the T1w's head voxels (every 4th along each axis)
+            t1 = np.asarray(t1w.dataobj, dtype=np.float32)
+            ijk = np.argwhere(t1[::4, ::4, ::4] > np.percentile(t1, 60)) * 4
+            ras = ijk @ t1w.affine[:3, :3].T + t1w.affine[:3, 3]
+            expected = reference.map_points(ras)
+            axis = int(np.argmax(np.abs(image.affine[2, :3]) / image.header.get_zooms()[:3]))
+            spacing = float(image.header.get_zooms()[axis])
+            for width in args.widths:
+                count = max(2, round(width / spacing))
+                start = (data.shape[axis] - count) // 2
+                cut = [slice(None)] * 3
+                cut[axis] = slice(start, start + count)
+                offset = np.eye(4)
+                offset[axis, 3] = start
+                moving = Path(tmp) / f'{sub}_slab_{width:g}.nii.gz'
+                nb.save(nb.Nifti1Image(data[tuple(cut)], true @ image.affine @ offset), moving)
+                # the T1w points that fall in the slab, by the whole image's registration
+                vox = (expected - (true @ image.affine @ offset)[:3, 3]) @ np.linalg.inv(
+                    (true @ image.affine @ offset)[:3, :3]).T
+                inside = np.all((vox >= 0) & (vox <= np.array(data[tuple(cut)].shape) - 1), 1)
+                found, elapsed, failed = _register(moving, anat / f'sub-{sub}_T1w.nii.gz',
+                                                   Path(tmp) / 'slab.txt', args)
+                row = {'subject': sub, 'contrast': contrast, 'slab_mm': count * spacing,
+                       'slices': count, 'points': int(inside.sum()), 'options': args.options,
+                       'time': elapsed}
+                if found is None:
+                    row['failed'] = failed
+                else:
+                    err = found.map_points(ras[inside]) - expected[inside]
+                    err = np.linalg.norm(err, axis=1)
+                    row.update(error=float(err.mean()), error_max=float(err.max()))
+                rows.append(row)
+                print(f"sub-{sub} {contrast} slab {row['slab_mm']:.0f} mm ({count} slices): "
+                      f"error {C.fmt(row.get('error'), 2)} mm, {elapsed:.1f} s", flush=True)
+                C.write_json(args.json, {'script': 'slab_bench --contrast',
+                                         'argv': sys.argv[1:] if argv is None else argv,
+                                         'environment': C.environment(), 'rows': rows})
+    print()
+    print(C.markdown(rows, [('subject', 'subject', 0), ('contrast', 'contrast', 0),
+                            ('slab_mm', 'slab (mm)', 0), ('error', 'mean error (mm)', 2),
+                            ('error_max', 'max (mm)', 2), ('time', 'time (s)', 1)]))
     return 0
 
 

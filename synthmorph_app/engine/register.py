@@ -60,6 +60,12 @@ AFFINE_ITERATIONS = (60, 40, 12)
 #: per 2 mm pair (benchmarks/README.md, "Session 3 changes", has what it changes).
 JOINT_AFFINE_LEVELS = AFFINE_LEVELS[:2]
 JOINT_AFFINE_ITERATIONS = AFFINE_ITERATIONS[:2]
+#: An image whose field of view is thinner than this (mm) along one of its voxel axes is a
+#: slab: at 8 mm it is a few voxels thick, too few to judge a pose across contrasts, so the
+#: pose search runs at ``SLAB_SEARCH_MM`` and the affine levels start there (a 38 mm PDw slab
+#: of sub-chris onto its T1w: 52 mm off -> 0.2 mm from where the whole PDw lands).
+SLAB_MM = 90.0
+SLAB_SEARCH_MM = 4.0
 #: The refined velocity field is held at twice each level's image spacing (SynthMorph's
 #: half-resolution SVF), except at the finest level, where its spacing is twice the finer
 #: input's voxel size, between one and two times the level's spacing. A 1 mm pair thus gets a
@@ -499,19 +505,34 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
         # inference tensors cannot enter autograd: work on ordinary copies
         moving_t, fixed_t = moving_t.clone(), fixed_t.clone()
         weights = {'fixed_weight': fixed_w.clone(), 'moving_weight': moving_w.clone()}
+        levels = JOINT_AFFINE_LEVELS if joint else AFFINE_LEVELS
+        iterations = JOINT_AFFINE_ITERATIONS if joint else AFFINE_ITERATIONS
+        search = {}
+        if _is_slab(moving_geom) or _is_slab(fixed_geom):
+            search = {'voxel': SLAB_SEARCH_MM}
+            keep = [i for i, level in enumerate(levels) if level <= SLAB_SEARCH_MM]
+            # the finer levels, the first with the coarsest level's iterations
+            levels = tuple(levels[i] for i in keep)
+            iterations = (iterations[0],) + tuple(iterations[i] for i in keep[1:])
+            LOGGER.info('a slab (field of view under %g mm): pose search and affine from %g mm',
+                        SLAB_MM, SLAB_SEARCH_MM)
         if init_method == 'identity':
             begin = start
         else:
             candidates = [start] + ([network] if network is not None else [])
             begin = robust_affine_init(
                 moving_t, moving_geom, fixed_t, fixed_geom, rigid=rigid, candidates=candidates,
-                metric=metric, verbose=verbose, **weights,
+                metric=metric, verbose=verbose, **search, **weights,
             )
         return optimise_affine(
             moving_t, moving_geom, fixed_t, fixed_geom, init=begin, rigid=rigid, metric=metric,
-            verbose=verbose, levels=JOINT_AFFINE_LEVELS if joint else AFFINE_LEVELS,
-            iterations=JOINT_AFFINE_ITERATIONS if joint else AFFINE_ITERATIONS, **weights,
+            verbose=verbose, levels=levels, iterations=iterations, **weights,
         )
+
+
+def _is_slab(grid: Geometry) -> bool:
+    """Whether the field of view is thinner than ``SLAB_MM`` along one voxel axis."""
+    return bool(np.min(np.asarray(grid.shape) * grid.voxel_sizes) < SLAB_MM)
 
 
 def _level_iterations(levels, finest: int) -> tuple:
