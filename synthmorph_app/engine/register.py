@@ -42,7 +42,7 @@ from ..errors import SynthMorphError
 from ..io.images import Geometry
 from ..io.transforms import Transform
 from . import spatial
-from .intensity import normalize_intensity
+from .intensity import clean_intensities, normalize_intensity
 
 LOGGER = logging.getLogger('synthmorph_app.engine.register')
 
@@ -255,10 +255,8 @@ def register(
 
     with torch.inference_mode():
         with timer('preprocess'):
-            fixed_t = spatial.volume_tensor(np.asanyarray(fixed.dataobj, dtype=np.float32), device)
-            moving_t = spatial.volume_tensor(
-                np.asanyarray(moving.dataobj, dtype=np.float32), device
-            )
+            fixed_t = spatial.volume_tensor(clean_intensities(fixed.dataobj), device)
+            moving_t = spatial.volume_tensor(clean_intensities(moving.dataobj), device)
 
         affine = np.eye(4) if init is None else init.affine.copy()
         start = affine.copy()
