@@ -136,3 +136,13 @@ def test_qform_and_sform_must_agree(tmp_path):
         img.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=scode)
         nb.save(img, str(path))
         assert load_image(path).shape == (8, 9, 10)
+
+
+def test_colour_image_is_refused(tmp_path):
+    rgb = np.zeros((8, 8, 8), dtype=[('R', 'u1'), ('G', 'u1'), ('B', 'u1')])
+    rgb['G'] = 7
+    path = tmp_path / 'rgb.nii.gz'
+    nb.save(nb.Nifti1Image(rgb, np.eye(4)), str(path))
+    with pytest.raises(InputImageError, match='colour') as err:
+        load_image(path)
+    assert str(path) in str(err.value)

@@ -60,10 +60,11 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
 
     Singleton trailing dimensions are squeezed (a ``(X, Y, Z, 1)`` file is 3D).
     Raises :class:`InputImageError` naming the file for: a missing file, an unknown extension,
-    a truncated or corrupt file, fewer or more than three dimensions, a singular header affine,
-    a NIfTI header without orientation (both codes 0) or with a qform and an sform that disagree
-    on the axes, NaN or infinite intensities and an image that holds one value only. The data are loaded
-    into memory; the path stays in ``img.extra['source']``.
+    a truncated or corrupt file, colour (RGB) voxels, fewer or more than three dimensions, a
+    singular header affine, a NIfTI header without orientation (both codes 0) or with a qform
+    and an sform that disagree on the axes, NaN or infinite intensities and an image that holds
+    one value only. The data are loaded into memory; the path stays in
+    ``img.extra['source']``.
     """
     path = Path(path)
     what = f'{kind} <{path}>'
@@ -83,6 +84,11 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
         nb.filebasedimages.ImageFileError, nb.spatialimages.HeaderDataError,
     ) as err:
         raise InputImageError(f'The {what} cannot be read (truncated or corrupt?): {err}') from err
+    if data.dtype.fields is not None:  # RGB(A) voxels: a screenshot or a colour map
+        raise InputImageError(
+            f'The {what} holds colour (RGB) voxels of type {data.dtype}; a grey-scale MRI '
+            'volume is needed.'
+        )
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
