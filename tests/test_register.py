@@ -506,3 +506,23 @@ def test_rigid_slab_of_another_contrast_lands_where_the_whole_image_does(shared_
     assert inside.sum() > 100
     error = np.linalg.norm(res.forward.map_points(ras[inside]) - expected[inside], axis=1)
     assert error.mean() < 1.0, error.mean()
+
+
+@pytest.mark.slow
+def test_image_stored_far_from_the_origin(shared_data):
+    """A head stored 300 mm above the world origin (a table position in scanner coordinates):
+    the header's own alignment shares nothing with the template, and its empty mean used to
+    score 0, a perfect match; the search now leaves such poses out and finds the head."""
+    from synthmorph_app.io.images import load_image
+
+    moving, _, _, _ = _t1w_pair(shared_data, '01', '02')
+    template = load_image(shared_data / 'templateflow' / 'tpl-MNI152NLin6Asym'
+                          / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz')
+    data = moving.get_fdata(dtype=np.float32)
+    points = np.random.default_rng(1).uniform(-60, 60, (500, 3))
+    found = []
+    for up in (0.0, 300.0):
+        image = nb.Nifti1Image(data, _shift([0.0, 0.0, up]) @ moving.affine)
+        res = register(image, template, mode='affine', refine=5)
+        found.append(res.forward.map_points(points) - [0.0, 0.0, up])
+    assert np.linalg.norm(found[0] - found[1], axis=1).mean() < 0.5

@@ -386,6 +386,10 @@ class _AffineLevel:
         mw = moving_weight if moving_weight is not None else torch.ones_like(moving)
         self.mweight = spatial.resample_linear(mw, moving_grid, self.mgrid) * self.inside
         self.moving = _normalise(self.moving, self.mweight)
+        # the most two images can share (both grids have the level's voxel size)
+        fixed_total = (float(self.fweight.sum()) if self.fweight is not None
+                       else float(np.prod(self.fgrid.shape)))
+        self.total = max(min(fixed_total, float(self.mweight.sum())), 1e-6)
         self.fix_aff = spatial.as_tensor(self.fgrid.affine, device)
         self.mov_inv = spatial.as_tensor(np.linalg.inv(self.mgrid.affine), device)
         self.ident = spatial.identity_coords(self.fgrid.shape, device).reshape(3, -1)
@@ -432,8 +436,13 @@ class _AffineLevel:
         coords = coords.reshape(-1, 3, *self.fgrid.shape)
         return spatial.sample_grid(volume.expand(len(matrices), *volume.shape[1:]), coords)
 
-    def loss(self, matrices: torch.Tensor) -> torch.Tensor:
-        """Dissimilarity (N,) of each world matrix (fixed RAS -> moving RAS)."""
+    def loss(self, matrices: torch.Tensor, overlap: bool = False):
+        """Dissimilarity (N,) of each world matrix (fixed RAS -> moving RAS).
+
+        With ``overlap``, also the share (N,) of the smaller weight that the two weights hold
+        in common after each matrix: the dissimilarity of a matrix that leaves the images apart
+        is a mean over nothing and says nothing.
+        """
         moved = self.sample(matrices, torch.cat([self.moving, self.mweight], dim=1))
         # MIND of the moved image, not moved MIND: descriptors are not rotation invariant.
         feat, w = self.dissim.features(moved[:, :1]), moved[:, 1:].detach()
@@ -441,7 +450,9 @@ class _AffineLevel:
             w = w * self.fweight
         values = self.dissim.map(feat, self.ffeat.expand(len(matrices), *self.ffeat.shape[1:]))
         dims = (1, 2, 3, 4)
-        return (values * w).sum(dims) / w.sum(dims).clamp(min=1e-6)
+        shared = w.sum(dims)
+        score = (values * w).sum(dims) / shared.clamp(min=1e-6)
+        return (score, shared / self.total) if overlap else score
 
 
 def _fixed_box(fixed_grid, fixed_weight):
@@ -589,6 +600,11 @@ def optimise_affine(
     return matrix
 
 
+#: Least share of the smaller image's weight that the two images must hold in common for a
+#: pose to be judged in the affine search (a start far off, e.g. an image stored 300 mm from
+#: the origin left where its header puts it, shares nothing, and its empty mean scored 0).
+MIN_OVERLAP = 0.25
+
 #: Tilt (degrees) tried about each axis together with the best ``WRONG_HEADER_TURNS`` turns of
 #: the axes (a wrong header) in the affine search: a head pitched by 35 degrees in a header
 #: with two axes flipped is found only with it.
@@ -719,9 +735,13 @@ def robust_affine_init(
     level.set_metric(metric)
 
     def dissimilarity(matrices) -> np.ndarray:
+        """Scores of the matrices; infinite where the images barely meet (or NaN)."""
         with torch.no_grad():
             mats = torch.as_tensor(np.stack(matrices), dtype=torch.float32, device=device)
-            return torch.cat([level.loss(chunk) for chunk in mats.split(16)]).cpu().numpy()
+            out = [level.loss(chunk, overlap=True) for chunk in mats.split(16)]
+            score = torch.cat([o[0] for o in out]).cpu().numpy()
+            shared = torch.cat([o[1] for o in out]).cpu().numpy()
+        return np.where((shared >= MIN_OVERLAP) & np.isfinite(score), score, np.inf)
 
     scores = dissimilarity(pool)
     # a wrong header on a head that is also tilted: the best few turns of the axes, each
@@ -739,13 +759,22 @@ def robust_affine_init(
     start_scores = [scores[i] for i in order] + list(scores[len(pool):])
     best, best_score = None, np.inf
     for k, (start, before) in enumerate(zip(starts, start_scores)):
+        if not np.isfinite(before):  # a start that leaves the images apart
+            if verbose:
+                log.info('affine init start %d: the images barely meet there, left out', k)
+            continue
         step = 0.15 * voxel
-        matrix, score = _run_affine(level, start, c_f, rigid, iterations, step)
+        matrix, _ = _run_affine(level, start, c_f, rigid, iterations, step)
+        score = float(dissimilarity([matrix])[0])
         if verbose:
             given = ' (given)' if k >= len(order) else ''
             log.info('affine init start %d%s: dissimilarity %.4f -> %.4f', k, given, before, score)
         if score < best_score:
             best, best_score = matrix, score
+    if best is None:  # nothing met: the centres of mass at least bring the images together
+        log.warning('affine search: no pose tried lets the images meet; starting from their '
+                    'centres of mass')
+        best = about_centres(np.eye(3))
     return best
 
 
