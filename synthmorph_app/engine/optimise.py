@@ -681,9 +681,10 @@ def robust_affine_init(
     3. Candidates: rotations on a grid of Euler angles within ``max_angle`` degrees (steps of
        ``angle_step``), the 23 other permutations and flips of the world axes (a wrong header;
        the best ``WRONG_HEADER_TURNS`` of them also tilted by ``WRONG_HEADER_TILT`` degrees about
-       each axis), the
-       4 rotations that align the principal axes, and ``candidates`` (4x4 world matrices, e.g.
-       a network's prediction), all scored at ``voxel`` mm by the weighted similarity.
+       each axis), the 4 rotations that align the principal axes, and ``candidates`` (4x4 world
+       matrices, e.g. a network's prediction), all scored at ``voxel`` mm by the weighted
+       similarity; a pose where the weights share less than ``MIN_OVERLAP`` of the smaller one
+       scores as no match.
     4. The ``top_k`` best (plus every given candidate) get a short optimisation
        (``iterations`` at ``voxel`` mm, rigid or affine as asked); the lowest dissimilarity wins.
 
