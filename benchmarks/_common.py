@@ -370,6 +370,11 @@ def run_convexadam(moving: str, fixed: str, threads: int = 1, affine: str = 'ant
 # --- evaluation (parent) -----------------------------------------------------------------------
 
 
+def superior_axis(image) -> int:
+    """The voxel axis of a nibabel image that runs nearest to superior (world S)."""
+    return int(np.argmax(np.abs(image.affine[2, :3]) / image.header.get_zooms()[:3]))
+
+
 def load(path) -> tuple[np.ndarray, object]:
     """Array (float32) and Geometry of an image file."""
     from synthmorph_app.io.images import Geometry, load_image

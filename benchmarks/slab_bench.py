@@ -85,8 +85,6 @@ def main(argv=None) -> int:
         return contrast_main(args, argv)
     import nibabel as nb
 
-    from synthmorph_app.io.transforms import load_transform
-
     norm = nb.load(str(BERT / 'norm.mgz'))
     data = np.asarray(norm.dataobj, dtype=np.float32)
     brain = np.asarray(nb.load(str(BERT / 'aseg.mgz')).dataobj) > 0
@@ -106,18 +104,14 @@ def main(argv=None) -> int:
             expected = ras @ true[:3, :3].T + true[:3, 3]
             before = float(np.linalg.norm(ras - expected, axis=1).mean())
             for mode in args.modes:
-                out = Path(tmp) / f'{mode}.txt'
-                cmd = ['synthmorph-app', 'register', '-m', mode, '-j', str(args.threads),
-                       *args.options.split(), str(moving), str(fixed), '-t', str(out)]
-                t0 = time.perf_counter()
-                run = subprocess.run(cmd, check=False, capture_output=True, text=True)
-                elapsed = time.perf_counter() - t0
+                xfm, elapsed, failed = _register(moving, fixed, Path(tmp) / f'{mode}.txt',
+                                                 args, mode)
                 row = {'slab_mm': stop - start, 'start': start, 'mode': mode,
                        'options': args.options, 'error_before': before, 'time': elapsed}
-                if run.returncode:
-                    row['failed'] = run.stderr[-500:]
+                if xfm is None:
+                    row['failed'] = failed
                 else:
-                    found = load_transform(out).map_points(ras)
+                    found = xfm.map_points(ras)
                     err = np.linalg.norm(found - expected, axis=1)
                     row.update(error=float(err.mean()), error_max=float(err.max()))
                 rows.append(row)
@@ -134,11 +128,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _register(moving, fixed, out, args) -> tuple[object, float, str]:
-    """``register -m rigid`` as a command: (transform or None, seconds, stderr tail)."""
+def _register(moving, fixed, out, args, mode: str = 'rigid') -> tuple[object, float, str]:
+    """``register -m MODE`` as a command: (transform or None, seconds, stderr tail)."""
     from synthmorph_app.io.transforms import load_transform
 
-    cmd = ['synthmorph-app', 'register', '-m', 'rigid', '-j', str(args.threads),
+    cmd = ['synthmorph-app', 'register', '-m', mode, '-j', str(args.threads),
            *args.options.split(), str(moving), str(fixed), '-t', str(out)]
     t0 = time.perf_counter()
     run = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -174,7 +168,7 @@ def contrast_main(args, argv) -> int:
             ijk = np.argwhere(t1[::4, ::4, ::4] > np.percentile(t1, 60)) * 4
             ras = ijk @ t1w.affine[:3, :3].T + t1w.affine[:3, 3]
             expected = reference.map_points(ras)
-            axis = int(np.argmax(np.abs(image.affine[2, :3]) / image.header.get_zooms()[:3]))
+            axis = C.superior_axis(image)
             spacing = float(image.header.get_zooms()[axis])
             for width in args.widths:
                 count = max(2, round(width / spacing))
@@ -183,12 +177,12 @@ def contrast_main(args, argv) -> int:
                 cut[axis] = slice(start, start + count)
                 offset = np.eye(4)
                 offset[axis, 3] = start
+                slab = nb.Nifti1Image(data[tuple(cut)], true @ image.affine @ offset)
                 moving = Path(tmp) / f'{sub}_slab_{width:g}.nii.gz'
-                nb.save(nb.Nifti1Image(data[tuple(cut)], true @ image.affine @ offset), moving)
+                nb.save(slab, moving)
                 # the T1w points that fall in the slab, by the whole image's registration
-                vox = (expected - (true @ image.affine @ offset)[:3, 3]) @ np.linalg.inv(
-                    (true @ image.affine @ offset)[:3, :3]).T
-                inside = np.all((vox >= 0) & (vox <= np.array(data[tuple(cut)].shape) - 1), 1)
+                vox = (expected - slab.affine[:3, 3]) @ np.linalg.inv(slab.affine[:3, :3]).T
+                inside = np.all((vox >= 0) & (vox <= np.array(slab.shape) - 1), axis=1)
                 found, elapsed, failed = _register(moving, anat / f'sub-{sub}_T1w.nii.gz',
                                                    Path(tmp) / 'slab.txt', args)
                 row = {'subject': sub, 'contrast': contrast, 'slab_mm': count * spacing,

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     data = image.get_fdata(dtype=np.float32)
     points = np.argwhere(mask.get_fdata() > 0)[::200]
     points = points @ mask.affine[:3, :3].T + mask.affine[:3, 3]
-    axis = int(np.argmax(np.abs(image.affine[2, :3]) / image.header.get_zooms()[:3]))
+    axis = C.superior_axis(image)
     reference, rows = None, []
     for factor in args.factors:
         thick, affine = thicken(data, image.affine, axis, factor)
