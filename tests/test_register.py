@@ -273,6 +273,37 @@ def test_moving_fov_leaves_out_what_the_moving_image_does_not_see():
     assert shifted[0, 0, :, 15, 15].numpy()[x == -6] == 1
 
 
+@pytest.mark.slow
+def test_storage_order_of_real_images_changes_nothing(shared_data):
+    """A real head (LPS) and template (LAS) stored in other orientations (PIR, RSA) give the same
+    joint registration with refinement, to float rounding: the engine reads every image in LIA
+    voxel order. Before, masks, block averages and intensity samples followed each image's
+    storage, and this pair moved by 0.6 mm on average and by up to 14 mm where cortex is
+    ambiguous. The field on the template's grid comes back in the order the template is stored.
+    """
+    from synthmorph_app.io.images import load_image
+
+    moving = load_image(shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
+    tpl = shared_data / 'templateflow' / 'tpl-MNI152NLin6Asym'
+    fixed = load_image(tpl / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz')
+    options = {'mode': 'joint', 'refine': 4, 'refine_levels': (8.0, 4.0)}
+    first = register(moving, fixed, **options)
+    fixed_rsa = _reorient(fixed, 'RSA')
+    second = register(_reorient(moving, 'PIR'), fixed_rsa, **options)
+
+    assert second.forward.reference == Geometry.from_image(fixed_rsa)
+    assert second.forward.field_geometry == Geometry.from_image(fixed_rsa)
+    stored = _reorient(nb.Nifti1Image(first.forward.field, fixed.affine), 'RSA')
+    np.testing.assert_allclose(second.forward.field, stored.get_fdata(), atol=1e-4)
+    mask = nb.load(tpl / 'tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz')
+    pts = nb.affines.apply_affine(mask.affine, np.argwhere(mask.get_fdata() > 0)[::200])
+    for a, b in ((first.forward, second.forward), (first.inverse, second.inverse)):
+        if a is first.inverse:
+            pts = first.forward.map_points(pts)
+        gap = np.linalg.norm(a.map_points(pts) - b.map_points(pts), axis=1)
+        assert gap.max() < 1e-3, gap.max()
+
+
 def _shift(mm):
     mat = np.eye(4)
     mat[:3, 3] = mm

@@ -23,7 +23,10 @@ How a joint registration runs (as ``mri_synthmorph``'s, in world space throughou
    the fixed space by ``H^-1`` (network resolution, no resampling onto a 1 mm grid); the
    inverse's likewise on the moving side.
 
-Nothing depends on how the inputs are stored on disk: every step works in RAS millimetres.
+Nothing depends on how the inputs are stored on disk: every step works in RAS millimetres, on
+each image's voxels reordered to LIA (:func:`spatial.lia_order`), so the same image stored LPS,
+RAS or PIR gives the same result to the last digit; fields on an image's grid come back in its
+own order.
 """
 
 from __future__ import annotations
@@ -249,14 +252,14 @@ def register(
     device = resolve_device(device)
     weights = dict(weights or {})
     timer = _Timer()
-    fixed_geom = Geometry.from_image(fixed)
-    moving_geom = Geometry.from_image(moving)
+    # the grids of the results: the images' own; the work runs on their voxels in LIA order
+    fixed_out, moving_out = Geometry.from_image(fixed), Geometry.from_image(moving)
     info = {'mode': mode, 'lambda': float(lam), 'device': str(device), 'models': {}}
 
     with torch.inference_mode():
         with timer('preprocess'):
-            fixed_t = spatial.volume_tensor(clean_intensities(fixed.dataobj), device)
-            moving_t = spatial.volume_tensor(clean_intensities(moving.dataobj), device)
+            fixed_t, fixed_geom = _read_volume(fixed, fixed_out, device)
+            moving_t, moving_geom = _read_volume(moving, moving_out, device)
 
         affine = np.eye(4) if init is None else init.affine.copy()
         start = affine.copy()
@@ -309,11 +312,10 @@ def register(
                                         if m is not None],
                               'cross_contrast': cross_contrast}
 
-        reference, moving_ref = fixed_geom, moving_geom
         if mode in ('affine', 'rigid'):
-            forward = Transform(affine=affine, reference=reference, moving=moving_ref)
+            forward = Transform(affine=affine, reference=fixed_out, moving=moving_out)
             return RegistrationResult(forward, forward.linear_inverse(), timer.timings, info,
-                                      mid_space=lambda: _linear_mid_space(affine, fixed_geom))
+                                      mid_space=lambda: _linear_mid_space(affine, fixed_out))
 
         with timer('load models'):
             model, card = _get_model(weights.get('deform'), 'deform', device)
@@ -386,24 +388,26 @@ def register(
 
         with timer('resample'):
             disp = _integrate(velocity, steps, velocity_to_mid, mid.shape)
-            field, field_grid = _mid_field(disp, mid, from_fixed, to_fixed, fixed_geom)
+            field, field_grid = _mid_field(disp, mid, from_fixed, to_fixed, fixed_geom,
+                                           stored=fixed_out)
 
     forward = Transform(
         affine=affine, field=field, field_geometry=field_grid,
-        reference=fixed_geom, moving=moving_geom,
+        reference=fixed_out, moving=moving_out,
     )
 
     def make_inverse() -> Transform:
         with torch.inference_mode():
             disp_inv = _integrate(-velocity, steps, velocity_to_mid, mid.shape)
-            field, field_grid = _mid_field(disp_inv, mid, from_moving, to_moving, moving_geom)
+            field, field_grid = _mid_field(disp_inv, mid, from_moving, to_moving, moving_geom,
+                                           stored=moving_out)
         return Transform(
             affine=np.linalg.inv(affine), field=field, field_geometry=field_grid,
-            reference=moving_geom, moving=fixed_geom,
+            reference=moving_out, moving=fixed_out,
         )
 
     def make_mid_space() -> tuple[Transform, Transform]:
-        to_moving, to_fixed = _linear_mid_space(affine, fixed_geom)
+        to_moving, to_fixed = _linear_mid_space(affine, fixed_out)
         with torch.inference_mode():
             for xfm, sign in ((to_moving, 0.5), (to_fixed, -0.5)):
                 disp = _integrate(sign * velocity, steps, velocity_to_mid, mid.shape)
@@ -570,7 +574,14 @@ def _integrate(velocity, steps, velocity_to_mid, shape) -> torch.Tensor:
     return spatial.upsample_field(disp, velocity_to_mid, shape)
 
 
-def _mid_field(disp, mid, to_mid, lin, image) -> tuple[np.ndarray, Geometry]:
+def _read_volume(image, geometry: Geometry, device) -> tuple[torch.Tensor, Geometry]:
+    """An image's intensities as the engine works on them (:func:`.intensity.
+    clean_intensities`), its voxels in LIA order (:func:`.spatial.lia_order`), and their grid."""
+    data, grid = spatial.lia_order(np.asarray(image.dataobj, dtype=np.float32), geometry)
+    return spatial.volume_tensor(clean_intensities(data), device), grid
+
+
+def _mid_field(disp, mid, to_mid, lin, image, stored=None) -> tuple[np.ndarray, Geometry]:
     """A mid-space voxel displacement as a RAS field ``(X, Y, Z, 3)`` and its grid.
 
     The forward transform is ``A (x + F u(F^-1 x))`` (``to_mid`` = ``F^-1``, ``lin`` = ``F``,
@@ -579,7 +590,8 @@ def _mid_field(disp, mid, to_mid, lin, image) -> tuple[np.ndarray, Geometry]:
     network grid's size, the field is sampled there (what ANTs writes, and readers agree on it
     everywhere on that grid, e.g. a template's); otherwise it stays on the mid-space grid
     mapped by ``lin``, with its vectors mapped by the same matrix: network resolution, no
-    resampling onto a large (1 mm) image grid.
+    resampling onto a large (1 mm) image grid. ``image`` is the LIA-ordered grid the engine
+    works on; a field on it is returned in the order of ``stored``, the image's own grid.
     """
     world = spatial.field_voxel_to_world(disp, mid.affine)
     lin_t = spatial.as_tensor(lin[:3, :3], disp.device)
@@ -590,8 +602,10 @@ def _mid_field(disp, mid, to_mid, lin, image) -> tuple[np.ndarray, Geometry]:
         grid = image
     else:
         grid = Geometry(mid.shape, lin @ mid.affine)
-    out = torch.einsum('ij,j...->i...', lin_t, world[0])
-    return out.permute(1, 2, 3, 0).cpu().numpy(), grid
+    out = torch.einsum('ij,j...->i...', lin_t, world[0]).permute(1, 2, 3, 0).cpu().numpy()
+    if grid is image and stored is not None:
+        return spatial.original_order(out, image, stored), stored
+    return out, grid
 
 
 def _half_to_full(model, coarse_shape, fine_shape) -> np.ndarray:
