@@ -45,7 +45,7 @@ from ..errors import SynthMorphError
 from ..io.images import Geometry
 from ..io.transforms import Transform
 from . import spatial
-from .intensity import clean_intensities, normalize_intensity
+from .intensity import clean_intensities, clear_noisy_background, normalize_intensity
 
 LOGGER = logging.getLogger('synthmorph_app.engine.register')
 
@@ -576,9 +576,11 @@ def _integrate(velocity, steps, velocity_to_mid, shape) -> torch.Tensor:
 
 def _read_volume(image, geometry: Geometry, device) -> tuple[torch.Tensor, Geometry]:
     """An image's intensities as the engine works on them (:func:`.intensity.
-    clean_intensities`), its voxels in LIA order (:func:`.spatial.lia_order`), and their grid."""
+    clean_intensities`, :func:`.intensity.clear_noisy_background`), its voxels in LIA order
+    (:func:`.spatial.lia_order`), and their grid."""
     data, grid = spatial.lia_order(np.asarray(image.dataobj, dtype=np.float32), geometry)
-    return spatial.volume_tensor(clean_intensities(data), device), grid
+    cleared = clear_noisy_background(clean_intensities(data), grid.voxel_sizes)
+    return spatial.volume_tensor(cleared, device), grid
 
 
 def _mid_field(disp, mid, to_mid, lin, image, stored=None) -> tuple[np.ndarray, Geometry]:
