@@ -370,6 +370,24 @@ def run_convexadam(moving: str, fixed: str, threads: int = 1, affine: str = 'ant
 # --- evaluation (parent) -----------------------------------------------------------------------
 
 
+def start_mirror(out) -> Path:
+    """A fresh mirror folder ``out`` of the shared data for a benchmark to run on altered
+    images (``SYNTHMORPH_SHARED_DATA=out``): the templates, FreeSurfer subjects and label maps
+    are linked, and so is everything in ``bids/`` but the subjects, which the caller writes.
+    Returns the mirror's ``bids`` folder."""
+    import shutil
+
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / 'bids').mkdir(parents=True)
+    for name in ('templateflow', 'freesurfer', 'label_maps'):
+        os.symlink(DATA / name, out / name)
+    for item in (DATA / 'bids').iterdir():
+        if not item.name.startswith('sub-'):
+            os.symlink(item, out / 'bids' / item.name)
+    return out / 'bids'
+
+
 def superior_axis(image) -> int:
     """The voxel axis of a nibabel image that runs nearest to superior (world S)."""
     return int(np.argmax(np.abs(image.affine[2, :3]) / image.header.get_zooms()[:3]))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -63,16 +62,9 @@ def main(argv=None) -> int:
     import nibabel as nb
 
     rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    (out / 'bids').mkdir(parents=True)
-    for name in ('templateflow', 'freesurfer', 'label_maps'):
-        os.symlink(C.DATA / name, out / name)
-    for item in (C.DATA / 'bids').iterdir():
-        if not item.name.startswith('sub-'):
-            os.symlink(item, out / 'bids' / item.name)
+    mirror = C.start_mirror(args.out)
     for subject in sorted(p for p in (C.DATA / 'bids').glob('sub-*') if p.is_dir()):
-        src, dst = subject / 'anat', out / 'bids' / subject.name / 'anat'
+        src, dst = subject / 'anat', mirror / subject.name / 'anat'
         dst.mkdir(parents=True)
         for image in sorted(src.iterdir()):
             if not image.name.endswith('_T1w.nii.gz'):

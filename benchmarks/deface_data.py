@@ -18,8 +18,6 @@ A script, not a test; see ``benchmarks/README.md`` ("Session 24: defaced scans")
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -58,18 +56,12 @@ def main(argv=None) -> int:
     import nibabel as nb
 
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    (out / 'bids').mkdir(parents=True)
-    for name in ('templateflow', 'freesurfer', 'label_maps'):
-        os.symlink(C.DATA / name, out / name)
-    for item in (C.DATA / 'bids').iterdir():
-        if not item.name.startswith('sub-'):
-            os.symlink(item, out / 'bids' / item.name)
+    mirror = C.start_mirror(out)
     face_mask(out / 'face_mask.nii.gz')
     template = ants.image_read(str(TEMPLATE / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz'))
     mask = ants.image_read(str(out / 'face_mask.nii.gz'))
     for subject in sorted(p for p in (C.DATA / 'bids').glob('sub-*') if p.is_dir()):
-        src, dst = subject / 'anat', out / 'bids' / subject.name / 'anat'
+        src, dst = subject / 'anat', mirror / subject.name / 'anat'
         dst.mkdir(parents=True)
         t1w = ants.image_read(str(src / f'{subject.name}_T1w.nii.gz'))
         fit = ants.registration(fixed=t1w, moving=template, type_of_transform='Affine')
