@@ -78,6 +78,26 @@ def test_choose_metric():
     assert similarity.choose_metric(x.max() - x, x) == 'mind'
 
 
+def test_one_contrast_lowers_the_bar_but_not_below_inversion():
+    """Said to share a contrast (``cross_contrast=False``, a T1w onto a T1w template), a pair
+    whose intensities rise together only weakly keeps LNCC; an inverted pair (an infant's T1w)
+    still gets MIND. Unsaid (None), the usual bar holds."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    x = ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 2)
+    x = torch.as_tensor((x - x.min()) / (x.max() - x.min()), dtype=torch.float32)[None, None]
+    weak = x + torch.as_tensor(rng.normal(0, 0.7, x.shape), dtype=torch.float32)
+    agreement = similarity.contrast_agreement(weak, x)
+    assert similarity.SAME_CONTRAST_THRESHOLD < agreement < similarity.AUTO_THRESHOLD
+    assert similarity.contrast_agreement(1 - x, x) < similarity.SAME_CONTRAST_THRESHOLD
+    for told, weak_metric in ((None, 'mind'), (True, 'mind'), (False, 'lncc')):
+        threshold = similarity.auto_threshold(told)
+        assert similarity.choose_metric(weak, x, threshold=threshold) == weak_metric
+        assert similarity.choose_metric(1 - x, x, threshold=threshold) == 'mind'
+        assert similarity.choose_metric(x, x, threshold=threshold) == 'lncc'
+
+
 def test_shape_errors():
     x = _phantom()
     with pytest.raises(ValueError, match='shape'):

@@ -228,7 +228,7 @@ def test_workflow_registers_other_contrasts_through_the_session_t1w(tmp_path):
     assert inputnode.via_image == str(t1w)
     # the deformable step registers the T1w to the T1w template: same contrast
     assert inputs.refine_options['cross_contrast'] is False
-    assert inputs.refine_options['refine_metric'] == 'lncc'
+    assert inputs.refine_options['refine_metric'] == 'auto'  # local NCC unless inverted
     assert 'aligned rigidly to the T1w image of the same session' in reg_wf.__desc__
     for path, opts in ((flair, RegistrationSettings(refine=15)), (t1w, settings),
                        (lone, settings)):

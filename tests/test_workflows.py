@@ -51,21 +51,23 @@ def test_templates_are_t1w_so_the_suffix_tells_the_contrasts(image_type, given, 
     wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], refine=5,
                                    refine_options=options, image_type=image_type)
     passed = wf.get_node('registration').interface.inputs.refine_options
-    # against the T1w templates the suffix tells the metric, not the image check of 'auto':
-    # local NCC within a contrast, MIND across contrasts
-    metric = 'mind' if told else 'lncc'
+    # against the T1w templates the suffix tells the metric: MIND across contrasts; within one
+    # 'auto' stays, which with cross_contrast False keeps local NCC unless the intensities run
+    # opposite ways (an infant's T1w)
+    metric = 'mind' if told else 'auto'
     assert passed == {'refine_metric': metric, 'cross_contrast': told}
 
 
 @pytest.mark.parametrize('image_type, mode, given, metric', [
     ('T1w', 'joint', 'mind', 'mind'), ('T1w', 'deform', 'lncc', 'lncc'),
-    ('T1w', 'deform', 'auto', 'lncc'), ('T1w', 'affine', 'auto', 'auto'),
+    ('T1w', 'deform', 'auto', 'auto'), ('T1w', 'affine', 'auto', 'auto'),
     ('T1w', 'rigid', 'auto', 'auto'), ('FLAIR', 'joint', 'auto', 'mind'),
     ('FLAIR', 'deform', 'lncc', 'lncc'), ('FLAIR', 'joint', 'mind', 'mind'),
     ('FLAIR', 'affine', 'auto', 'auto'), ('FLAIR', 'rigid', 'auto', 'auto')])
 def test_the_suffix_picks_the_metric_in_deformable_modes_unless_told(image_type, mode, given,
                                                                      metric):
-    # local NCC for a T1w, MIND for another contrast; the linear modes keep auto
+    # MIND for another contrast; a T1w keeps auto (local NCC unless inverted); so do the
+    # linear modes
     wf = init_register_template_wf(templates=['MNI152NLin6Asym:res-2'], mode=mode, refine=5,
                                    refine_options={'refine_metric': given},
                                    image_type=image_type)
@@ -157,3 +159,40 @@ def _check(anat2std_xfm, std2anat_xfm, template, template_spec, metadata):
     if template_spec != [{'res': '2'}]:
         raise ValueError(template_spec)
     return template[0]
+
+
+@pytest.mark.slow
+def test_an_infant_like_t1w_gets_what_the_bids_app_passes_a_t1w(shared_data):
+    """The options the BIDS-App passes a T1w in joint mode register an intensity-inverted copy
+    of a real T1w, shrunk to 0.75 of its size (an infant's T1w: grey and white matter swapped)
+    where the adult original lands, shrunk alike. Forcing local NCC for every T1w put it 67-71
+    mm away; 'auto' with one contrast expected takes MIND for it and keeps local NCC for adults
+    (the affine part: about 1.6 mm)."""
+    import nibabel as nb
+    import numpy as np
+
+    from synthmorph_app.engine.register import register
+    from synthmorph_app.io.images import load_image
+    from synthmorph_app.workflows.registration import _contrast_options
+
+    options = _contrast_options({}, 'T1w', 'joint')
+    t1w = load_image(shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
+    tpl = shared_data / 'templateflow' / 'tpl-MNI152NLin6Asym'
+    template = load_image(tpl / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz')
+    mask = nb.load(tpl / 'tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz')
+    data = t1w.get_fdata(dtype=np.float32)
+    bright = np.percentile(data, 99)
+    centre = nb.affines.apply_affine(t1w.affine, np.argwhere(data > 0.2 * bright)).mean(0)
+    shrink = np.diag([0.75, 0.75, 0.75, 1.0])
+    shrink[:3, 3] = 0.25 * centre
+    infant = nb.Nifti1Image(np.where(data > 0.05 * bright, data.max() - data, 0),
+                            shrink @ t1w.affine)
+    run = {'mode': 'joint', 'refine': 2, 'refine_levels': (8.0,), 'fixed_mask': mask, **options}
+    points = nb.affines.apply_affine(mask.affine, np.argwhere(mask.get_fdata() > 0)[::200])
+    adult = register(t1w, template, **run)
+    found = register(infant, template, **run)
+    assert found.info['refine']['deformable']['metric'] == 'mind'
+    assert adult.info['refine']['deformable']['metric'] == 'lncc'
+    truth = nb.affines.apply_affine(shrink @ adult.forward.affine, points)
+    gap = np.linalg.norm(nb.affines.apply_affine(found.forward.affine, points) - truth, axis=1)
+    assert gap.mean() < 4.0, gap.mean()

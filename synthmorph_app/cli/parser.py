@@ -107,7 +107,9 @@ def add_refine_arguments(p, init_files: bool = False) -> None:
                         'only the contrasts make look different (FLAIR lesions, another '
                         'grey-white contrast) does not pull the field. auto: yes where the '
                         'similarity check picks MIND (PDw, T2w to T1w); the BIDS-App decides '
-                        'by the suffix (the templates are T1w). Default auto')
+                        'by the suffix (the templates are T1w). no also lets --refine-metric '
+                        'auto keep local NCC unless the intensities run opposite ways (an '
+                        "infant's T1w gets MIND). Default auto")
     p.add_argument('--refine-weight', choices=('brain', 'head', 'none'), default='brain',
                    help='where the refinement similarity counts: brain (a rough brain weight '
                         'of our own, so neck and face do not pull; the BIDS-App weighs the '

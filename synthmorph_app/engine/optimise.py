@@ -75,8 +75,8 @@ import torch.nn.functional as F
 from ..io.images import Geometry
 from . import masks, spatial
 from .similarity import (
-    AUTO_THRESHOLD,
     METRICS,
+    auto_threshold,
     choose_metric,
     contrast_agreement,
     lncc,
@@ -314,12 +314,13 @@ class _Dissimilarity:
         return weighted_mean(self.map(moved, fixed), weight)
 
 
-def _resolve_metric(metric: str, moving: torch.Tensor, fixed: torch.Tensor, weight) -> str:
+def _resolve_metric(metric: str, moving: torch.Tensor, fixed: torch.Tensor, weight,
+                    cross_contrast: bool | None = None) -> str:
     if metric not in METRICS:
         raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
     if metric != 'auto':
         return metric
-    chosen = choose_metric(moving, fixed, weight)
+    chosen = choose_metric(moving, fixed, weight, threshold=auto_threshold(cross_contrast))
     log.info('metric auto: chose %s', chosen)
     return chosen
 
@@ -396,7 +397,7 @@ class _AffineLevel:
         self.metric = None
         self.dissim = None
 
-    def resolve_metric(self, metric: str, matrices) -> str:
+    def resolve_metric(self, metric: str, matrices, cross_contrast: bool | None = None) -> str:
         """``metric``, or for ``'auto'`` the choice of :func:`.similarity.choose_metric` at the
         best of a few world matrices (fixed RAS -> moving RAS).
 
@@ -404,7 +405,8 @@ class _AffineLevel:
         its field of view, times the fixed weight), so a slab or a cut field of view does not
         count its empty surroundings as a contrast mismatch; the pair gets LNCC when one of them
         shows a shared contrast. A same-contrast pair agrees where it is aligned, a
-        cross-contrast pair nowhere.
+        cross-contrast pair nowhere. ``cross_contrast`` False (one contrast expected) lowers
+        the bar (:func:`.similarity.auto_threshold`).
         """
         if metric not in METRICS:
             raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
@@ -419,7 +421,7 @@ class _AffineLevel:
                 weight = moved[:, 1:] if self.fweight is None else moved[:, 1:] * self.fweight
                 scores.append(contrast_agreement(moved[:, :1], self.fixed, weight))
         best = max((v for v in scores if not math.isnan(v)), default=float('nan'))
-        chosen = 'lncc' if best > AUTO_THRESHOLD else 'mind'
+        chosen = 'lncc' if best > auto_threshold(cross_contrast) else 'mind'
         log.info('metric auto: chose %s (contrast agreement %s)', chosen,
                  ' / '.join(f'{v:.2f}' for v in scores))
         return chosen
@@ -541,6 +543,7 @@ def optimise_affine(
     lr: float | None = None,
     verbose: bool = False,
     generator: torch.Generator | None = None,
+    cross_contrast: bool | None = None,
 ) -> np.ndarray:
     """Affine (12 DOF) or rigid (6 DOF) registration in world space, coarse to fine.
 
@@ -567,6 +570,9 @@ def optimise_affine(
         ``0.15 * level``.
     generator
         Unused (the optimisation is deterministic); accepted for a uniform API.
+    cross_contrast
+        False where the images are known to share a contrast: ``'auto'`` then keeps LNCC
+        unless their intensities run opposite ways (:func:`.similarity.auto_threshold`).
 
     Returns
     -------
@@ -593,7 +599,7 @@ def optimise_affine(
     for voxel, iters in zip(levels, iterations):
         level = _AffineLevel(moving, moving_grid, fixed, fixed_grid, float(voxel), fw, mw, box)
         if chosen is None:
-            chosen = level.resolve_metric(metric, [matrix])
+            chosen = level.resolve_metric(metric, [matrix], cross_contrast)
         level.set_metric(chosen)
         step = lr * voxel / levels[0] if lr is not None else 0.15 * voxel
         matrix, _ = _run_affine(level, matrix, centre, rigid, int(iters), step, verbose)
@@ -672,6 +678,7 @@ def robust_affine_init(
     top_k: int = 3,
     iterations: int = 30,
     verbose: bool = False,
+    cross_contrast: bool | None = None,
 ) -> np.ndarray:
     """A starting affine that does not fail on whole-head scans.
 
@@ -688,8 +695,9 @@ def robust_affine_init(
     4. The ``top_k`` best (plus every given candidate) get a short optimisation
        (``iterations`` at ``voxel`` mm, rigid or affine as asked); the lowest dissimilarity wins.
 
-    Returns the 4x4 RAS matrix (fixed RAS -> moving RAS); refine it with
-    :func:`optimise_affine`. About 3-4 s for a 2 mm whole-head pair on one (shared) CPU thread.
+    ``metric`` ``'auto'`` is resolved at the start (``cross_contrast`` as in
+    :func:`optimise_affine`). Returns the 4x4 RAS matrix (fixed RAS -> moving RAS); refine it
+    with :func:`optimise_affine`. About 3-4 s for a 2 mm whole-head pair on one (shared) CPU thread.
     """
     moving = _volume(moving, 'moving')
     fixed = _volume(fixed, 'fixed')
@@ -732,7 +740,7 @@ def robust_affine_init(
     extra = [np.asarray(c, dtype=float) for c in (candidates or [])]
 
     # judged at the centres of mass and at each given start (the header, a network's guess)
-    metric = level.resolve_metric(metric, [about_centres(np.eye(3))] + extra)
+    metric = level.resolve_metric(metric, [about_centres(np.eye(3))] + extra, cross_contrast)
     level.set_metric(metric)
 
     def dissimilarity(matrices) -> np.ndarray:
@@ -1029,7 +1037,7 @@ def optimise_svf(
                     m_chk = spatial.sample_grid(
                         m_l, pos + level_disp(spatial.integrate_svf(vel, steps))
                     )
-                chosen = _resolve_metric(metric, m_chk, f_in, w_in)
+                chosen = _resolve_metric(metric, m_chk, f_in, w_in, cross_contrast)
         if lam_used is None:
             across = (chosen == 'mind') if cross_contrast is None else bool(cross_contrast)
             lam_used = cross_contrast_lambda(lam) if across else float(lam)

@@ -303,7 +303,7 @@ def register(
                     timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w,
                     rigid=mode == 'rigid', init_method=init_method, start=start,
                     network=affine if use_network else None, metric=refine_metric,
-                    joint=mode == 'joint',
+                    joint=mode == 'joint', cross_contrast=cross_contrast,
                 )
             info['refine'] = {'iterations': int(refine), 'metric': refine_metric,
                               'init': init_method, 'weight': refine_weight,
@@ -498,7 +498,8 @@ def _linear_mid_space(affine: np.ndarray, fixed_geom: Geometry) -> tuple[Transfo
 
 
 def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w, *,
-                   rigid, init_method, start, network, metric, joint=False) -> np.ndarray:
+                   rigid, init_method, start, network, metric, joint=False,
+                   cross_contrast=None) -> np.ndarray:
     """The linear stage of test-time refinement: a robust start, then multi-scale Adam."""
     from .optimise import optimise_affine, robust_affine_init
 
@@ -524,11 +525,13 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
             candidates = [start] + ([network] if network is not None else [])
             begin = robust_affine_init(
                 moving_t, moving_geom, fixed_t, fixed_geom, rigid=rigid, candidates=candidates,
-                metric=metric, verbose=verbose, **search, **weights,
+                metric=metric, verbose=verbose, cross_contrast=cross_contrast, **search,
+                **weights,
             )
         return optimise_affine(
             moving_t, moving_geom, fixed_t, fixed_geom, init=begin, rigid=rigid, metric=metric,
-            verbose=verbose, levels=levels, iterations=iterations, **weights,
+            verbose=verbose, levels=levels, iterations=iterations,
+            cross_contrast=cross_contrast, **weights,
         )
 
 

@@ -48,6 +48,11 @@ import torch.nn.functional as F
 
 #: Contrast agreement (SDs) above which ``'auto'`` picks LNCC rather than MIND.
 AUTO_THRESHOLD = 0.25
+#: The same where the caller expects one contrast (``cross_contrast=False``, as the BIDS-App
+#: says of a T1w onto its T1w templates): LNCC unless the intensities fall where they should
+#: rise. An infant's T1w, grey and white matter swapped, scores below 0 and gets MIND: an
+#: inverted copy of sub-01 scaled to 0.75 ended 71 mm off with LNCC, 1.2-1.6 mm with MIND.
+SAME_CONTRAST_THRESHOLD = 0.0
 
 #: The metrics the optimisers accept.
 METRICS = ('auto', 'lncc', 'mind')
@@ -385,6 +390,12 @@ def contrast_agreement(
     if a.numel() < 100:
         return float('nan')
     return min(*_tertile_steps(a, b), *_tertile_steps(b, a))
+
+
+def auto_threshold(cross_contrast: bool | None) -> float:
+    """The contrast agreement above which ``'auto'`` picks LNCC: :data:`SAME_CONTRAST_THRESHOLD`
+    where the images are said to share a contrast (``False``), else :data:`AUTO_THRESHOLD`."""
+    return SAME_CONTRAST_THRESHOLD if cross_contrast is False else AUTO_THRESHOLD
 
 
 def choose_metric(

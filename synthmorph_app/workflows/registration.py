@@ -68,10 +68,12 @@ def init_register_template_wf(
         T1w, so unless ``refine_options`` says otherwise (``cross_contrast``), another
         contrast tells the refinement that the images differ in contrast, and a T1w that they
         do not. In the deformable modes the same tells the metric where ``refine_metric`` is
-        ``'auto'`` or missing: local NCC within a contrast, MIND across contrasts. The image
-        check behind ``auto`` took a whole-head T1w for another contrast against the
-        whole-head template (MIND then gave 0.004 lower mean Dice, 0.04 on that subject), and
-        most FLAIRs for T1w (local NCC then gave 0.025 lower mean Dice onto the template)
+        ``'auto'`` or missing: MIND across contrasts; within one, ``auto`` keeps local NCC
+        unless the intensities run opposite ways (an infant's T1w, grey and white matter
+        swapped: MIND; :func:`.engine.similarity.auto_threshold`). The image check with its
+        usual bar took a whole-head T1w for another contrast against the whole-head template
+        (MIND then gave 0.004 lower mean Dice, 0.04 on that subject), and most FLAIRs for T1w
+        (local NCC then gave 0.025 lower mean Dice onto the template)
         (``benchmarks/README.md``, ``mni_head_bench.py``).
     via_t1w
         Register through the same person's T1w, given at ``inputnode.via_image``: the image is
@@ -183,14 +185,15 @@ accessed offline through *TemplateFlow* [@templateflow].
 def _contrast_options(refine_options: dict | None, image_type: str, mode: str) -> dict:
     """``refine_options`` told what the moving image's BIDS suffix says (the templates are
     T1w): ``cross_contrast`` where it is missing or None (auto), and in the deformable modes
-    the ``refine_metric`` that fits it where it is missing or ``'auto'``: MIND across
-    contrasts, local NCC within one (the linear modes keep ``auto``: there MIND, when ``auto``
-    picked it, aligned no worse)."""
+    MIND across contrasts where ``refine_metric`` is missing or ``'auto'``. Within one
+    contrast ``auto`` stays: with ``cross_contrast`` False it keeps local NCC unless the
+    intensities run opposite ways (an infant's T1w). The linear modes keep ``auto`` (there
+    MIND, when ``auto`` picked it, aligned no worse)."""
     options = dict(refine_options or {})
     if options.get('cross_contrast') is None:
         options['cross_contrast'] = image_type != 'T1w'
     if mode in ('joint', 'deform') and options.get('refine_metric', 'auto') == 'auto':
-        options['refine_metric'] = 'mind' if options['cross_contrast'] else 'lncc'
+        options['refine_metric'] = 'mind' if options['cross_contrast'] else 'auto'
     return options
 
 
