@@ -219,8 +219,10 @@ def register(
     cross_contrast
         Whether the two images differ in MRI contrast: True makes the deformable refinement run
         at :func:`.optimise.cross_contrast_lambda` of ``lam`` (0.5 acts as 0.7), so that what
-        only the contrasts make look different does not pull the field; False keeps ``lam``;
-        None (auto) takes True where the refinement's similarity check picks MIND.
+        only the contrasts make look different does not pull the field; False keeps ``lam``,
+        and lets ``refine_metric='auto'`` keep LNCC unless the intensities run opposite ways
+        (:func:`.similarity.auto_threshold`); None (auto) takes True where the refinement's
+        similarity check picks MIND.
     passes
         How many times the deformable network runs (joint and deform modes): each further pass
         predicts a velocity between the moving image warped by the velocity so far and the
