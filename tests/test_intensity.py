@@ -116,7 +116,10 @@ def test_mp2rage_background_does_not_move_the_affine(shared_data):
     data = t1w.get_fdata(dtype=np.float32)
     uni = _uni_background(data, np.random.default_rng(0))
     points = np.random.default_rng(1).uniform(-60, 60, (500, 3))
-    found = [register(nb.Nifti1Image(d, t1w.affine), template, mode='affine', refine=15,
-                      refine_metric='lncc').forward.map_points(points) for d in (data, uni)]
+    results = [register(nb.Nifti1Image(d, t1w.affine), template, mode='affine', refine=15,
+                        refine_metric='lncc') for d in (data, uni)]
+    found = [r.forward.map_points(points) for r in results]
     gap = np.linalg.norm(found[0] - found[1], axis=1)
     assert gap.mean() < 2.0, gap.mean()
+    assert 'noise_background_cleared' not in results[0].info
+    assert 0.4 < results[1].info['noise_background_cleared']['moving'] < 0.8

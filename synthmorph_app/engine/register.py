@@ -260,8 +260,8 @@ def register(
 
     with torch.inference_mode():
         with timer('preprocess'):
-            fixed_t, fixed_geom = _read_volume(fixed, fixed_out, device)
-            moving_t, moving_geom = _read_volume(moving, moving_out, device)
+            fixed_t, fixed_geom = _read_volume(fixed, fixed_out, device, 'fixed', info)
+            moving_t, moving_geom = _read_volume(moving, moving_out, device, 'moving', info)
 
         affine = np.eye(4) if init is None else init.affine.copy()
         start = affine.copy()
@@ -579,12 +579,19 @@ def _integrate(velocity, steps, velocity_to_mid, shape) -> torch.Tensor:
     return spatial.upsample_field(disp, velocity_to_mid, shape)
 
 
-def _read_volume(image, geometry: Geometry, device) -> tuple[torch.Tensor, Geometry]:
+def _read_volume(image, geometry: Geometry, device, side: str, info: dict):
     """An image's intensities as the engine works on them (:func:`.intensity.
     clean_intensities`, :func:`.intensity.clear_noisy_background`), its voxels in LIA order
-    (:func:`.spatial.lia_order`), and their grid."""
+    (:func:`.spatial.lia_order`), and their grid. A cleared background is logged and noted in
+    ``info['noise_background_cleared'][side]`` (the share of the voxels)."""
     data, grid = spatial.lia_order(np.asarray(image.dataobj, dtype=np.float32), geometry)
-    cleared = clear_noisy_background(clean_intensities(data), grid.voxel_sizes)
+    data = clean_intensities(data)
+    cleared = clear_noisy_background(data, grid.voxel_sizes)
+    if cleared is not data:
+        share = float(np.mean((cleared == 0) & (data != 0)))
+        info.setdefault('noise_background_cleared', {})[side] = round(share, 3)
+        LOGGER.info('%s: a background of noise (as in MP2RAGE UNI images) was set to 0 '
+                    '(%.0f %% of the voxels)', _named(image, f'{side} image'), 100 * share)
     return spatial.volume_tensor(cleared, device), grid
 
 
