@@ -17,6 +17,7 @@ from synthmorph_app.interfaces.derivatives import (
     DerivativesSink,
     derivative_paths,
     is_complete,
+    sidecar,
 )
 from synthmorph_app.interfaces.reports import ImageQC
 from synthmorph_app.interfaces.synthmorph import SynthMorphApply, SynthMorphRegister
@@ -110,3 +111,19 @@ def test_sink_interrupted_leaves_nothing_complete(tmp_path):
                          metadata={}, qc={})
     assert not is_complete(out, T1W, 'MNI152NLin6Asym', {'res': '2'})
     assert not [p for p in out.glob('**/*') if p.is_file()]
+
+
+@pytest.mark.parametrize('cleared', [None, {'moving': 0.61}])
+def test_sidecars_say_when_a_noise_background_was_cleared(tmp_path, cleared):
+    """An MP2RAGE-like background of noise set to 0 before registering is provenance: the
+    sidecars say so (with the share of the voxels), and say nothing otherwise."""
+    from synthmorph_app.interfaces.derivatives import save_derivatives
+
+    files = {key: str(T1W) for key in ('space_image', 'forward_xfm', 'inverse_xfm')}
+    metadata = {'mode': 'joint'} | ({'noise_background_cleared': cleared} if cleared else {})
+    save_derivatives(tmp_path, DEMO_DIR, T1W, 'MNI152NLin6Asym', {'res': '2'}, files,
+                     metadata=metadata, qc={})
+    paths = derivative_paths(tmp_path, T1W, 'MNI152NLin6Asym', {'res': '2'})
+    for key in ('space_image', 'forward_xfm'):
+        meta = json.loads(sidecar(paths[key]).read_text())
+        assert meta.get('NoiseBackgroundCleared') == cleared

@@ -178,6 +178,10 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
     }
     if common['Resolution'] is None:
         common.pop('Resolution')
+    if metadata.get('noise_background_cleared'):
+        # a background of noise (an MP2RAGE UNI image's) set to 0 before registering: the
+        # share of each image's voxels (engine.intensity.clear_noisy_background)
+        common['NoiseBackgroundCleared'] = metadata['noise_background_cleared']
     via = metadata.get('via')
     if via:  # registered through the T1w of its session (engine.register.register_via)
         uri = bids_uri(via['image'], bids_dir) if via.get('image') else None
