@@ -65,14 +65,16 @@ def clear_noisy_background(data: np.ndarray, voxel_sizes) -> np.ndarray:
     """
     from scipy import ndimage
 
+    from .masks import coarse_stride, upsample_coarse
+
     vox = np.asarray(voxel_sizes, dtype=float)
-    stride = [max(1, round(3.0 / v)) for v in vox]
+    stride = coarse_stride(vox, 3.0)
     small = data[:: stride[0], :: stride[1], :: stride[2]]
     bright = float(np.percentile(small, 99.5))
     if bright <= 0 or min(small.shape) < 3:
         return data
     residual = np.abs(small - ndimage.median_filter(small, size=3))
-    local = ndimage.gaussian_filter(residual, sigma=NOISE_SMOOTH_MM / (vox * stride))
+    local = ndimage.gaussian_filter(residual, sigma=NOISE_SMOOTH_MM / (vox * np.asarray(stride)))
     noisy = local > NOISE_LEVEL * bright
     if noisy.mean() < NOISY_SHARE:
         return data
@@ -82,9 +84,8 @@ def clear_noisy_background(data: np.ndarray, voxel_sizes) -> np.ndarray:
     noisy = np.isin(labels, border)
     if noisy.mean() < NOISY_SHARE:
         return data
-    index = [np.minimum(np.arange(n) // s, m - 1)
-             for n, s, m in zip(data.shape, stride, small.shape)]
-    return np.where(noisy[np.ix_(*index)], np.float32(0), data).astype(np.float32, copy=False)
+    cleared = upsample_coarse(noisy, stride, data.shape)
+    return np.where(cleared, np.float32(0), data).astype(np.float32, copy=False)
 
 
 def normalize_intensity(volume: torch.Tensor, upper_percentile: float = 99.9) -> torch.Tensor:

@@ -57,11 +57,14 @@ def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
     return float(centres[int(np.argmax(between[:-1]))])
 
 
-def _stride(grid: Geometry, target_mm: float) -> tuple[int, int, int]:
-    return tuple(max(1, round(target_mm / v)) for v in grid.voxel_sizes)
+def coarse_stride(voxel_sizes, target_mm: float) -> tuple[int, int, int]:
+    """Voxel steps per axis that sample a grid of ``voxel_sizes`` at about ``target_mm``."""
+    return tuple(max(1, round(target_mm / v)) for v in voxel_sizes)
 
 
-def _upsample(small: np.ndarray, stride, shape) -> np.ndarray:
+def upsample_coarse(small: np.ndarray, stride, shape) -> np.ndarray:
+    """A coarse array (``data[::stride]``) back on the full ``shape``: each coarse voxel
+    fills its block of ``stride`` voxels."""
     index = [np.minimum(np.arange(n) // s, m - 1) for n, s, m in zip(shape, stride, small.shape)]
     return small[np.ix_(*index)]
 
@@ -101,13 +104,13 @@ def head_mask(volume, grid: Geometry, *, top_mm: float = TOP_MM) -> np.ndarray:
     data = _as_array(volume)
     if data.shape != tuple(grid.shape):
         raise ValueError(f'volume shape {data.shape} does not match its grid {grid.shape}')
-    stride = _stride(grid, 3.0)
+    stride = coarse_stride(grid.voxel_sizes, 3.0)
     mask, _ = _head_small(data, grid, stride)
     if top_mm is not None and mask.any():
         sup = _superior(grid, data.shape, stride)
         top = np.percentile(sup[mask], 99.9)
         mask &= sup >= top - top_mm
-    return _upsample(mask, stride, data.shape)
+    return upsample_coarse(mask, stride, data.shape)
 
 
 def brain_weight(
@@ -129,7 +132,7 @@ def brain_weight(
     data = _as_array(volume)
     if data.shape != tuple(grid.shape):
         raise ValueError(f'volume shape {data.shape} does not match its grid {grid.shape}')
-    stride = _stride(grid, 3.0)
+    stride = coarse_stride(grid.voxel_sizes, 3.0)
     head, vox = _head_small(data, grid, stride)
     if not head.any():
         return np.zeros(data.shape, np.float32)
@@ -141,7 +144,7 @@ def brain_weight(
     soft = soft / max(float(soft.max()), 1e-6)
     cut = head & (sup >= top - top_mm)
     weight = np.where(cut, floor + (1 - floor) * soft, 0.0).astype(np.float32)
-    return _upsample(weight, stride, data.shape)
+    return upsample_coarse(weight, stride, data.shape)
 
 
 def mask_weight(
