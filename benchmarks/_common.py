@@ -573,6 +573,14 @@ def write_json(path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, default=_json_default) + '\n')
 
 
+def write_results(path, script: str, argv, rows: list[dict], **extra) -> None:
+    """Write a benchmark's figures to ``path``: the ``script`` name, its arguments (``argv``,
+    or ``sys.argv[1:]`` when None), the machine (:func:`environment`), the ``rows`` and any
+    ``extra`` fields (a summary, say)."""
+    write_json(path, {'script': script, 'argv': sys.argv[1:] if argv is None else argv,
+                      'environment': environment(), 'rows': rows, **extra})
+
+
 def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()

@@ -224,10 +224,7 @@ def main(argv=None):
                 print(f'figure: {args.figure}', flush=True)
                 figure_done = True
         summary = C.summarise(rows, [k for k, _, _ in SUMMARY[2:]])
-        C.write_json(args.json, {'script': 'contrast_bench',
-                                 'argv': sys.argv[1:] if argv is None else argv,
-                                 'environment': C.environment(), 'rows': rows,
-                                 'summary': summary})
+        C.write_results(args.json, 'contrast_bench', argv, rows, summary=summary)
     print()
     print(C.markdown(rows, COLUMNS))
     print()

@@ -105,9 +105,7 @@ def main(argv=None) -> int:
           f"(min {grads['min']:.1e}, max {grads['max']:.1e}); {grads['below_adam_eps']} of "
           f"{grads['parameters']} below Adam's eps 1e-8")
     if args.json:
-        C.write_json(args.json, {'script': 'deform_loss_check', 'argv': sys.argv[1:]
-                                 if argv is None else argv, 'environment': C.environment(),
-                                 'rows': rows, 'gradients': grads})
+        C.write_results(args.json, 'deform_loss_check', argv, rows, gradients=grads)
     return 0
 
 

@@ -97,9 +97,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{case}: register {res['register_s']:.1f} s, moved_image "
                   f"{res['moved_image_s']:.1f} s, peak {res['peak_mb']:.0f} MB", flush=True)
-    C.write_json(args.json, {'script': 'highres_bench',
-                             'argv': sys.argv[1:] if argv is None else argv,
-                             'environment': C.environment(), 'rows': rows})
+    C.write_results(args.json, 'highres_bench', argv, rows)
     print()
     print(C.markdown(rows, [('case', 'case', 0), ('register_s', 'register (s)', 1),
                             ('moved_image_s', 'moved_image (s)', 1),

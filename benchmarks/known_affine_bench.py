@@ -232,10 +232,8 @@ def main(argv=None) -> int:
                               f'{err:.2f} mm (max {worst:.2f}; before {before[0]:.1f}) '
                               f'{res["time"]:.1f} s', flush=True)
                     summary = summarise_errors(rows)
-                    C.write_json(args.json, {
-                        'script': 'known_affine_bench', 'mode': args.mode,
-                        'argv': sys.argv[1:] if argv is None else argv,
-                        'environment': C.environment(), 'rows': rows, 'summary': summary})
+                    C.write_results(args.json, 'known_affine_bench', argv, rows, mode=args.mode,
+                                    summary=summary)
     print()
     print(C.markdown(rows, COLUMNS))
     print()

@@ -122,9 +122,7 @@ def main(argv=None) -> int:
             metric = (row['deformable'] or {}).get('metric')
             print(f"sub-{sub} {name}: Dice affine {row['dice_aff']:.3f}, joint "
                   f"{row['dice']:.3f} ({metric}, {row['time']:.0f} s)", flush=True)
-            C.write_json(args.json, {'script': 'mni_head_bench',
-                                     'argv': sys.argv[1:] if argv is None else argv,
-                                     'environment': C.environment(), 'rows': rows})
+            C.write_results(args.json, 'mni_head_bench', argv, rows)
     summary = C.summarise(rows, ['dice_aff', 'dice'], by='setting')
     for row in summary:
         row['picked'] = ', '.join(sorted({(r['deformable'] or {}).get('metric') or '-'

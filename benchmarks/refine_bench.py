@@ -328,9 +328,7 @@ def main(argv=None):
         C.add_time_ratios(pair_rows, greedy='greedy')
         rows.extend(pair_rows)
         summary = C.summarise(rows, [k for k, _, _ in SUMMARY[2:] if k != 'worst_dice'])
-        C.write_json(args.json, {'script': 'refine_bench', 'argv': sys.argv[1:] if argv is None
-                                 else argv, 'environment': C.environment(), 'rows': rows,
-                                 'summary': summary})
+        C.write_results(args.json, 'refine_bench', argv, rows, summary=summary)
     report(rows)
     return 0
 

@@ -118,9 +118,7 @@ def main(argv=None) -> int:
                 print(f"slab {row['slab_mm']} mm from {start}, {mode}: error "
                       f"{C.fmt(row.get('error'), 2)} mm (before {before:.1f} mm), "
                       f'{elapsed:.1f} s', flush=True)
-                C.write_json(args.json, {'script': 'slab_bench', 'argv': sys.argv[1:]
-                                         if argv is None else argv,
-                                         'environment': C.environment(), 'rows': rows})
+                C.write_results(args.json, 'slab_bench', argv, rows)
     print()
     print(C.markdown(rows, [('slab_mm', 'slab (mm)', 0), ('start', 'first index', 0),
                             ('mode', 'mode', 0), ('error_before', 'error before (mm)', 1),
@@ -197,9 +195,7 @@ def contrast_main(args, argv) -> int:
                 rows.append(row)
                 print(f"sub-{sub} {contrast} slab {row['slab_mm']:.0f} mm ({count} slices): "
                       f"error {C.fmt(row.get('error'), 2)} mm, {elapsed:.1f} s", flush=True)
-                C.write_json(args.json, {'script': 'slab_bench --contrast',
-                                         'argv': sys.argv[1:] if argv is None else argv,
-                                         'environment': C.environment(), 'rows': rows})
+                C.write_results(args.json, 'slab_bench --contrast', argv, rows)
     print()
     print(C.markdown(rows, [('subject', 'subject', 0), ('contrast', 'contrast', 0),
                             ('slab_mm', 'slab (mm)', 0), ('error', 'mean error (mm)', 2),

@@ -139,8 +139,7 @@ def main(argv=None) -> int:
         print(f"| {r['mode']} | {r['method']} | {r['variant']} | {r['mean']:.3f} | "
               f"{r['p95']:.3f} | {r['max']:.2f} | {r['over_2mm']:.2f} |")
     if args.json:
-        C.write_json(args.json, {'command': ' '.join(sys.argv), 'environment': C.environment(),
-                                 'subject': args.subject, 'rows': rows})
+        C.write_results(args.json, 'storage_bench', argv, rows, subject=args.subject)
     return 0
 
 

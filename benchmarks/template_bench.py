@@ -168,9 +168,7 @@ def main(argv=None):
                 C.print_row(row, ('dice', 'mind_ncc', 'sd_logj', 'fold_brain', 'fold_grid'))
             C.add_time_ratios(pair_rows)
             rows.extend(pair_rows)
-            C.write_json(args.json, {'script': 'template_bench',
-                                     'argv': sys.argv[1:] if argv is None else argv,
-                                     'environment': C.environment(), 'rows': rows})
+            C.write_results(args.json, 'template_bench', argv, rows)
     print()
     print(C.markdown(rows, COLUMNS))
     return 0

@@ -79,9 +79,7 @@ def main(argv=None) -> int:
         print(f"slices {rows[-1]['slice_mm']:.1f} mm: {rows[-1]['mean_mm']:.2f} mm mean, "
               f"{rows[-1]['p95_mm']:.2f} mm 95th percentile from the first, {elapsed:.0f} s",
               flush=True)
-        C.write_json(args.json, {'script': 'thick_slice_bench',
-                                 'argv': sys.argv[1:] if argv is None else argv,
-                                 'environment': C.environment(), 'rows': rows})
+        C.write_results(args.json, 'thick_slice_bench', argv, rows)
     print()
     print(C.markdown(rows, [('slice_mm', 'slice (mm)', 1), ('mean_mm', 'mean (mm)', 2),
                             ('p95_mm', '95th percentile (mm)', 2), ('time', 'time (s)', 0)]))
