@@ -108,13 +108,7 @@ def main(argv=None) -> int:
                                                  args, mode)
                 row = {'slab_mm': stop - start, 'start': start, 'mode': mode,
                        'options': args.options, 'error_before': before, 'time': elapsed}
-                if xfm is None:
-                    row['failed'] = failed
-                else:
-                    found = xfm.map_points(ras)
-                    err = np.linalg.norm(found - expected, axis=1)
-                    row.update(error=float(err.mean()), error_max=float(err.max()))
-                rows.append(row)
+                rows.append(_scored(row, xfm, failed, ras, expected))
                 print(f"slab {row['slab_mm']} mm from {start}, {mode}: error "
                       f"{C.fmt(row.get('error'), 2)} mm (before {before:.1f} mm), "
                       f'{elapsed:.1f} s', flush=True)
@@ -124,6 +118,17 @@ def main(argv=None) -> int:
                             ('mode', 'mode', 0), ('error_before', 'error before (mm)', 1),
                             ('error', 'mean error (mm)', 2), ('error_max', 'max (mm)', 2)]))
     return 0
+
+
+def _scored(row: dict, xfm, failed: str, points: np.ndarray, expected: np.ndarray) -> dict:
+    """``row`` with the mean and largest distance (mm) between where ``xfm`` maps ``points``
+    and ``expected``, or with why the registration failed (``xfm`` None)."""
+    if xfm is None:
+        row['failed'] = failed
+    else:
+        err = np.linalg.norm(xfm.map_points(points) - expected, axis=1)
+        row.update(error=float(err.mean()), error_max=float(err.max()))
+    return row
 
 
 def _register(moving, fixed, out, args, mode: str = 'rigid') -> tuple[object, float, str]:
@@ -186,13 +191,7 @@ def contrast_main(args, argv) -> int:
                 row = {'subject': sub, 'contrast': contrast, 'slab_mm': count * spacing,
                        'slices': count, 'points': int(inside.sum()), 'options': args.options,
                        'time': elapsed}
-                if found is None:
-                    row['failed'] = failed
-                else:
-                    err = found.map_points(ras[inside]) - expected[inside]
-                    err = np.linalg.norm(err, axis=1)
-                    row.update(error=float(err.mean()), error_max=float(err.max()))
-                rows.append(row)
+                rows.append(_scored(row, found, failed, ras[inside], expected[inside]))
                 print(f"sub-{sub} {contrast} slab {row['slab_mm']:.0f} mm ({count} slices): "
                       f"error {C.fmt(row.get('error'), 2)} mm, {elapsed:.1f} s", flush=True)
                 C.write_results(args.json, 'slab_bench --contrast', argv, rows)
