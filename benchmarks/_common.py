@@ -188,7 +188,8 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
     torch.set_num_threads(args.threads)
     mimg = load_image(args.moving, kind='moving image')
     fimg = load_image(args.fixed, kind='fixed image')
-    masks = load_masks(args.fixed_mask, args.moving_mask)
+    masks = load_masks(args.fixed_mask, args.moving_mask, fixed_lesion=args.fixed_lesion_mask,
+                       moving_lesion=args.moving_lesion_mask)
     t0 = time.perf_counter()
     result = run_registration(args, mimg, fimg, masks=masks)
     elapsed = time.perf_counter() - t0
@@ -200,7 +201,8 @@ def run_register(moving: str, fixed: str, mode: str, threads: int = 1,
 
 
 def run_greedy(moving: str, fixed: str, metric: str = 'NCC 2x2x2', threads: int = 1,
-               deformable: bool = True, dof: int = 12, init: str = 'image-centers') -> dict:
+               deformable: bool = True, dof: int = 12, init: str = 'image-centers',
+               moving_mask: str | None = None) -> dict:
     """``picsl_greedy``: ``dof``-DOF linear stage (12: affine, 6: rigid), then the deformable step.
 
     ``init`` starts the linear stage: ``'image-centers'`` (``-ia-image-centers``) or
@@ -208,12 +210,15 @@ def run_greedy(moving: str, fixed: str, metric: str = 'NCC 2x2x2', threads: int 
     ``-ia-moments``), then a rigid stage from it, which starts the ``dof`` stage (from the
     centres of mass alone, greedy's 12-DOF NMI and MI diverge on FLAIR -> MNI).
 
-    Both use ``-n 100x50x10 -m METRIC`` and greedy's default smoothing. Returns the full
-    transform, with ``affine_time`` the time of the affine stage.
+    Both use ``-n 100x50x10 -m METRIC`` and greedy's default smoothing; ``moving_mask`` (a
+    file) is passed as ``-mm`` to both stages (moving pixels outside it leave the metric).
+    Returns the full transform, with ``affine_time`` the time of the affine stage.
     """
     from picsl_greedy import Greedy3D
 
     base = f'-threads {threads} -d 3 -i {fixed} {moving} -n {GREEDY_ITERATIONS} -m {metric}'
+    if moving_mask:
+        base += f' -mm {moving_mask}'
     with tempfile.TemporaryDirectory() as tmp, quiet():
         aff, warp = f'{tmp}/aff.mat', f'{tmp}/warp.nii.gz'
         t0 = time.perf_counter()
@@ -238,9 +243,10 @@ def run_greedy(moving: str, fixed: str, metric: str = 'NCC 2x2x2', threads: int 
 
 
 def run_ants(moving: str, fixed: str, transform: str = 'SyN', threads: int = 1,
-             **kwargs) -> dict:
+             moving_mask: str | None = None, **kwargs) -> dict:
     """antspyx ``registration(fixed, moving, transform, **kwargs)`` (its defaults otherwise:
-    ``mattes`` MI for the affine and SyN stages), deterministic."""
+    ``mattes`` MI for the affine and SyN stages), deterministic. ``moving_mask`` (a file) is
+    read and passed as antspyx's ``moving_mask`` for every stage (``mask_all_stages``)."""
     os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(threads)
     import ants
 
@@ -248,6 +254,8 @@ def run_ants(moving: str, fixed: str, transform: str = 'SyN', threads: int = 1,
 
     ants.config.set_ants_deterministic(True, 42)
     fimg, mimg = ants.image_read(str(fixed)), ants.image_read(str(moving))
+    if moving_mask:
+        kwargs.update(moving_mask=ants.image_read(str(moving_mask)), mask_all_stages=True)
     with tempfile.TemporaryDirectory() as tmp, quiet():
         t0 = time.perf_counter()
         reg = ants.registration(fimg, mimg, transform, outprefix=f'{tmp}/x_', **kwargs)

@@ -206,6 +206,15 @@ examples:
     p.add_argument('--moving-mask', metavar='FILE',
                    help='brain mask of the moving image, likewise (it weights the affine '
                         'refinement; the deformable one weighs by the fixed image)')
+    p.add_argument('--moving-lesion-mask', metavar='FILE',
+                   help='lesion mask of the moving image (a stroke, a resection cavity, a '
+                        'tumour; same world space, any grid, non-zero in the lesion): the '
+                        'refinement leaves the lesion and a 2 mm rim out of its similarity '
+                        '(cost-function masking, as ANTs -x), so the healthy brain around it '
+                        'is not pulled into it; the field there follows its surroundings. '
+                        'The BIDS-App takes it from sub-<label>_label-lesion_roi.nii.gz')
+    p.add_argument('--fixed-lesion-mask', metavar='FILE',
+                   help='lesion mask of the fixed image, likewise')
     p.add_argument('--via', metavar='FILE',
                    help='another image of the same person in the T1w-like contrast of FIXED '
                         '(e.g. the T1w of the session of a FLAIR): MOVING is aligned to it '

@@ -172,10 +172,15 @@ def run_register(args) -> int:
 
     moving = load_image(args.moving, kind='moving image')
     fixed = load_image(args.fixed, kind='fixed image')
-    masks = load_masks(args.fixed_mask, args.moving_mask)
+    masks = load_masks(args.fixed_mask, args.moving_mask, fixed_lesion=args.fixed_lesion_mask,
+                       moving_lesion=args.moving_lesion_mask)
     if masks and not args.refine:
-        LOGGER.warning('--fixed-mask/--moving-mask weight the refinement only: with --refine 0 '
-                       'they change nothing')
+        LOGGER.warning('--fixed-mask/--moving-mask and the lesion masks weight the refinement '
+                       'only: with --refine 0 they change nothing')
+    if args.via and args.moving_lesion_mask:
+        raise SynthMorphError('--moving-lesion-mask cannot be combined with --via (the lesion '
+                              'would have to follow the image through both registrations): '
+                              'register the via image with it instead')
     init = None
     if args.init not in INIT_METHODS:
         init = load_transform(

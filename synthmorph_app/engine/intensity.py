@@ -5,6 +5,7 @@ same, made robust to a few very bright voxels (vessels, fat, artefacts) by using
 percentile instead of the maximum. Before that, :func:`clean_intensities` puts the background at
 0 and cuts artefacts far outside the tissue's range, which the head masks, the similarity and
 the zero fill outside each field of view would otherwise take for anatomy.
+:func:`fill_lesion` fills a lesion the user marks with the tissue around it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,50 @@ def clear_noisy_background(data: np.ndarray, voxel_sizes) -> np.ndarray:
         return data
     cleared = upsample_coarse(noisy, stride, data.shape)
     return np.where(cleared, np.float32(0), data).astype(np.float32, copy=False)
+
+
+#: Scales (mm) of :func:`fill_lesion`'s normalised convolutions, fine to coarse, and the grid
+#: (mm) it works on.
+FILL_SCALES_MM = (4.0, 8.0, 16.0, 32.0)
+FILL_GRID_MM = 4.0
+
+
+def fill_lesion(data: np.ndarray, keep: np.ndarray, voxel_sizes) -> np.ndarray:
+    """``data`` with what ``keep`` (in [0, 1], 0 in a lesion) leaves out filled in smoothly
+    from the tissue around it (a new float32 array).
+
+    The fill is a normalised convolution, ``G * (data keep) / G * keep``, at each of
+    :data:`FILL_SCALES_MM` (Gaussian SD), the finest where enough tissue lies near, coarser
+    deeper inside a large lesion; computed on a grid of about :data:`FILL_GRID_MM` mm and
+    blended in by ``1 - keep``. It is featureless by design: a lesion's own contrast (a dark
+    cavity, a bright tumour) no longer reaches the surrounding tissue through a similarity's
+    windows and blurs, nor the networks, and nothing in it looks like anatomy.
+    """
+    from scipy import ndimage
+
+    from .masks import coarse_stride
+
+    data = np.asarray(data, dtype=np.float32)
+    keep = np.clip(np.asarray(keep, dtype=np.float32), 0.0, 1.0)
+    stride = coarse_stride(voxel_sizes, FILL_GRID_MM)
+    small = tuple(slice(None, None, s) for s in stride)
+    coarse_mm = np.asarray(voxel_sizes, dtype=float) * np.asarray(stride)
+    weight = keep[small].astype(np.float64)
+    values = data[small] * weight
+    fill = None
+    for scale in reversed(FILL_SCALES_MM):  # coarse to fine
+        sigma = scale / coarse_mm
+        den = ndimage.gaussian_filter(weight, sigma, mode='constant')
+        est = ndimage.gaussian_filter(values, sigma, mode='constant') / np.maximum(den, 1e-6)
+        # trust this scale where its kernel holds at least half a kernel of tissue
+        trust = np.clip(2 * den, 0.0, 1.0)
+        fill = est if fill is None else trust * est + (1 - trust) * fill
+    out = data.copy()
+    where = np.nonzero(keep < 1)
+    coords = np.stack(where).astype(np.float64) / np.asarray(stride, dtype=float)[:, None]
+    filled = ndimage.map_coordinates(fill, coords, order=1, mode='nearest')
+    out[where] = keep[where] * data[where] + (1 - keep[where]) * filled
+    return out
 
 
 def normalize_intensity(volume: torch.Tensor, upper_percentile: float = 99.9) -> torch.Tensor:

@@ -13,6 +13,9 @@ under a second at 2 mm:
 * :func:`mask_weight`: the same floor over the head, but 1 inside a brain mask the user gives
   (a template's ``desc-brain_mask``, a mask from skull-stripping), in place of the rough
   estimate: the exact brain, cortex included, and nothing of the skull.
+* :func:`lesion_keep`: 0 inside a lesion mask the user gives (a stroke, a resection cavity, a
+  tumour), 1 elsewhere: multiplied into a weight, it takes the lesion out of the similarity
+  (cost-function masking, as ANTs' ``-x`` and fMRIPrep's ``label-lesion_roi`` do).
 
 Both assume a head roughly upright in world space (superior = +S), as in scanner coordinates;
 the affine search in :mod:`.optimise` rotates only within its range around that. They run in
@@ -188,6 +191,45 @@ def mask_weight(
         brain = np.clip(brain / float(brain.max()), 0.0, 1.0)
     head = head_mask(data, grid, top_mm=top_mm)
     return np.where(head, floor + (1 - floor) * brain, brain).astype(np.float32)
+
+
+#: Margin (mm) around a given lesion that leaves the similarity too: the mask's edge and the
+#: tissue just around a lesion (oedema, gliosis, a rim of partial volume) are rarely normal.
+LESION_MARGIN_MM = 2.0
+
+
+def lesion_keep(mask, grid: Geometry, *, margin_mm: float = LESION_MARGIN_MM,
+                what: str = 'lesion mask') -> np.ndarray:
+    """What of ``grid`` a lesion mask leaves to the similarity: 0 in the lesion, 1 elsewhere.
+
+    ``mask`` is a 3D nibabel image in the world space of the image on ``grid`` (any grid):
+    values within [0, 1] count as lesion probabilities, a map with larger values (labels) as
+    lesion where non-zero. It is resampled linearly by world coordinates and grown by
+    ``margin_mm`` (a grey-value dilation: the lesion's largest value within that distance).
+    Raises :class:`InputImageError` naming ``what`` when the mask marks no voxel of the image
+    (empty, or in another world space).
+    """
+    values = np.asarray(mask.dataobj, dtype=np.float32).reshape(mask.shape[:3])
+    values = np.nan_to_num(values, nan=0.0)
+    if float(values.max()) > 1.0:
+        values = (values != 0).astype(np.float32)
+    values = np.clip(values, 0.0, 1.0)
+    with torch.inference_mode():
+        lesion = spatial.resample_linear(
+            torch.as_tensor(values)[None, None], Geometry.from_image(mask), grid
+        )[0, 0].numpy()
+    if float(lesion.max()) < 0.5:
+        raise InputImageError(
+            f'The {what} marks no voxel of its image: it must be non-zero in the lesion and '
+            'lie in the same world space as the image (a mask drawn on that image).'
+        )
+    if margin_mm > 0:
+        radius = np.asarray(margin_mm) / np.asarray(grid.voxel_sizes, dtype=float)
+        r = np.maximum(np.floor(radius), 0).astype(int)
+        offsets = np.indices(2 * r + 1).reshape(3, -1).T - r
+        ball = (((offsets / np.maximum(radius, 1e-6)) ** 2).sum(axis=1) <= 1.0).reshape(2 * r + 1)
+        lesion = ndimage.grey_dilation(lesion, footprint=ball)
+    return (1.0 - lesion).astype(np.float32)
 
 
 def similarity_weight(

@@ -877,6 +877,7 @@ def optimise_svf(
     iterations: Sequence[int] = (60, 40, 20),
     symmetric: bool = False,
     weight=None,
+    moving_weight=None,
     steps: int = 7,
     lr: float = 0.2,
     margin_mm: float = 16.0,
@@ -912,6 +913,11 @@ def optimise_svf(
         Weight of the similarity on ``grid`` (e.g. :func:`.masks.similarity_weight` of the
         fixed image). The field lives in the bounding box of ``weight > 0.01`` plus
         ``margin_mm`` and tapers to zero over that margin; None: the whole grid, uniform.
+    moving_weight
+        A weight on ``grid`` that belongs to the moving image (e.g. 0 in a lesion of it,
+        :func:`.masks.lesion_keep`, resampled like ``moving``): warped along with the moving
+        image at every step and multiplied into ``weight``, so it follows the tissue it
+        marks as the field moves it.
     steps
         Scaling-and-squaring steps (as ``spatial.integrate_svf``).
     lr
@@ -974,6 +980,7 @@ def optimise_svf(
         )
     device = fixed.device
     w = _weight_tensor(weight, grid.shape, device, 'weight')
+    mw = _weight_tensor(moving_weight, grid.shape, device, 'moving_weight')
     if init_velocity is not None and tuple(init_velocity.shape) != (1, 3, *grid.shape):
         raise ValueError(
             f'init_velocity must be {(1, 3, *grid.shape)}, got {tuple(init_velocity.shape)}'
@@ -987,6 +994,7 @@ def optimise_svf(
     mov = moving[(..., *sl)]
     fix = fixed[(..., *sl)]
     wroi = w[(..., *sl)] if w is not None else None
+    mwroi = mw[(..., *sl)] if mw is not None else None
     mov = _normalise(mov, wroi)
     fix = _normalise(fix, wroi)
     vox = [float(v) for v in grid.voxel_sizes]
@@ -1006,6 +1014,8 @@ def optimise_svf(
         m_l = _resize(blur(mov, sig), shape)
         f_l = _resize(blur(fix, sig), shape)
         w_l = _resize(wroi, shape) if wroi is not None else torch.ones_like(f_l)
+        # the moving image and its own weight, sampled together by each step's field
+        mcat = m_l if mwroi is None else torch.cat([m_l, _resize(mwroi, shape)], dim=1)
         # the inner box on this level, its voxel positions on the level and field grids
         ratio = [(n - 1) / max(m - 1, 1) for n, m in zip(roi_shape, shape)]
         a = [min(math.ceil(lo_ / r), m - 1) for lo_, r, m in zip(in_lo, ratio, shape)]
@@ -1031,13 +1041,15 @@ def optimise_svf(
         f_in, w_in = f_l[(..., *inner)], w_l[(..., *inner)]
         if chosen is None:
             with torch.no_grad():
-                m_chk = m_l[(..., *inner)]
                 if velocity is not None:
                     vel = spatial.resize_field(velocity, vshape)
                     m_chk = spatial.sample_grid(
-                        m_l, pos + level_disp(spatial.integrate_svf(vel, steps))
+                        mcat, pos + level_disp(spatial.integrate_svf(vel, steps))
                     )
-                chosen = _resolve_metric(metric, m_chk, f_in, w_in, cross_contrast)
+                else:
+                    m_chk = mcat[(..., *inner)]
+                w_chk = w_in if mwroi is None else w_in * m_chk[:, 1:]
+                chosen = _resolve_metric(metric, m_chk[:, :1], f_in, w_chk, cross_contrast)
         if lam_used is None:
             across = (chosen == 'mind') if cross_contrast is None else bool(cross_contrast)
             lam_used = cross_contrast_lambda(lam) if across else float(lam)
@@ -1066,14 +1078,17 @@ def optimise_svf(
             if symmetric:
                 fwd = level_disp(_exp(v / 2, half_steps, exact_gradient))
                 bwd = level_disp(_exp(-v / 2, half_steps, exact_gradient))
-                moved = dissim.features(spatial.sample_grid(m_l, pos + fwd))
+                moved = spatial.sample_grid(mcat, pos + fwd)
                 # the weight rides along with the fixed image (one sampling, no gradient)
                 target = spatial.sample_grid(fcat, pos + bwd)
                 target, wt = dissim.features(target[:, :1]), target[:, 1:].detach()
             else:
                 disp = level_disp(_exp(v, steps, exact_gradient))
-                moved = dissim.features(spatial.sample_grid(m_l, pos + disp))
+                moved = spatial.sample_grid(mcat, pos + disp)
                 target, wt = ffeat, w_in
+            if mwroi is not None:
+                wt = wt * moved[:, 1:].detach()
+            moved = dissim.features(moved[:, :1])
             sim = dissim(moved, target, wt)
             loss = (1 - lam_used) * sim + lam_used * SMOOTHNESS_SCALE * _smoothness(v, vspacing)
             (loss * scale).backward()

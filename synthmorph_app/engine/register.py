@@ -35,6 +35,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import nibabel as nb
 import numpy as np
@@ -166,6 +167,8 @@ def register(
     refine_weight: str = 'brain',
     fixed_mask: nb.spatialimages.SpatialImage | None = None,
     moving_mask: nb.spatialimages.SpatialImage | None = None,
+    fixed_lesion_mask: nb.spatialimages.SpatialImage | None = None,
+    moving_lesion_mask: nb.spatialimages.SpatialImage | None = None,
     cross_contrast: bool | None = None,
     passes: int = 1,
     device: str | torch.device | None = 'cpu',
@@ -216,6 +219,15 @@ def register(
         refinement stages, the moving mask the affine one (the deformable stage weighs the
         mid-space by the fixed image). A template's brain mask as ``fixed_mask`` raised mean
         Dice on whole-head T1w pairs (``benchmarks/README.md``). Used only with ``refine``.
+    fixed_lesion_mask, moving_lesion_mask
+        Lesion masks (3D images in the world space of ``fixed``/``moving``, any grid, non-zero
+        in a stroke, a resection cavity, a tumour): the refinement leaves the lesion and a
+        :data:`.masks.LESION_MARGIN_MM` rim out of the similarity (cost-function masking), in
+        both stages; the moving one travels with the moving image as the field moves it. The
+        field there follows its surroundings (the smoothness term). The networks and the
+        refinement see each lesion filled from the tissue around it
+        (:func:`.intensity.fill_lesion`), so its own contrast does not reach its surroundings
+        through blurs and similarity windows. ``info['lesion_masks']`` names the sides.
     cross_contrast
         Whether the two images differ in MRI contrast: True makes the deformable refinement run
         at :func:`.optimise.cross_contrast_lambda` of ``lam`` (0.5 acts as 0.7), so that what
@@ -262,6 +274,14 @@ def register(
         with timer('preprocess'):
             fixed_t, fixed_geom = _read_volume(fixed, fixed_out, device, 'fixed', info)
             moving_t, moving_geom = _read_volume(moving, moving_out, device, 'moving', info)
+            # lesions filled from the tissue around them, and left out of the similarity
+            fixed_keep, fixed_t = _lesion_keep(fixed_lesion_mask, fixed_t, fixed_geom, 'fixed')
+            moving_keep, moving_t = _lesion_keep(moving_lesion_mask, moving_t, moving_geom,
+                                                 'moving')
+            lesions = [side for side, keep in (('fixed', fixed_keep), ('moving', moving_keep))
+                       if keep is not None]
+            if lesions:
+                info['lesion_masks'] = lesions
 
         affine = np.eye(4) if init is None else init.affine.copy()
         start = affine.copy()
@@ -300,6 +320,10 @@ def register(
                 moving_w = masks.similarity_weight(
                     moving_t, moving_geom, refine_weight, mask=moving_mask,
                     what=_named(moving_mask, 'moving mask'))
+                if fixed_keep is not None:
+                    fixed_w = fixed_w * fixed_keep
+                if moving_keep is not None:
+                    moving_w = moving_w * moving_keep
             if mode in ('joint', 'affine', 'rigid'):
                 affine = _refine_affine(
                     timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w,
@@ -313,6 +337,7 @@ def register(
                                                              ('moving', moving_mask))
                                         if m is not None],
                               'cross_contrast': cross_contrast}
+
 
         if mode in ('affine', 'rigid'):
             forward = Transform(affine=affine, reference=fixed_out, moving=moving_out)
@@ -373,6 +398,10 @@ def register(
                 used = {}
                 mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=to_fixed)
                 mid_w = mid_w * _moving_fov(moving_t, moving_geom, mid, to_moving)
+                mid_keep = None
+                if moving_keep is not None:  # warped with the moving image at every step
+                    mid_keep = spatial.resample_linear(moving_keep, moving_geom, mid,
+                                                       matrix=to_moving)
                 with torch.inference_mode(False):
                     # the velocity on its box (about 60 % of the 256 mm cube for a head):
                     # integrated there below, same result as on the whole grid
@@ -381,6 +410,7 @@ def register(
                         init_velocity=None if init_velocity is None else init_velocity.clone(),
                         lam=lam, steps=steps, metric=refine_metric, levels=levels,
                         iterations=iterations, weight=mid_w.clone(),
+                        moving_weight=None if mid_keep is None else mid_keep.clone(),
                         velocity_factor=_velocity_factors(levels, fixed_geom, moving_geom),
                         crop=True, cross_contrast=cross_contrast, report=used,
                         verbose=LOGGER.isEnabledFor(logging.INFO),
@@ -428,6 +458,7 @@ def register_via(
     fixed: nb.spatialimages.SpatialImage,
     *,
     second: RegistrationResult | None = None,
+    via_lesion_mask: nb.spatialimages.SpatialImage | None = None,
     **options,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` through ``via``, another image of the same person.
@@ -440,7 +471,9 @@ def register_via(
     contrast (12 FLAIRs onto the whole-head MNI152NLin6Asym: mean Dice 0.581 directly, 0.652
     through their T1w, every subject higher; ``benchmarks/README.md``, "Session 23"). The
     rigid stage uses the refinement's iterations, weight, metric (``'auto'`` picks MIND across
-    contrasts), device, extent and rigid model of ``options``, and ``moving_mask`` if given.
+    contrasts), device, extent and rigid model of ``options``, and ``moving_mask`` and
+    ``moving_lesion_mask`` if given; ``via_lesion_mask`` (a lesion of ``via``, e.g. drawn on
+    the T1w) is the second registration's ``moving_lesion_mask``.
 
     ``second``: the registration of ``via`` to ``fixed`` where it is already at hand (e.g. from
     :mod:`.cache`); otherwise it is computed here.
@@ -449,11 +482,12 @@ def register_via(
     ``via ``. The result has no mid-space transforms.
     """
     rigid_keys = ('refine', 'refine_weight', 'extent', 'weights', 'device', 'init_method')
-    first = register(moving, via, mode='rigid', moving_mask=options.get('moving_mask'),
-                     **{k: options[k] for k in rigid_keys if k in options})
+    moving_side = ('moving_mask', 'moving_lesion_mask')
+    first = register(moving, via, mode='rigid',
+                     **{k: options[k] for k in (*rigid_keys, *moving_side) if k in options})
     if second is None:
-        second = register(via, fixed,
-                          **{k: v for k, v in options.items() if k != 'moving_mask'})
+        second = register(via, fixed, moving_lesion_mask=via_lesion_mask,
+                          **{k: v for k, v in options.items() if k not in moving_side})
     matrix = first.forward.affine  # via points -> moving points
     moving_geom = Geometry.from_image(moving)
     forward = second.forward.then_linear(matrix, moving=moving_geom)
@@ -474,6 +508,25 @@ def _named(image, kind: str) -> str:
         return kind
     name = (getattr(image, 'extra', None) or {}).get('source') or image.get_filename()
     return f'{kind} <{name}>' if name else kind
+
+
+def _lesion_keep(mask, volume: torch.Tensor, geometry: Geometry, side: str):
+    """``(keep, volume)``: :func:`.masks.lesion_keep` of a lesion mask on the image's grid (a
+    tensor like ``volume``) and the image with the lesion filled (:func:`.intensity.
+    fill_lesion`); ``(None, volume)`` without a mask."""
+    if mask is None:
+        return None, volume
+    from . import masks
+    from .intensity import fill_lesion
+
+    keep = masks.lesion_keep(mask, geometry, what=_named(mask, f'{side} lesion mask'))
+    data = volume[0, 0].detach().cpu().numpy()
+    filled = fill_lesion(data, keep, geometry.voxel_sizes)
+    LOGGER.info('%s: %.1f ml left out of the similarity and filled from the tissue around it',
+                _named(mask, f'{side} lesion mask'),
+                float((keep < 0.5).sum()) * float(np.prod(geometry.voxel_sizes)) / 1000)
+    as_tensor = partial(torch.as_tensor, device=volume.device, dtype=volume.dtype)
+    return as_tensor(keep)[None, None], as_tensor(filled)[None, None]
 
 
 def _moving_fov(moving_t, moving_geom, grid, matrix, erode_mm: float = FOV_ERODE_MM):

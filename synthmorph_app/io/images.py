@@ -160,11 +160,14 @@ def _check_orientation(img, what: str) -> None:
             )
 
 
-def load_masks(fixed=None, moving=None) -> dict:
-    """The brain masks given (paths or None), checked by :func:`load_image`, as the
-    ``fixed_mask``/``moving_mask`` keywords of ``engine.register.register``."""
-    return {f'{side}_mask': load_image(path, kind=f'{side} mask')
-            for side, path in (('fixed', fixed), ('moving', moving)) if path}
+def load_masks(fixed=None, moving=None, *, fixed_lesion=None, moving_lesion=None) -> dict:
+    """The brain and lesion masks given (paths or None), checked by :func:`load_image`, as the
+    ``fixed_mask``/``moving_mask``/``fixed_lesion_mask``/``moving_lesion_mask`` keywords of
+    ``engine.register.register``."""
+    given = (('fixed_mask', fixed, 'fixed mask'), ('moving_mask', moving, 'moving mask'),
+             ('fixed_lesion_mask', fixed_lesion, 'fixed lesion mask'),
+             ('moving_lesion_mask', moving_lesion, 'moving lesion mask'))
+    return {key: load_image(path, kind=kind) for key, path, kind in given if path}
 
 
 def _clean_header(img) -> nb.Nifti1Header | None:
