@@ -274,3 +274,42 @@ def test_missing_subject_message_names_the_selection(tmp_path):
     assert ('sub-01: no T1w image selected, not processed (its anatomical images in the selected '
             'session(s) 2: sub-01_ses-2_T2w.nii.gz; choose contrasts with --contrasts).'
             ) in res.stderr
+
+
+@pytest.mark.slow
+def test_lesion_mask_is_found_used_and_recorded(tmp_path):
+    """A ``label-lesion_roi`` beside a T1w (as fMRIPrep reads it; outside the BIDS schema, so
+    the input check lets it pass, as it does what ``.bidsignore`` lists): the plan names it,
+    the registration uses it, the sidecars name it, the methods text says so; the other
+    subject has none."""
+    bids = tmp_path / 'bids'
+    shutil.copytree(DEMO_DIR, bids)
+    anat = bids / 'sub-01' / 'anat'
+    t1w = nb.load(anat / 'sub-01_T1w.nii.gz')
+    data = t1w.get_fdata()
+    ijk = np.indices(data.shape).reshape(3, -1).T
+    world = nb.affines.apply_affine(t1w.affine, ijk)
+    head = data.reshape(-1) > np.percentile(data, 70)
+    centre = world[head].mean(axis=0) + np.array([30.0, 0.0, 15.0])
+    ball = (np.linalg.norm(world - centre, axis=1) < 12).reshape(data.shape)
+    nb.save(nb.Nifti1Image(ball.astype(np.uint8), t1w.affine),
+            anat / 'sub-01_label-lesion_roi.nii.gz')
+    (anat / 'notes.txt').write_text('scanned twice\n')
+    (bids / '.bidsignore').write_text('*.txt\n')
+    out = tmp_path / 'out'
+    args = [bids, out, 'participant', '--mode', 'affine', '--no-figures', '-w',
+            tmp_path / 'work', *FAST]
+    plan = _run([*args, '--dry-run'], tmp_path)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert 'sub-01_T1w.nii.gz -> MNI152NLin6Asym:res-2 (lesion mask ' \
+        'sub-01_label-lesion_roi.nii.gz)' in plan.stdout
+    run = _run(args, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sidecars = {sub: json.loads((out / f'sub-{sub}' / 'anat' /
+                                 f'sub-{sub}_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json')
+                                .read_text()) for sub in ('01', '02')}
+    uri = 'bids:raw:sub-01/anat/sub-01_label-lesion_roi.nii.gz'
+    assert sidecars['01']['LesionMask'] == uri and uri in sidecars['01']['Sources']
+    assert 'LesionMask' not in sidecars['02']
+    assert not any('lesion' in s for s in sidecars['02']['Sources'])
+    assert 'cost-function masking' in (out / 'logs' / 'CITATION.md').read_text()

@@ -29,7 +29,6 @@ import re
 import shutil
 import subprocess
 import sys
-from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ import pytest
 
 from synthmorph_app.cli.bids import DEMO_DIR
 from synthmorph_app.io.transforms import load_transform
+from synthmorph_app.utils.bids import bidsignored
 
 FAST = ['--extent', '192', '--nprocs', '1', '--omp-nthreads', '1']
 TPL = 'MNI152NLin6Asym'
@@ -232,19 +232,6 @@ def _schema_rules() -> list[re.Pattern]:
     return out
 
 
-def _bidsignored(rel: str, patterns: list[str]) -> bool:
-    """``.bidsignore`` matching (gitignore-like: ``dir/`` patterns, bare names at any level)."""
-    for pattern in patterns:
-        if pattern.endswith('/'):
-            parts = rel.split('/')[:-1]
-            depth = pattern.rstrip('/').count('/') + 1
-            if len(parts) >= depth and fnmatch('/'.join(parts[:depth]), pattern.rstrip('/')):
-                return True
-        elif fnmatch(rel.rsplit('/', 1)[-1] if '/' not in pattern else rel, pattern):
-            return True
-    return False
-
-
 @pytest.mark.slow
 def test_every_output_is_valid_bids(joint_run, session_runs):
     pytest.importorskip('bidsschematools')
@@ -263,7 +250,7 @@ def test_every_output_is_valid_bids(joint_run, session_runs):
         for rel in _files(out):
             if rel == '.bidsignore':
                 continue
-            if _bidsignored(rel, ignore):
+            if bidsignored(rel, ignore):
                 assert rel.endswith(('.html', '.svg')), rel  # reports only, never data
                 seen['ignored'] += 1
             elif '_xfm.' in rel:

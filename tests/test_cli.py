@@ -1,5 +1,6 @@
 """The command line: help that teaches, every output format, clear errors, nothing half-written."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -181,6 +182,39 @@ def test_masks_on_the_command_line(pair, tmp_path, capsys):
     assert main(['register', '-m', 'rigid', '--refine', '2', '-e', '128', '-o', str(out),
                  '-x', str(good), '--moving-mask', str(good), str(moving), str(fixed)]) == 0
     assert out.exists()
+
+
+def test_lesion_masks_on_the_command_line(pair, tmp_path, capsys, caplog):
+    """--moving-lesion-mask/--fixed-lesion-mask: one that marks nothing of its image is one
+    clear error naming it, before anything is written; with --via the moving one is refused
+    (which image would it belong to?); a lesion on the image's own grid works and is logged."""
+    moving, fixed = pair
+    mimg = nb.load(str(moving))
+    out = tmp_path / 'out.nii.gz'
+    empty = tmp_path / 'empty_lesion.nii.gz'
+    nb.save(nb.Nifti1Image(np.zeros(mimg.shape, np.uint8), mimg.affine), str(empty))
+    code = main(['register', '-m', 'rigid', '--refine', '2', '-e', '128', '-o', str(out),
+                 '--moving-lesion-mask', str(empty), str(moving), str(fixed)])
+    err = capsys.readouterr().err
+    assert code == 1 and 'moving lesion mask' in err and str(empty) in err
+    assert 'empty' in err and err.count('error:') == 1 and not out.exists()
+    assert main(['register', '--via', str(fixed), '--moving-lesion-mask', str(empty), '-o',
+                 str(out), str(moving), str(fixed)]) == 1
+    assert '--via' in capsys.readouterr().err and not out.exists()
+    lesion = tmp_path / 'lesion.nii.gz'
+    ball = np.zeros(mimg.shape, np.uint8)
+    ball[14:22, 16:24, 12:20] = 1
+    nb.save(nb.Nifti1Image(ball, mimg.affine), str(lesion))
+    fimg = nb.load(str(fixed))
+    nb.save(nb.Nifti1Image(ball, fimg.affine), str(tmp_path / 'fixed_lesion.nii.gz'))
+    with caplog.at_level(logging.INFO, logger='synthmorph_app'):
+        assert main(['register', '-m', 'rigid', '--refine', '2', '-e', '128', '-o', str(out),
+                     '--moving-lesion-mask', str(lesion), '--fixed-lesion-mask',
+                     str(tmp_path / 'fixed_lesion.nii.gz'), str(moving), str(fixed)]) == 0
+    assert out.exists()
+    logged = [r.getMessage() for r in caplog.records if 'left out of the similarity' in
+              r.getMessage()]
+    assert len(logged) == 2 and str(lesion) in logged[1], logged
 
 
 def test_assign_weights_by_name_then_order():

@@ -123,3 +123,23 @@ def test_mp2rage_background_does_not_move_the_affine(shared_data):
     assert gap.mean() < 2.0, gap.mean()
     assert 'noise_background_cleared' not in results[0].info
     assert 0.4 < results[1].info['noise_background_cleared']['moving'] < 0.8
+
+
+def test_a_lesion_is_filled_from_the_tissue_around_it():
+    """A dark cavity in a smooth tissue gradient: filled, it takes the level of the tissue
+    around it (no trace of its own contrast); outside it nothing changes."""
+    from synthmorph_app.engine.intensity import fill_lesion
+
+    shape = (48, 50, 52)
+    ijk = np.indices(shape).astype(np.float32)
+    tissue = 100 + 2.0 * ijk[0]  # a smooth gradient along the first axis
+    data = tissue + RNG.normal(0, 2, shape).astype(np.float32)
+    r = np.linalg.norm(ijk - np.array([24, 25, 26])[:, None, None, None], axis=0)
+    lesion = r < 8
+    data[lesion] = 5.0  # fluid
+    keep = (~lesion).astype(np.float32)
+    filled = fill_lesion(data, keep, (2.0, 2.0, 2.0))
+    assert filled.dtype == np.float32 and filled.shape == shape
+    assert np.array_equal(filled[~lesion], data[~lesion])
+    assert np.abs(filled[lesion] - tissue[lesion]).mean() < 6  # the tissue's level, about 148
+    assert filled[lesion].min() > 100

@@ -83,3 +83,27 @@ def test_the_fixed_mask_decides_which_part_the_refinement_aligns(side):
     found = (result.forward.affine @ point)[:3]
     expected = point[:3] + np.array([4.0 if side == 'a' else -4.0, 0, 0])
     assert np.linalg.norm(found - expected) < 1.5, (found, expected)
+
+
+def test_a_lesion_mask_on_another_grid_leaves_the_lesion_and_a_rim_out():
+    """0 in the lesion and within the 2 mm rim, 1 farther away, wherever the mask's grid
+    lies (1 mm LPS mask, 2 mm image); labels count where non-zero; an empty mask, or one in
+    another world space, is refused naming it."""
+    grid = _grid((40, 40, 40), 2.0)
+    r, _ = _radius(grid)
+    fine = _grid((80, 80, 80), 1.0, flip=True)
+    fine_r, _ = _radius(fine)
+    lesion = ((fine_r < 10) * 7).astype(np.int16)  # a label value
+    keep = masks.lesion_keep(nb.Nifti1Image(lesion, fine.affine), grid)
+    assert keep.shape == grid.shape and keep.dtype == np.float32
+    assert keep[r < 11].max() == 0.0
+    assert keep[r > 15].min() == 1.0
+    no_rim = masks.lesion_keep(nb.Nifti1Image(lesion, fine.affine), grid, margin_mm=0)
+    assert no_rim[(r > 11) & (r < 12)].min() > 0.9 and no_rim[r < 9].max() == 0.0
+    empty = nb.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    with pytest.raises(InputImageError, match='lesion mask <x.nii> marks no voxel'):
+        masks.lesion_keep(empty, grid, what='lesion mask <x.nii>')
+    away = nb.Nifti1Image(lesion, fine.affine @ np.array(
+        [[1, 0, 0, 500], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    with pytest.raises(InputImageError, match='marks no voxel'):
+        masks.lesion_keep(away, grid)

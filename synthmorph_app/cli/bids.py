@@ -43,6 +43,11 @@ outputs (BIDS Derivatives, sMRIPrep/fMRIPrep names), per image and output space:
       (joint, deform: the LINEAR PART ONLY, without the deformation) and their inverses.
   With sessions, files go to sub-<label>/ses-<label>/anat/ and carry ses-<label>.
 
+lesion masks: a sub-<label>[_ses-<label>]_label-lesion_roi.nii.gz beside a T1w (non-zero in a
+stroke, a resection cavity, a tumour; as fMRIPrep reads them) is used for that T1w and for the
+images registered through it: the lesion is filled from the tissue around it and left out of
+the similarity (cost-function masking); the sidecars name it (LesionMask).
+
 templates come from $TEMPLATEFLOW_HOME (nothing is downloaded); MNI152NLin6Asym:res-2 ships
 with synthmorph-app.
 
@@ -309,6 +314,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         BIDSError,
         NothingToDoError,
         collect_data,
+        image_lesion,
         load_bids_filters,
         session_t1w,
         validate_dataset,
@@ -362,10 +368,15 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     n_todo = sum(len(v) for v in plan.values())
     print(f'synthmorph-app {__version__}: {n_todo} image(s) to register to '
           f'{", ".join(labels)}; {len(done)} already finished (skipped).')
+    lesions = []
     for sub, images in plan.items():
         for image, todo in images:
             via = session_t1w(image) if args.via_t1w else None
             through = f' (through {via.name})' if via else ''
+            lesion = image_lesion(image, via)
+            if lesion:
+                through += f' (lesion mask {lesion.name})'
+                lesions.append(str(lesion))
             print(f'  sub-{sub}: {Path(image).name} -> {", ".join(todo)}{through}')
     if args.dry_run:
         return EXIT_OK
@@ -394,6 +405,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         'passes': args.passes, 'via_t1w': args.via_t1w,
         'device': device, 'nprocs': nprocs, 'omp_nthreads': omp, 'mem_gb': args.mem_gb,
         'resume': args.resume, 'figures': args.figures, 'output_lta': args.output_lta,
+        'lesion_masks': sorted(set(lesions)),
     }
     write_json_atomic(out_dir / 'logs' / f'config_{run_id}.json', config)
 
@@ -401,7 +413,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     if plan:
         failures = _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line,
                             weights, device, nprocs, omp)
-    _write_citation(out_dir, labels, args)
+    _write_citation(out_dir, labels, args, lesions=bool(lesions))
     from ..reports.subject import write_subject_report
 
     reports = []
@@ -584,13 +596,15 @@ def _other_contrasts(args) -> bool:
     return any(c != 'T1w' for c in (args.contrasts or ['T1w']))
 
 
-def _write_citation(out_dir: Path, labels: list[str], args) -> None:
-    """``logs/CITATION.md`` (methods boilerplate) and ``logs/CITATION.bib``, atomically."""
+def _write_citation(out_dir: Path, labels: list[str], args, lesions: bool = False) -> None:
+    """``logs/CITATION.md`` (methods boilerplate) and ``logs/CITATION.bib``, atomically;
+    ``lesions``: some image of this run had a lesion mask."""
     from ..reports.boilerplate import citation_markdown
     from ..utils.bids import write_text_atomic
 
     text, bib = citation_markdown(labels, mode=args.mode, lam=args.lam,
-                                  via_t1w=args.via_t1w and _other_contrasts(args))
+                                  via_t1w=args.via_t1w and _other_contrasts(args),
+                                  lesions=lesions)
     write_text_atomic(out_dir / 'logs' / 'CITATION.md', text)
     write_text_atomic(out_dir / 'logs' / 'CITATION.bib', bib)
 

@@ -162,6 +162,11 @@ def run_register(args) -> int:
     if args.via and args.mid_space:
         raise SynthMorphError('-M/--mid-space has no meaning with --via (two registrations '
                               'composed): leave one of them out')
+    if args.via and args.moving_lesion_mask:
+        raise SynthMorphError('--moving-lesion-mask cannot be combined with --via: it would '
+                              'have to be carried onto the via image. Register the via image '
+                              '(the T1w the lesion was drawn on) with --moving-lesion-mask, '
+                              'or MOVING without --via')
     if not any((args.out_moving, args.out_fixed, args.trans, args.inverse)):
         LOGGER.warning('no output requested (-o, -O, -t, -T): registering without writing')
     # Check every output name before the long work starts.
@@ -174,13 +179,9 @@ def run_register(args) -> int:
     fixed = load_image(args.fixed, kind='fixed image')
     masks = load_masks(args.fixed_mask, args.moving_mask, fixed_lesion=args.fixed_lesion_mask,
                        moving_lesion=args.moving_lesion_mask)
-    if masks and not args.refine:
-        LOGGER.warning('--fixed-mask/--moving-mask and the lesion masks weight the refinement '
-                       'only: with --refine 0 they change nothing')
-    if args.via and args.moving_lesion_mask:
-        raise SynthMorphError('--moving-lesion-mask cannot be combined with --via (the lesion '
-                              'would have to follow the image through both registrations): '
-                              'register the via image with it instead')
+    if (args.fixed_mask or args.moving_mask) and not args.refine:
+        LOGGER.warning('--fixed-mask/--moving-mask weight the refinement only: with --refine 0 '
+                       'they change nothing')
     init = None
     if args.init not in INIT_METHODS:
         init = load_transform(

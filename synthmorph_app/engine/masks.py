@@ -150,6 +150,20 @@ def brain_weight(
     return upsample_coarse(weight, stride, data.shape)
 
 
+def _mask_on_grid(mask, grid: Geometry) -> np.ndarray:
+    """A mask image (any grid, same world space) resampled linearly onto ``grid``: values in
+    [0, 1] as probabilities, a map with larger values (labels) as 1 where non-zero."""
+    values = np.asarray(mask.dataobj, dtype=np.float32).reshape(mask.shape[:3])
+    values = np.nan_to_num(values, nan=0.0)
+    if float(values.max()) > 1.0:
+        values = (values != 0).astype(np.float32)
+    values = np.clip(values, 0.0, 1.0)
+    with torch.inference_mode():
+        return spatial.resample_linear(
+            torch.as_tensor(values)[None, None], Geometry.from_image(mask), grid
+        )[0, 0].numpy()
+
+
 def mask_weight(
     mask,
     volume,
@@ -173,14 +187,7 @@ def mask_weight(
     data = _as_array(volume)
     if data.shape != tuple(grid.shape):
         raise ValueError(f'volume shape {data.shape} does not match its grid {grid.shape}')
-    values = np.asarray(mask.dataobj, dtype=np.float32).reshape(mask.shape[:3])
-    if float(values.max()) > 1.0:
-        values = (values != 0).astype(np.float32)
-    values = np.clip(values, 0.0, 1.0)
-    with torch.inference_mode():
-        brain = spatial.resample_linear(
-            torch.as_tensor(values)[None, None], Geometry.from_image(mask), grid
-        )[0, 0].numpy()
+    brain = _mask_on_grid(mask, grid)
     if float(brain.max()) < 0.5:
         raise InputImageError(
             f'The {what} covers no voxel of its image: it must lie in the same world space '
@@ -209,15 +216,7 @@ def lesion_keep(mask, grid: Geometry, *, margin_mm: float = LESION_MARGIN_MM,
     Raises :class:`InputImageError` naming ``what`` when the mask marks no voxel of the image
     (empty, or in another world space).
     """
-    values = np.asarray(mask.dataobj, dtype=np.float32).reshape(mask.shape[:3])
-    values = np.nan_to_num(values, nan=0.0)
-    if float(values.max()) > 1.0:
-        values = (values != 0).astype(np.float32)
-    values = np.clip(values, 0.0, 1.0)
-    with torch.inference_mode():
-        lesion = spatial.resample_linear(
-            torch.as_tensor(values)[None, None], Geometry.from_image(mask), grid
-        )[0, 0].numpy()
+    lesion = _mask_on_grid(mask, grid)
     if float(lesion.max()) < 0.5:
         raise InputImageError(
             f'The {what} marks no voxel of its image: it must be non-zero in the lesion and '

@@ -124,7 +124,8 @@ def save_derivatives(
     """Copy ``files`` (keys as :func:`derivative_paths`) into ``out_dir`` with sidecars.
 
     ``Sources`` name the image, the template and, where the refinement weighed by it
-    (``metadata['refine']['masks']`` holds ``'fixed'``), ``template_mask``.
+    (``metadata['refine']['masks']`` holds ``'fixed'``), ``template_mask``; and a lesion
+    mask the registration used (``metadata['lesion_mask']``, also as ``LesionMask``).
 
     ``output_lta`` adds LTA files made from the ``.h5`` transforms (see the module docstring).
     """
@@ -157,6 +158,10 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
         if path:
             uri = bids_uri(path, home, 'templateflow') if home else None
             sources.append(uri or str(path))
+    lesion = metadata.get('lesion_mask')
+    if lesion:  # filled and left out of the similarity (engine.register.register)
+        lesion = bids_uri(lesion, bids_dir)
+        sources.append(lesion)
     ent = parse_entities(in_file)
     kept = ('name', 'sha256', 'trained', 'used', 'passes')
     models = {kind: {k: v for k, v in card.items() if k in kept}
@@ -182,6 +187,8 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
         # a background of noise (an MP2RAGE UNI image's) set to 0 before registering: the
         # share of each image's voxels (engine.intensity.clear_noisy_background)
         common['NoiseBackgroundCleared'] = metadata['noise_background_cleared']
+    if lesion:
+        common['LesionMask'] = lesion
     via = metadata.get('via')
     if via:  # registered through the T1w of its session (engine.register.register_via)
         uri = bids_uri(via['image'], bids_dir) if via.get('image') else None

@@ -53,6 +53,10 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
                       'desc-brain_mask): weights the refinement in place of refine_weight')
     moving_mask = File(exists=True, desc='brain mask of the moving image (weights the affine '
                        'refinement)')
+    lesion_mask = File(exists=True, desc='lesion mask (non-zero in a stroke, a resection '
+                       'cavity, a tumour) of the image registered to the fixed one: the moving '
+                       'image, or via_image when given (sMRIPrep\'s lesion_mask, in T1w space): '
+                       'filled from the tissue around it and left out of the similarity')
     via_image = File(exists=True, desc='another image of the same person in the contrast of '
                      'the fixed image (the T1w of a FLAIR\'s session): the moving image is '
                      'aligned to it rigidly and it is registered to the fixed image; the '
@@ -110,6 +114,7 @@ class SynthMorphRegister(SimpleInterface):
                 refine_options=_defined(self.inputs.refine_options),
                 fixed_mask=_defined(self.inputs.fixed_mask),
                 moving_mask=_defined(self.inputs.moving_mask),
+                lesion_mask=_defined(self.inputs.lesion_mask),
                 via_image=_defined(self.inputs.via_image),
                 cache_dir=_defined(self.inputs.cache_dir),
                 weights=weights,
@@ -141,6 +146,7 @@ def register_files(
     refine_options: dict | None = None,
     fixed_mask: str | os.PathLike | None = None,
     moving_mask: str | os.PathLike | None = None,
+    lesion_mask: str | os.PathLike | None = None,
     via_image: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     weights: dict | None = None,
@@ -152,8 +158,11 @@ def register_files(
     Returns a dict of output paths (``forward_xfm``, ``inverse_xfm``, ``moved_image``,
     ``log_jacobian`` -- the Jacobian determinant, named as the Nipype output) and ``metadata``.
     ``fixed_mask``/``moving_mask``: brain mask files that weight the refinement
-    (``engine.register.register``). ``via_image``: register through that image of the same
-    person (``engine.register.register_via``); ``metadata['via']`` then names it.
+    (``engine.register.register``). ``lesion_mask``: a lesion of the image registered to the
+    fixed one (the moving image; with ``via_image``, that image), its
+    ``moving_lesion_mask``; ``metadata['lesion_mask']`` then names the file. ``via_image``:
+    register through that image of the same person (``engine.register.register_via``);
+    ``metadata['via']`` then names it.
     ``cache_dir``: keep the registration of the two images (of ``via_image`` and the fixed
     image) there, and read it from there when an earlier job stored it (``engine.cache``).
     Input problems raise :class:`~synthmorph_app.errors.InputImageError` naming the file.
@@ -174,6 +183,7 @@ def register_files(
     moving = load_image(moving_image, kind='moving image')
     fixed = load_image(fixed_image, kind='fixed image')
     masks = load_masks(fixed_mask, moving_mask)
+    lesion = load_masks(moving_lesion=lesion_mask)
     options = dict(mode=mode, lam=lam, steps=steps, extent=extent, passes=passes,
                    weights=weights, refine=refine, device=device, **(refine_options or {}))
 
@@ -182,7 +192,7 @@ def register_files(
         kept = {k: v for k, v in masks.items() if k == 'fixed_mask' or source_mask}
 
         def compute():
-            return register(source, fixed, **options, **kept)
+            return register(source, fixed, **options, **kept, **lesion)
 
         if not cache_dir:
             return compute()
@@ -190,7 +200,8 @@ def register_files(
 
         key = registration_key(source_file, fixed_image, options,
                                {'fixed_mask': fixed_mask,
-                                'moving_mask': moving_mask if source_mask else None})
+                                'moving_mask': moving_mask if source_mask else None,
+                                **({'lesion_mask': lesion_mask} if lesion_mask else {})})
         return cached_registration(cache_dir, key, compute,
                                    reference=Geometry.from_image(fixed),
                                    moving=Geometry.from_image(source))
@@ -221,6 +232,8 @@ def register_files(
         out['log_jacobian'] = str(save_image(nb.Nifti1Image(det, geom.affine), jacobian))
     timings = dict(result.timings)
     timings['total'] = time.perf_counter() - start
+    if lesion_mask:
+        result.info['lesion_mask'] = str(lesion_mask)
     out['metadata'] = {**result.info, 'timings': {k: round(v, 3) for k, v in timings.items()},
                        'threads': torch.get_num_threads()}
     return out

@@ -14,10 +14,12 @@ BIB = Path(__file__).resolve().parents[1] / 'data' / 'boilerplate.bib'
 
 
 def citation_markdown(spaces: list[str], *, mode: str = 'joint', lam: float = 0.5,
-                      image_type: str = 'anatomical', via_t1w: bool = False) -> tuple[str, str]:
+                      image_type: str = 'anatomical', via_t1w: bool = False,
+                      lesions: bool = False) -> tuple[str, str]:
     """Methods text (Markdown, pandoc citation keys) and the BibTeX entries it cites.
 
     ``via_t1w``: images of other contrasts went through the T1w of their session.
+    ``lesions``: some images had a lesion mask (``label-lesion_roi``).
     """
     from ..workflows.registration import init_register_template_wf
 
@@ -28,6 +30,10 @@ def citation_markdown(spaces: list[str], *, mode: str = 'joint', lam: float = 0.
                  ' their session, where there was one, and the two transforms (rigid, then the'
                  " T1w image's to the template) were composed into one, so that they land where"
                  ' the T1w image does.')
+    if lesions:
+        desc += (' Where a lesion mask was given (for a T1w image and the images registered'
+                 ' through it), the lesion was filled from the tissue around it and left out of'
+                 ' the image similarity (cost-function masking [@brett2001]).')
     bib = BIB.read_text()
     entries = {m.group(1): m.group(0) for m in
                re.finditer(r'@\w+\{([^,]+),.*?\n\}', bib, flags=re.DOTALL)}

@@ -83,6 +83,40 @@ def session_t1w(path: str | os.PathLike) -> Path | None:
     return max(found, key=shared)  # the first by name among equals
 
 
+def session_lesion(path: str | os.PathLike) -> Path | None:
+    """The lesion mask of the image ``path`` (a T1w), or None: a
+    ``*_label-lesion_roi.nii[.gz]`` beside it (same subject and session), as fMRIPrep reads
+    it; where there are several, the one that shares the most entities with ``path`` (``acq``,
+    ``run``...), then the first by name."""
+    path = Path(path)
+    entities = parse_entities(path)
+    found = sorted(p for p in path.parent.glob('*_roi.nii*') if _is_lesion_roi(p.name)
+                   and all(parse_entities(p).get(k) == entities.get(k) for k in ('sub', 'ses')))
+    if not found:
+        return None
+
+    def shared(p):
+        other = parse_entities(p)
+        return sum(other.get(k) == v for k, v in entities.items() if k != 'suffix')
+
+    return max(found, key=shared)
+
+
+def image_lesion(path: str | os.PathLike, via: str | os.PathLike | None = None) -> Path | None:
+    """The lesion mask the BIDS-App uses for the image ``path`` registered through ``via`` (a
+    T1w) or alone: :func:`session_lesion` of the T1w (``via``, or ``path`` itself when a T1w);
+    None for another contrast registered alone (the mask was drawn on the T1w)."""
+    if via is not None:
+        return session_lesion(via)
+    return session_lesion(path) if parse_entities(path).get('suffix') == 'T1w' else None
+
+
+def _is_lesion_roi(name: str) -> bool:
+    """A lesion mask's name as fMRIPrep reads it: ``sub-X[_ses-Y]..._label-lesion_roi.nii[.gz]``
+    (outside the BIDS schema: the validator rejects it, :func:`validate_dataset` accepts it)."""
+    return bool(re.fullmatch(r'sub-[^_]+(_[a-zA-Z]+-[^_]+)*_label-lesion_roi\.nii(\.gz)?', name))
+
+
 def _prefix(entities: dict) -> str:
     return '_'.join(f'{k}-{entities[k]}' for k in KEPT_ENTITIES if entities.get(k))
 
@@ -148,12 +182,49 @@ def load_bids_filters(path: str | os.PathLike | None) -> dict:
     return {k.lower(): v for k, v in filters.items()}
 
 
+def read_bidsignore(root: str | os.PathLike) -> list[str]:
+    """The patterns of ``<root>/.bidsignore`` (none where there is no such file)."""
+    try:
+        text = (Path(root) / '.bidsignore').read_text()
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.strip().startswith('#')]
+
+
+def bidsignored(rel: str, patterns: list[str]) -> bool:
+    """Whether the path ``rel`` (relative to the dataset root, ``/``-separated) matches a
+    ``.bidsignore`` pattern (gitignore-like: ``dir/`` ignores a folder and all it holds, a
+    pattern without ``/`` matches a name at any level, one with ``/`` the path from the root).
+    """
+    from fnmatch import fnmatch
+
+    rel = rel.lstrip('/')
+    parts = rel.split('/')
+    for pattern in patterns:
+        folder = pattern.endswith('/')
+        pat = pattern.strip('/')
+        if not pat:
+            continue
+        # the folders holding rel for a folder pattern; rel itself and its folders otherwise
+        names = parts[:-1] if folder else parts
+        if '/' in pat:
+            depth = pat.count('/') + 1
+            if len(names) >= depth and fnmatch('/'.join(parts[:depth]), pat):
+                return True
+        elif any(fnmatch(name, pat) for name in names):
+            return True
+    return False
+
+
 def validate_dataset(bids_dir: str | os.PathLike) -> None:
     """Check that ``bids_dir`` looks like BIDS: a dataset description and valid names.
 
     A light check (the full validator is the npm package ``bids-validator``): the
     ``dataset_description.json`` must be JSON with ``Name`` and ``BIDSVersion``, and every file
-    under ``sub-*/`` must have a name the BIDS schema accepts. Raises :class:`BIDSError`.
+    under ``sub-*/`` must have a name the BIDS schema accepts, unless ``.bidsignore`` lists it
+    or it is a lesion mask as fMRIPrep reads them (``*_label-lesion_roi.nii.gz``). Raises
+    :class:`BIDSError`.
     """
     root = Path(bids_dir)
     desc = root / 'dataset_description.json'
@@ -176,12 +247,14 @@ def validate_dataset(bids_dir: str | os.PathLike) -> None:
     except ImportError:  # pragma: no cover - pybids depends on it
         return
     validator = BIDSValidator()
+    ignore = read_bidsignore(root)
     bad = []
     for path in sorted(root.glob('sub-*/**/*')):
         if path.is_file() and not path.name.startswith('.'):
-            rel = '/' + path.relative_to(root).as_posix()
-            if not validator.is_bids(rel):
-                bad.append(rel)
+            rel = path.relative_to(root).as_posix()
+            if not (validator.is_bids('/' + rel) or _is_lesion_roi(path.name)
+                    or bidsignored(rel, ignore)):
+                bad.append('/' + rel)
     if bad:
         shown = ', '.join(f'<{root}{p}>' for p in bad[:5])
         more = f' and {len(bad) - 5} more' if len(bad) > 5 else ''

@@ -15,7 +15,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..interfaces.reports import ImageQC
-from ..utils.bids import image_id, parse_entities, session_t1w
+from ..utils.bids import image_id, image_lesion, parse_entities, session_t1w
 from .outputs import init_ds_registration_wf
 from .registration import init_register_template_wf
 from .settings import OutputSettings, RegistrationSettings
@@ -153,6 +153,14 @@ def init_anat_image_wf(
     )
     if via is not None:
         register_wf.inputs.inputnode.via_image = str(via)
+    # a lesion mask drawn on the T1w (fMRIPrep's *_label-lesion_roi): for the T1w's own job
+    # and the jobs that go through it; an image registered on its own keeps its lesion
+    lesion = image_lesion(in_file, via)
+    if lesion is not None:
+        register_wf.inputs.inputnode.lesion_mask = str(lesion)
+        register_wf.__desc__ += (
+            'A lesion mask was used: the lesion was filled from the tissue around it and '
+            'left out of the image similarity (cost-function masking [@brett2001]).\n')
     image_qc = pe.Node(ImageQC(figures=outputs.figures), name='image_qc', mem_gb=1.0)
     ds_wf = init_ds_registration_wf(out_dir=out_dir, bids_dir=bids_dir, in_file=in_file,
                                     command_line=outputs.command_line,

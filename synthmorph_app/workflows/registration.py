@@ -92,7 +92,10 @@ def init_register_template_wf(
         Optional brain mask of the moving image (sMRIPrep's port): with ``refine`` it weights
         the affine refinement in place of our rough brain estimate.
     lesion_mask
-        Accepted for sMRIPrep compatibility; unused.
+        Optional lesion mask (non-zero in a stroke, a resection cavity, a tumour) in the space
+        of the moving image, or of ``via_image`` with ``via_t1w`` (sMRIPrep's port, in T1w
+        space): the lesion is filled from the tissue around it and left out of the
+        similarity (cost-function masking, :func:`~synthmorph_app.engine.register.register`).
     via_image
         With ``via_t1w``: the T1w of the same person (and session).
     template
@@ -160,7 +163,8 @@ accessed offline through *TemplateFlow* [@templateflow].
     workflow.connect([
         (inputnode, split_desc, [('template', 'template')]),
         (inputnode, registration, [('moving_image', 'moving_image'),
-                                   ('moving_mask', 'moving_mask')]),
+                                   ('moving_mask', 'moving_mask'),
+                                   ('lesion_mask', 'lesion_mask')]),
         (split_desc, tf_select, [('name', 'name'), ('spec', 'spec')]),
         (tf_select, registration, [('t1w_file', 'fixed_image')]),
         (split_desc, poutputnode, [('name', 'template'), ('spec', 'template_spec')]),
