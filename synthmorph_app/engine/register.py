@@ -510,6 +510,11 @@ def _named(image, kind: str) -> str:
     return f'{kind} <{name}>' if name else kind
 
 
+#: A lesion mask covering more than this share of the head is most likely something else (a
+#: brain mask given in the wrong place): warned about. The largest strokes cover about 15 %.
+LESION_WARN_SHARE = 0.3
+
+
 def _lesion_keep(mask, volume: torch.Tensor, geometry: Geometry, side: str):
     """``(keep, volume)``: :func:`.masks.lesion_keep` of a lesion mask on the image's grid (a
     tensor like ``volume``) and the image with the lesion filled (:func:`.intensity.
@@ -519,12 +524,19 @@ def _lesion_keep(mask, volume: torch.Tensor, geometry: Geometry, side: str):
     from . import masks
     from .intensity import fill_lesion
 
-    keep = masks.lesion_keep(mask, geometry, what=_named(mask, f'{side} lesion mask'))
+    what = _named(mask, f'{side} lesion mask')
+    keep = masks.lesion_keep(mask, geometry, what=what)
     data = volume[0, 0].detach().cpu().numpy()
     filled = fill_lesion(data, keep, geometry.voxel_sizes)
+    lesion = keep < 0.5
     LOGGER.info('%s: %.1f ml left out of the similarity and filled from the tissue around it',
-                _named(mask, f'{side} lesion mask'),
-                float((keep < 0.5).sum()) * float(np.prod(geometry.voxel_sizes)) / 1000)
+                what, float(lesion.sum()) * float(np.prod(geometry.voxel_sizes)) / 1000)
+    head = masks.head_mask(data, geometry)
+    share = float((lesion & head).sum()) / max(float(head.sum()), 1.0)
+    if share > LESION_WARN_SHARE:
+        LOGGER.warning('%s covers %.0f %% of the head: a lesion mask marks the lesion only (a '
+                       'brain mask weights the similarity instead: --moving-mask / -x, '
+                       'moving_mask / fixed_mask)', what, 100 * share)
     as_tensor = partial(torch.as_tensor, device=volume.device, dtype=volume.dtype)
     return as_tensor(keep)[None, None], as_tensor(filled)[None, None]
 
