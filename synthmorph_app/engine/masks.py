@@ -150,18 +150,22 @@ def brain_weight(
     return upsample_coarse(weight, stride, data.shape)
 
 
-def _mask_on_grid(mask, grid: Geometry) -> np.ndarray:
+def _mask_on_grid(mask, grid: Geometry, refusal: str) -> np.ndarray:
     """A mask image (any grid, same world space) resampled linearly onto ``grid``: values in
-    [0, 1] as probabilities, a map with larger values (labels) as 1 where non-zero."""
+    [0, 1] as probabilities, a map with larger values (labels) as 1 where non-zero. Raises
+    :class:`InputImageError` with ``refusal`` where it marks no voxel of the grid."""
     values = np.asarray(mask.dataobj, dtype=np.float32).reshape(mask.shape[:3])
     values = np.nan_to_num(values, nan=0.0)
     if float(values.max()) > 1.0:
         values = (values != 0).astype(np.float32)
     values = np.clip(values, 0.0, 1.0)
     with torch.inference_mode():
-        return spatial.resample_linear(
+        out = spatial.resample_linear(
             torch.as_tensor(values)[None, None], Geometry.from_image(mask), grid
         )[0, 0].numpy()
+    if float(out.max()) < 0.5:
+        raise InputImageError(refusal)
+    return out
 
 
 def mask_weight(
@@ -187,12 +191,9 @@ def mask_weight(
     data = _as_array(volume)
     if data.shape != tuple(grid.shape):
         raise ValueError(f'volume shape {data.shape} does not match its grid {grid.shape}')
-    brain = _mask_on_grid(mask, grid)
-    if float(brain.max()) < 0.5:
-        raise InputImageError(
-            f'The {what} covers no voxel of its image: it must lie in the same world space '
-            '(a brain mask of that image, or of the template on its grid).'
-        )
+    brain = _mask_on_grid(
+        mask, grid, f'The {what} covers no voxel of its image: it must lie in the same world '
+        'space (a brain mask of that image, or of the template on its grid).')
     if blur_mm > 0:
         brain = ndimage.gaussian_filter(brain, sigma=blur_mm / np.asarray(grid.voxel_sizes))
         brain = np.clip(brain / float(brain.max()), 0.0, 1.0)
@@ -216,12 +217,9 @@ def lesion_keep(mask, grid: Geometry, *, margin_mm: float = LESION_MARGIN_MM,
     Raises :class:`InputImageError` naming ``what`` when the mask marks no voxel of the image
     (empty, or in another world space).
     """
-    lesion = _mask_on_grid(mask, grid)
-    if float(lesion.max()) < 0.5:
-        raise InputImageError(
-            f'The {what} marks no voxel of its image: it must be non-zero in the lesion and '
-            'lie in the same world space as the image (a mask drawn on that image).'
-        )
+    lesion = _mask_on_grid(
+        mask, grid, f'The {what} marks no voxel of its image: it must be non-zero in the '
+        'lesion and lie in the same world space as the image (a mask drawn on that image).')
     if margin_mm > 0:
         radius = np.asarray(margin_mm) / np.asarray(grid.voxel_sizes, dtype=float)
         r = np.maximum(np.floor(radius), 0).astype(int)

@@ -338,7 +338,6 @@ def register(
                                         if m is not None],
                               'cross_contrast': cross_contrast}
 
-
         if mode in ('affine', 'rigid'):
             forward = Transform(affine=affine, reference=fixed_out, moving=moving_out)
             return RegistrationResult(forward, forward.linear_inverse(), timer.timings, info,

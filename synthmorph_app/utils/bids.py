@@ -67,18 +67,24 @@ def session_t1w(path: str | os.PathLike) -> Path | None:
     ``path`` (``acq``, ``run``...) wins, then the first by name. A T1w itself gets None.
     """
     path = Path(path)
-    entities = parse_entities(path)
-    if entities.get('suffix') == 'T1w':
+    if parse_entities(path).get('suffix') == 'T1w':
         return None
-    found = sorted(p for p in path.parent.glob('*_T1w.nii*')
-                   if re.search(r'\.nii(\.gz)?$', p.name)
-                   and all(parse_entities(p).get(k) == entities.get(k) for k in ('sub', 'ses')))
+    return _closest(path, [p for p in path.parent.glob('*_T1w.nii*')
+                           if re.search(r'\.nii(\.gz)?$', p.name)])
+
+
+def _closest(path: Path, candidates: list[Path]) -> Path | None:
+    """Of ``candidates``, those of the subject and session of ``path``; of these the one that
+    shares the most entities with it, then the first by name; None if none."""
+    entities = parse_entities(path)
+    found = sorted(p for p in candidates
+                   if all(parse_entities(p).get(k) == entities.get(k) for k in ('sub', 'ses')))
     if not found:
         return None
 
     def shared(p):
         other = parse_entities(p)
-        return sum(other.get(k) == v for k, v in entities.items() if k not in ('suffix',))
+        return sum(other.get(k) == v for k, v in entities.items() if k != 'suffix')
 
     return max(found, key=shared)  # the first by name among equals
 
@@ -89,17 +95,7 @@ def session_lesion(path: str | os.PathLike) -> Path | None:
     it; where there are several, the one that shares the most entities with ``path`` (``acq``,
     ``run``...), then the first by name."""
     path = Path(path)
-    entities = parse_entities(path)
-    found = sorted(p for p in path.parent.glob('*_roi.nii*') if _is_lesion_roi(p.name)
-                   and all(parse_entities(p).get(k) == entities.get(k) for k in ('sub', 'ses')))
-    if not found:
-        return None
-
-    def shared(p):
-        other = parse_entities(p)
-        return sum(other.get(k) == v for k, v in entities.items() if k != 'suffix')
-
-    return max(found, key=shared)
+    return _closest(path, [p for p in path.parent.glob('*_roi.nii*') if _is_lesion_roi(p.name)])
 
 
 def image_lesion(path: str | os.PathLike, via: str | os.PathLike | None = None) -> Path | None:
