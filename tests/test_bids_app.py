@@ -313,3 +313,17 @@ def test_lesion_mask_is_found_used_and_recorded(tmp_path):
     assert 'LesionMask' not in sidecars['02']
     assert not any('lesion' in s for s in sidecars['02']['Sources'])
     assert 'cost-function masking' in (out / 'logs' / 'CITATION.md').read_text()
+    # the lesion on the template grid, a valid BIDS derivative mask, for lesion-symptom mapping
+    std = out / 'sub-01' / 'anat' / 'sub-01_space-MNI152NLin6Asym_res-2_label-lesion_mask.nii.gz'
+    lesion_std = nb.load(std)
+    tpl = nb.load(TEMPLATE)
+    assert lesion_std.shape == tpl.shape and np.allclose(lesion_std.affine, tpl.affine)
+    values = np.asarray(lesion_std.dataobj)
+    assert set(np.unique(values)) == {0, 1}
+    volume = values.sum() * np.prod(lesion_std.header.get_zooms()[:3])
+    drawn = ball.sum() * np.prod(t1w.header.get_zooms()[:3])
+    assert 0.5 * drawn < volume < 2 * drawn, (volume, drawn)  # an affine scales it modestly
+    meta = json.loads(std.with_name(std.name.replace('.nii.gz', '.json')).read_text())
+    assert meta['Type'] == 'Lesion' and uri in meta['Sources']
+    assert meta['SpatialReference'] == 'MNI152NLin6Asym'
+    assert not list((out / 'sub-02' / 'anat').glob('*lesion*'))

@@ -83,6 +83,9 @@ def test_workflow_hands_the_lesion_to_the_t1w_and_through_it(tmp_path):
                                 settings=RegistrationSettings(refine=15, **settings))
         reg_wf = wf.get_node('register_template_wf')
         given = reg_wf.get_node('inputnode').inputs.lesion_mask
+        written = [c for _, _, data in wf._graph.edges(data=True) for c in data['connect']
+                   if c[1] == 'inputnode.lesion_mask']
+        assert len(written) == (1 if path == t1w else 0), (path, written)  # the T1w's job only
         return (given if isinstance(given, str) else None), reg_wf.__desc__
 
     given, desc = lesion_of(t1w)

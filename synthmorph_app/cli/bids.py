@@ -46,7 +46,8 @@ outputs (BIDS Derivatives, sMRIPrep/fMRIPrep names), per image and output space:
 lesion masks: a sub-<label>[_ses-<label>]_label-lesion_roi.nii.gz beside a T1w (non-zero in a
 stroke, a resection cavity, a tumour; as fMRIPrep reads them) is used for that T1w and for the
 images registered through it: the lesion is filled from the tissue around it and left out of
-the similarity (cost-function masking); the sidecars name it (LesionMask).
+the similarity (cost-function masking); the sidecars name it (LesionMask), and the T1w's job
+writes it on the template grid: sub-<label>_space-<tpl>_res-<N>_label-lesion_mask.nii.gz.
 
 templates come from $TEMPLATEFLOW_HOME (nothing is downloaded); MNI152NLin6Asym:res-2 ships
 with synthmorph-app.

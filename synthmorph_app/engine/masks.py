@@ -150,15 +150,22 @@ def brain_weight(
     return upsample_coarse(weight, stride, data.shape)
 
 
-def _mask_on_grid(mask, grid: Geometry, refusal: str) -> np.ndarray:
-    """A mask image (any grid, same world space) resampled linearly onto ``grid``: values in
-    [0, 1] as probabilities, a map with larger values (labels) as 1 where non-zero. Raises
-    :class:`InputImageError` with ``refusal`` where it marks no voxel of the grid."""
+def mask_values(mask) -> np.ndarray:
+    """A mask image's values as the engine reads them (float32, on its own grid): values in
+    [0, 1] as probabilities, a map with larger values (labels, such as an ``aseg``) as 1 where
+    non-zero; NaN as 0."""
     values = np.asarray(mask.dataobj, dtype=np.float32).reshape(mask.shape[:3])
     values = np.nan_to_num(values, nan=0.0)
     if float(values.max()) > 1.0:
         values = (values != 0).astype(np.float32)
-    values = np.clip(values, 0.0, 1.0)
+    return np.clip(values, 0.0, 1.0)
+
+
+def _mask_on_grid(mask, grid: Geometry, refusal: str) -> np.ndarray:
+    """:func:`mask_values` of a mask image (any grid, same world space) resampled linearly onto
+    ``grid``. Raises :class:`InputImageError` with ``refusal`` where it marks no voxel of the
+    grid."""
+    values = mask_values(mask)
     with torch.inference_mode():
         out = spatial.resample_linear(
             torch.as_tensor(values)[None, None], Geometry.from_image(mask), grid

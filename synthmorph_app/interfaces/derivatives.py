@@ -71,6 +71,7 @@ def derivative_paths(out_dir, in_file, template: str, spec: dict, *,
         'before_after': figs / space_name(ent, template, fig_spec, desc='reg', ext='.svg'),
         'jacobian_figure': figs / space_name(ent, template, fig_spec, desc='jacobian',
                                              ext='.svg'),
+        'lesion_mask': anat / space_name(ent, template, spec, label='lesion', suffix='mask'),
     }
     if lta_mode:
         desc = lta_desc(lta_mode)
@@ -218,6 +219,16 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
     for key in ('before_after', 'jacobian_figure'):
         if files.get(key):
             plan.append((dest[key], files[key], None))
+    if files.get('lesion_mask'):  # the lesion mask carried onto the template's grid
+        plan.append((dest['lesion_mask'], files['lesion_mask'],
+                     {'Type': 'Lesion',
+                      'Sources': [s for s in (lesion, bids_uri(dest['forward_xfm'], out_dir, ''))
+                                  if s],
+                      'SpatialReference': template,
+                      **({'Resolution': spec['res']} if 'res' in spec else {}),
+                      'Description': 'The lesion mask resampled onto the template grid through '
+                                     'the forward transform (linear, then 1 where at least '
+                                     '0.5).'}))
     for key, src_space, dst_space in (('inverse_lta', template, ent['suffix']),
                                       ('forward_lta', ent['suffix'], template)):
         if not output_lta:
@@ -270,6 +281,7 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     inverse_xfm = File(exists=True, mandatory=True, desc='template-to-image transform (.h5)')
     before_after = File(desc='flicker SVG')
     jacobian_figure = File(desc='Jacobian SVG')
+    lesion_mask = File(desc='the lesion mask on the template grid, where one was given')
     metadata = traits.Dict(desc='registration metadata (mode, lambda, models, timings)')
     qc = traits.Dict(desc='QC metrics')
     command_line = traits.Str('', usedefault=True, desc='command line of this run')
@@ -295,7 +307,7 @@ class DerivativesSink(SimpleInterface):
             return value if isdefined(value) else None
 
         files = {k: opt(k) for k in ('space_image', 'forward_xfm', 'inverse_xfm',
-                                     'before_after', 'jacobian_figure')}
+                                     'before_after', 'jacobian_figure', 'lesion_mask')}
         self._results['out_files'] = save_derivatives(
             self.inputs.out_dir, self.inputs.bids_dir, self.inputs.in_file, self.inputs.template,
             opt('template_spec') or {}, files, metadata=opt('metadata') or {},

@@ -9,7 +9,7 @@ so building a workflow stays fast.
 >>> reg.inputs.mode, reg.inputs.lam, reg.inputs.device
 ('affine', 0.3, 'cpu')
 >>> sorted(reg.output_spec().get())
-['forward_xfm', 'inverse_xfm', 'log_jacobian', 'metadata', 'moved_image']
+['forward_xfm', 'inverse_xfm', 'log_jacobian', 'metadata', 'moved_image', 'moved_lesion']
 
 >>> from synthmorph_app.interfaces.synthmorph import SynthMorphApply
 >>> SynthMorphApply(interpolation='nearest').inputs.interpolation
@@ -79,6 +79,8 @@ class _SynthMorphRegisterOutputSpec(TraitedSpec):
                        '(fixed -> moving points, e.g. from-T1w_to-<tpl>)')
     inverse_xfm = File(exists=True, desc='ITK composite .h5: moves FIXED onto MOVING')
     moved_image = File(exists=True, desc='moving image resampled on the fixed grid')
+    moved_lesion = File(exists=True, desc='lesion_mask resampled on the fixed grid (uint8, 1 in '
+                        'the lesion), where a lesion mask was given')
     log_jacobian = File(desc='Jacobian determinant of the forward map on the fixed grid '
                         '(deformable modes only)')
     metadata = traits.Dict(desc='mode, lambda, device, model cards (name, sha256), timings')
@@ -104,6 +106,7 @@ class SynthMorphRegister(SimpleInterface):
                 forward_xfm=cwd / 'forward_xfm.h5',
                 inverse_xfm=cwd / 'inverse_xfm.h5',
                 moved_image=cwd / self.inputs.moved_image_name,
+                moved_lesion=cwd / 'moved_lesion.nii.gz',
                 jacobian=cwd / 'jacobian.nii.gz',
                 mode=self.inputs.mode,
                 lam=self.inputs.lam,
@@ -136,6 +139,7 @@ def register_files(
     forward_xfm: str | os.PathLike,
     inverse_xfm: str | os.PathLike,
     moved_image: str | os.PathLike | None = None,
+    moved_lesion: str | os.PathLike | None = None,
     jacobian: str | os.PathLike | None = None,
     mode: str = 'joint',
     lam: float = 0.5,
@@ -160,7 +164,9 @@ def register_files(
     ``fixed_mask``/``moving_mask``: brain mask files that weight the refinement
     (``engine.register.register``). ``lesion_mask``: a lesion of the image registered to the
     fixed one (the moving image; with ``via_image``, that image), its
-    ``moving_lesion_mask``; ``metadata['lesion_mask']`` then names the file. ``via_image``:
+    ``moving_lesion_mask``; ``metadata['lesion_mask']`` then names the file, and
+    ``moved_lesion`` receives it on the fixed grid (linear, then 1 where at least 0.5: the
+    lesion in template space, as lesion-symptom mapping needs it). ``via_image``:
     register through that image of the same person (``engine.register.register_via``);
     ``metadata['via']`` then names it.
     ``cache_dir``: keep the registration of the two images (of ``via_image`` and the fixed
@@ -209,12 +215,14 @@ def register_files(
     if via_image:
         via = load_image(via_image, kind='via image (the T1w of the same session; the '
                                           "BIDS-App's --no-via-t1w registers without it)")
-        result = register_via(moving, via, fixed,
-                              second=registration(via, via_image, source_mask=False),
-                              **options, **masks)
+        # the lesion belongs to the via image: it follows that image's registration
+        lesion_xfm = registration(via, via_image, source_mask=False)
+        result = register_via(moving, via, fixed, second=lesion_xfm, **options, **masks)
         result.info['via']['image'] = str(via_image)
+        lesion_xfm = lesion_xfm.forward
     else:
         result = registration(moving, moving_image, source_mask=True)
+        lesion_xfm = result.forward
     out = {
         'forward_xfm': str(save_transform(result.forward, forward_xfm)),
         'inverse_xfm': str(save_transform(result.inverse, inverse_xfm)),
@@ -223,6 +231,12 @@ def register_files(
         img = resample(moving, result.forward, Geometry.from_image(fixed), dtype=np.float32,
                        device=device)
         out['moved_image'] = str(save_image(img, moved_image))
+    if moved_lesion and lesion:
+        moved = resample(_lesion_share(lesion['moving_lesion_mask']), lesion_xfm,
+                         Geometry.from_image(fixed), dtype=np.float32, device=device)
+        inside = (np.asarray(moved.dataobj) >= 0.5).astype(np.uint8)
+        out['moved_lesion'] = str(save_image(nb.Nifti1Image(inside, moved.affine),
+                                             moved_lesion))
     if jacobian and result.forward.field is not None:
         geom = Geometry.from_image(fixed)  # the field sampled on the fixed grid
         ijk = np.indices(geom.shape).reshape(3, -1).T
@@ -237,6 +251,16 @@ def register_files(
     out['metadata'] = {**result.info, 'timings': {k: round(v, 3) for k, v in timings.items()},
                        'threads': torch.get_num_threads()}
     return out
+
+
+def _lesion_share(image):
+    """A lesion mask as the engine reads it (:func:`~synthmorph_app.engine.masks.mask_values`),
+    on its own grid."""
+    import nibabel as nb
+
+    from ..engine.masks import mask_values
+
+    return nb.Nifti1Image(mask_values(image), image.affine)
 
 
 class _SynthMorphApplyInputSpec(BaseInterfaceInputSpec):

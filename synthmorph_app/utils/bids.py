@@ -131,10 +131,12 @@ def xfm_name(entities: dict, template: str, *, inverse: bool = False, ext: str =
 
 
 def space_name(entities: dict, template: str, spec: dict, *, desc: str | None = None,
-               suffix: str | None = None, ext: str = '.nii.gz') -> str:
-    """``<prefix>_space-<tpl>[_cohort-N][_res-N][_desc-X]_<suffix><ext>``."""
+               suffix: str | None = None, ext: str = '.nii.gz', label: str | None = None) -> str:
+    """``<prefix>_space-<tpl>[_cohort-N][_res-N][_label-X][_desc-X]_<suffix><ext>``."""
     parts = [_prefix(entities), f'space-{template}']
     parts += [f'{k}-{spec[k]}' for k in ('cohort', 'res') if k in spec]
+    if label:
+        parts.append(f'label-{label}')
     if desc:
         parts.append(f'desc-{desc}')
     return '_'.join(parts) + f'_{suffix or entities["suffix"]}{ext}'

@@ -154,7 +154,7 @@ def init_anat_image_wf(
     if via is not None:
         register_wf.inputs.inputnode.via_image = str(via)
     # a lesion mask drawn on the T1w (fMRIPrep's *_label-lesion_roi): for the T1w's own job
-    # and the jobs that go through it; an image registered on its own keeps its lesion
+    # and the jobs that go through it; another contrast registered on its own goes without
     lesion = image_lesion(in_file, via)
     if lesion is not None:
         register_wf.inputs.inputnode.lesion_mask = str(lesion)
@@ -188,6 +188,10 @@ def init_anat_image_wf(
         (ds_wf, gather, [('outputnode.out_files', 'out_files')]),
         (gather, outputnode, [('out_files', 'out_files')]),
     ])  # fmt:skip
+    if lesion is not None and via is None:
+        # the lesion in template space, written once: by the job of the T1w it was drawn on
+        workflow.connect(register_wf, 'poutputnode.std_lesion_mask', ds_wf,
+                         'inputnode.lesion_mask')
     return workflow
 
 

@@ -9,7 +9,8 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from ..interfaces.derivatives import DerivativesSink
 
 DS_FIELDS = ['template', 'template_spec', 'template_file', 'template_mask', 'space_image',
-             'forward_xfm', 'inverse_xfm', 'before_after', 'jacobian_figure', 'metadata', 'qc']
+             'forward_xfm', 'inverse_xfm', 'before_after', 'jacobian_figure', 'metadata', 'qc',
+             'lesion_mask']
 
 
 def init_ds_registration_wf(
@@ -47,7 +48,7 @@ def init_ds_registration_wf(
     Inputs
     ------
     template, template_spec, template_file, template_mask, space_image, forward_xfm,
-    inverse_xfm, before_after, jacobian_figure, metadata, qc
+    inverse_xfm, before_after, jacobian_figure, metadata, qc, lesion_mask
         As produced by :func:`~synthmorph_app.workflows.registration.init_register_template_wf`
         and :class:`~synthmorph_app.interfaces.reports.ImageQC`.
 

@@ -16,7 +16,8 @@ DATA = Path(__file__).resolve().parents[1] / 'data'
 
 #: Outputs of sMRIPrep's ``init_register_template_wf``, then ours.
 SMRIPREP_OUTPUTS = ['anat2std_xfm', 'std2anat_xfm', 'template', 'template_spec']
-EXTRA_OUTPUTS = ['std_image', 'template_file', 'template_mask', 'log_jacobian', 'metadata']
+EXTRA_OUTPUTS = ['std_image', 'template_file', 'template_mask', 'log_jacobian', 'metadata',
+                 'std_lesion_mask']
 
 
 def load_tunables() -> dict:
@@ -112,6 +113,9 @@ def init_register_template_wf(
     std_image, template_file, template_mask, log_jacobian, metadata
         Ours: the image on the template grid, the template and brain mask files, the
         Jacobian determinant map and the registration's metadata.
+    std_lesion_mask
+        With ``lesion_mask``: the lesion on the template grid (uint8), as lesion-symptom
+        mapping needs it.
     """
     from ..utils.templates import get_template_metadata, parse_output_spaces
 
@@ -174,7 +178,8 @@ accessed offline through *TemplateFlow* [@templateflow].
                                      ('inverse_xfm', 'std2anat_xfm'),
                                      ('moved_image', 'std_image'),
                                      ('log_jacobian', 'log_jacobian'),
-                                     ('metadata', 'metadata')]),
+                                     ('metadata', 'metadata'),
+                                     ('moved_lesion', 'std_lesion_mask')]),
         (poutputnode, outputnode, [(f, f) for f in out_fields]),
     ])  # fmt:skip
     if via_t1w:
