@@ -278,12 +278,18 @@ def test_missing_subject_message_names_the_selection(tmp_path):
 
 @pytest.mark.slow
 def test_lesion_mask_is_found_used_and_recorded(tmp_path):
-    """A ``label-lesion_roi`` beside a T1w (as fMRIPrep reads it; outside the BIDS schema, so
-    the input check lets it pass, as it does what ``.bidsignore`` lists): the plan names it,
-    the registration uses it, the sidecars name it, the methods text says so; the other
-    subject has none."""
+    """A ``label-lesion_roi`` drawn beside a T1w after a first run (as fMRIPrep reads it;
+    outside the BIDS schema, so the input check lets it pass, as it does what ``.bidsignore``
+    lists): the rerun redoes that image only, the plan names the mask, the registration uses
+    it, the sidecars name it, the methods text says so, and the lesion is written on the
+    template grid; the other subject has none."""
     bids = tmp_path / 'bids'
     shutil.copytree(DEMO_DIR, bids)
+    out = tmp_path / 'out'
+    args = [bids, out, 'participant', '--mode', 'affine', '--no-figures', '-w',
+            tmp_path / 'work', *FAST]
+    first = _run(args, tmp_path)  # before the mask was drawn
+    assert first.returncode == 0, first.stderr[-3000:]
     anat = bids / 'sub-01' / 'anat'
     t1w = nb.load(anat / 'sub-01_T1w.nii.gz')
     data = t1w.get_fdata()
@@ -296,11 +302,10 @@ def test_lesion_mask_is_found_used_and_recorded(tmp_path):
             anat / 'sub-01_label-lesion_roi.nii.gz')
     (anat / 'notes.txt').write_text('scanned twice\n')
     (bids / '.bidsignore').write_text('*.txt\n')
-    out = tmp_path / 'out'
-    args = [bids, out, 'participant', '--mode', 'affine', '--no-figures', '-w',
-            tmp_path / 'work', *FAST]
     plan = _run([*args, '--dry-run'], tmp_path)
     assert plan.returncode == 0, plan.stderr[-3000:]
+    # the mask is new: sub-01 is redone with it, sub-02 (no mask) stays finished
+    assert '1 image(s) to register' in plan.stdout and '1 already finished' in plan.stdout
     assert 'sub-01_T1w.nii.gz -> MNI152NLin6Asym:res-2 (lesion mask ' \
         'sub-01_label-lesion_roi.nii.gz)' in plan.stdout
     run = _run(args, tmp_path)

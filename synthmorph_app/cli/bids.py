@@ -360,8 +360,9 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     for sub, images in subjects.items():
         for image in images:
             todo = [lab for lab, (n, s) in zip(labels, spaces)
-                    if not (args.resume and is_complete(out_dir, image, n, s,
-                                                        lta_mode=lta_mode))]
+                    if not (args.resume and is_complete(
+                        out_dir, image, n, s, lta_mode=lta_mode,
+                        lesion=image_lesion(image) is not None))]
             if todo:
                 plan.setdefault(sub, []).append((str(image), todo))
             else:
@@ -563,9 +564,12 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
         for image, todo in images:
             spaces = parse_output_spaces(todo)
             lta_mode = args.mode if args.output_lta else None
-            if all(is_complete(out_dir, image, n, s, lta_mode=lta_mode) for n, s in spaces):
+            from ..utils.bids import image_id, image_lesion, parse_entities
+
+            lesion = image_lesion(image) is not None
+            if all(is_complete(out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion)
+                   for n, s in spaces):
                 continue
-            from ..utils.bids import image_id, parse_entities
 
             key = f'anat_{image_id(parse_entities(image))}_wf'
             failures[image] = reasons.get(key, 'did not finish; see the log in '

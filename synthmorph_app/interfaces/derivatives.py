@@ -91,16 +91,17 @@ def sidecar(path: Path) -> Path:
 
 
 def is_complete(out_dir, in_file, template: str, spec: dict, *,
-                lta_mode: str | None = None) -> bool:
+                lta_mode: str | None = None, lesion: bool = False) -> bool:
     """True when the derivatives of ``in_file`` in ``template`` were all written.
 
     With ``lta_mode`` (``--output-lta``), the LTA files must be there too, so a rerun that
-    asks for them redoes the images written without them.
+    asks for them redoes the images written without them; with ``lesion`` (the image has a
+    lesion mask now), the lesion on the template grid, so a mask added later redoes the image.
     """
     paths = derivative_paths(out_dir, in_file, template, spec, lta_mode=lta_mode)
     done = sidecar(paths['forward_xfm']).is_file()
-    return done and all(paths[k].is_file() for k in ('forward_lta', 'inverse_lta')
-                        if k in paths)
+    needed = [k for k in ('forward_lta', 'inverse_lta') if k in paths]
+    return done and all(paths[k].is_file() for k in needed + ['lesion_mask'] * lesion)
 
 
 def write_linear_lta(xfm_file, out_file) -> Path:
