@@ -25,6 +25,34 @@ def test_folding_and_similarity():
     assert ncc(img, -img) == pytest.approx(-1.0)
 
 
+def test_a_lesion_is_left_out_of_the_qc(tmp_path):
+    """A lesion on the template grid: the metrics are those of the brain mask without it."""
+    import nibabel as nb
+
+    from synthmorph_app.reports.figures import image_qc
+
+    rng = np.random.default_rng(1)
+    shape, affine = (20, 22, 24), np.diag([2.0, 2.0, 2.0, 1.0])
+    template = rng.random(shape).astype(np.float32)
+    moved = template + 0.1 * rng.random(shape).astype(np.float32)
+    lesion = np.zeros(shape, np.uint8)
+    lesion[4:12, 5:13, 6:14] = 1
+    moved[lesion > 0] = 0.0  # a cavity: nothing like the template
+    brain = np.zeros(shape, np.uint8)
+    brain[2:18, 2:20, 2:22] = 1
+    files = {}
+    for name, data in (('tpl', template), ('moved', moved), ('brain', brain),
+                       ('lesion', lesion)):
+        files[name] = tmp_path / f'{name}.nii.gz'
+        nb.save(nb.Nifti1Image(data, affine), str(files[name]))
+    args = (files['moved'], files['moved'], files['tpl'], files['brain'], None, tmp_path)
+    plain = image_qc(*args, figures=False)['qc']
+    without = image_qc(*args, figures=False, lesion_mask=files['lesion'])['qc']
+    expected = registration_qc(moved, template, (brain > 0) & (lesion == 0), None)
+    assert without == expected
+    assert without['ncc'] > plain['ncc'] + 0.1
+
+
 def test_outliers_flagged():
     rows = [{'mind_ncc': v, 'ncc': 0.5, 'logjac_sd': 0.1, 'folding_pct': f, 'time_s': 10.0}
             for v, f in [(0.8, 0), (0.81, 0), (0.79, 0), (0.8, 0), (0.2, 0.5)]]

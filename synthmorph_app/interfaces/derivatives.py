@@ -53,11 +53,12 @@ def lta_desc(mode: str | None) -> str | None:
 
 
 def derivative_paths(out_dir, in_file, template: str, spec: dict, *,
-                     lta_mode: str | None = None) -> dict:
+                     lta_mode: str | None = None, lesion: bool = False) -> dict:
     """Where the derivatives of ``in_file`` in ``template`` go (keys: kinds of file).
 
     With ``lta_mode`` (the registration mode) the keys ``forward_lta`` and ``inverse_lta``
-    name the LTA files too (see :func:`lta_desc`).
+    name the LTA files too (see :func:`lta_desc`); with ``lesion``, ``lesion_mask`` the lesion
+    on the template grid.
     """
     ent = parse_entities(in_file)
     sub_dir = Path(out_dir) / f'sub-{ent["sub"]}'
@@ -71,8 +72,10 @@ def derivative_paths(out_dir, in_file, template: str, spec: dict, *,
         'before_after': figs / space_name(ent, template, fig_spec, desc='reg', ext='.svg'),
         'jacobian_figure': figs / space_name(ent, template, fig_spec, desc='jacobian',
                                              ext='.svg'),
-        'lesion_mask': anat / space_name(ent, template, spec, label='lesion', suffix='mask'),
     }
+    if lesion:
+        paths['lesion_mask'] = anat / space_name(ent, template, spec, label='lesion',
+                                                 suffix='mask')
     if lta_mode:
         desc = lta_desc(lta_mode)
         paths['inverse_lta'] = anat / xfm_name(ent, template, inverse=True, ext='.lta',
@@ -98,10 +101,10 @@ def is_complete(out_dir, in_file, template: str, spec: dict, *,
     asks for them redoes the images written without them; with ``lesion`` (the image has a
     lesion mask now), the lesion on the template grid, so a mask added later redoes the image.
     """
-    paths = derivative_paths(out_dir, in_file, template, spec, lta_mode=lta_mode)
+    paths = derivative_paths(out_dir, in_file, template, spec, lta_mode=lta_mode, lesion=lesion)
     done = sidecar(paths['forward_xfm']).is_file()
-    needed = [k for k in ('forward_lta', 'inverse_lta') if k in paths]
-    return done and all(paths[k].is_file() for k in needed + ['lesion_mask'] * lesion)
+    return done and all(paths[k].is_file() for k in ('forward_lta', 'inverse_lta', 'lesion_mask')
+                        if k in paths)
 
 
 def write_linear_lta(xfm_file, out_file) -> Path:
@@ -152,7 +155,8 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
     mode = metadata.get('mode')
     output_lta = 'forward_lta' in files
     dest = derivative_paths(out_dir, in_file, template, spec,
-                            lta_mode=(mode or 'joint') if output_lta else None)
+                            lta_mode=(mode or 'joint') if output_lta else None,
+                            lesion=bool(files.get('lesion_mask')))
     sources = [bids_uri(in_file, bids_dir)]
     home = templateflow_home or os.environ.get('TEMPLATEFLOW_HOME')
     masked = 'fixed' in metadata.get('refine', {}).get('masks', [])

@@ -24,6 +24,8 @@ class _ImageQCInputSpec(BaseInterfaceInputSpec):
     template_mask = File(exists=True, mandatory=True, desc='template brain mask')
     log_jacobian = File(desc='Jacobian determinant of the forward map (deformable modes)')
     figures = traits.Bool(True, usedefault=True, desc='draw the report figures')
+    lesion_mask = File(exists=True, desc='the lesion on the template grid: left out of the QC '
+                       'metrics')
 
 
 class _ImageQCOutputSpec(TraitedSpec):
@@ -42,8 +44,10 @@ class ImageQC(SimpleInterface):
         from ..reports.figures import image_qc
 
         jac = self.inputs.log_jacobian if isdefined(self.inputs.log_jacobian) else None
+        lesion = self.inputs.lesion_mask if isdefined(self.inputs.lesion_mask) else None
         self._results.update(image_qc(
             self.inputs.moving_image, self.inputs.moved_image, self.inputs.template,
             self.inputs.template_mask, jac, runtime.cwd, figures=self.inputs.figures,
+            lesion_mask=lesion,
         ))
         return runtime

@@ -28,8 +28,14 @@ def image_qc(
     out_dir: str | os.PathLike,
     *,
     figures: bool = True,
+    lesion_mask: str | os.PathLike | None = None,
 ) -> dict:
-    """QC figures (``before_after``, ``jacobian_figure`` SVG paths) and metrics (``qc``)."""
+    """QC figures (``before_after``, ``jacobian_figure`` SVG paths) and metrics (``qc``).
+
+    ``lesion_mask`` (the lesion on the template grid, or any grid in its world space) is left
+    out of the metrics: a lesion matches nothing in the template by nature, and would make a
+    good registration of a patient look like an outlier in the group report.
+    """
     import nibabel as nb
 
     from .metrics import registration_qc
@@ -39,6 +45,9 @@ def image_qc(
     moved = nb.load(str(moved_image))
     mask = _on_grid(nb.load(str(template_mask)), tpl, order=0)
     mask_data = np.asanyarray(mask.dataobj) > 0
+    if lesion_mask:
+        lesion = _on_grid(nb.load(str(lesion_mask)), tpl, order=0)
+        mask_data = mask_data & ~(np.asanyarray(lesion.dataobj) > 0)
     jac = nb.load(str(jacobian)) if jacobian else None
     jac_data = None
     if jac is not None:

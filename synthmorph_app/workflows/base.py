@@ -188,6 +188,8 @@ def init_anat_image_wf(
         (ds_wf, gather, [('outputnode.out_files', 'out_files')]),
         (gather, outputnode, [('out_files', 'out_files')]),
     ])  # fmt:skip
+    if lesion is not None:  # the lesion in template space is left out of the QC metrics
+        workflow.connect(register_wf, 'poutputnode.std_lesion_mask', image_qc, 'lesion_mask')
     if lesion is not None and via is None:
         # the lesion in template space, written once: by the job of the T1w it was drawn on
         workflow.connect(register_wf, 'poutputnode.std_lesion_mask', ds_wf,
