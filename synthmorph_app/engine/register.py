@@ -457,7 +457,6 @@ def register_via(
     fixed: nb.spatialimages.SpatialImage,
     *,
     second: RegistrationResult | None = None,
-    via_lesion_mask: nb.spatialimages.SpatialImage | None = None,
     **options,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` through ``via``, another image of the same person.
@@ -471,11 +470,11 @@ def register_via(
     through their T1w, every subject higher; ``benchmarks/README.md``, "Session 23"). The
     rigid stage uses the refinement's iterations, weight, metric (``'auto'`` picks MIND across
     contrasts), device, extent and rigid model of ``options``, and ``moving_mask`` and
-    ``moving_lesion_mask`` if given; ``via_lesion_mask`` (a lesion of ``via``, e.g. drawn on
-    the T1w) is the second registration's ``moving_lesion_mask``.
+    ``moving_lesion_mask`` if given.
 
     ``second``: the registration of ``via`` to ``fixed`` where it is already at hand (e.g. from
-    :mod:`.cache`); otherwise it is computed here.
+    :mod:`.cache`, or computed with a lesion mask drawn on ``via``); otherwise it is computed
+    here with ``options`` less the moving image's masks.
 
     ``info['via']`` holds the rigid stage's info and matrix; its timings carry the prefix
     ``via ``. The result has no mid-space transforms.
@@ -485,7 +484,7 @@ def register_via(
     first = register(moving, via, mode='rigid',
                      **{k: options[k] for k in (*rigid_keys, *moving_side) if k in options})
     if second is None:
-        second = register(via, fixed, moving_lesion_mask=via_lesion_mask,
+        second = register(via, fixed,
                           **{k: v for k, v in options.items() if k not in moving_side})
     matrix = first.forward.affine  # via points -> moving points
     moving_geom = Geometry.from_image(moving)

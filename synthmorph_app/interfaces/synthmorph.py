@@ -216,10 +216,10 @@ def register_files(
         via = load_image(via_image, kind='via image (the T1w of the same session; the '
                                           "BIDS-App's --no-via-t1w registers without it)")
         # the lesion belongs to the via image: it follows that image's registration
-        lesion_xfm = registration(via, via_image, source_mask=False)
-        result = register_via(moving, via, fixed, second=lesion_xfm, **options, **masks)
+        second = registration(via, via_image, source_mask=False)
+        result = register_via(moving, via, fixed, second=second, **options, **masks)
         result.info['via']['image'] = str(via_image)
-        lesion_xfm = lesion_xfm.forward
+        lesion_xfm = second.forward
     else:
         result = registration(moving, moving_image, source_mask=True)
         lesion_xfm = result.forward
