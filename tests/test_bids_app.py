@@ -239,6 +239,43 @@ def test_bids_filter_file(tmp_path, shared_data):
     assert 'sub-chris_T1w' in res.stdout
 
 
+def test_filter_keys_and_a_sidecar_that_is_not_json(tmp_path):
+    bids = tmp_path / 'bids'
+    shutil.copytree(DEMO_DIR, bids)
+    (bids / 'T1w.json').write_text(json.dumps({'RepetitionTime': 2.3}))  # inherited by both
+    filt = tmp_path / 'filter.json'
+    filt.write_text(json.dumps({'t1w': {'RepetitionTime': 2.3}}))  # a sidecar field selects
+    res = _run([bids, tmp_path / 'o', 'participant', '--bids-filter-file', filt, '--dry-run'],
+               tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'sub-01_T1w.nii.gz' in res.stdout and 'sub-02_T1w.nii.gz' in res.stdout
+    filt.write_text(json.dumps({'t1w': {'acq': 'mprage'}}))  # a short entity name: refused
+    res = _run([bids, tmp_path / 'o', 'participant', '--bids-filter-file', filt, '--dry-run'],
+               tmp_path)
+    assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr
+    assert "t1w: 'acq' is neither a BIDS entity nor a sidecar field" in res.stderr
+    # one broken sidecar does not stop the dataset: named in a warning, metadata not indexed
+    bad = bids / 'sub-02' / 'anat' / 'sub-02_T1w.json'
+    bad.write_text('{"RepetitionTime": 2.3')
+    res = _run([bids, tmp_path / 'o', 'participant', '--dry-run'], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f'the sidecar <{bad}> is not valid JSON' in res.stderr
+    assert 'sub-01_T1w.nii.gz' in res.stdout and 'sub-02_T1w.nii.gz' in res.stdout
+    filt.write_text(json.dumps({'t1w': {'RepetitionTime': 2.3}}))  # now unknown: refused
+    res = _run([bids, tmp_path / 'o', 'participant', '--bids-filter-file', filt, '--dry-run'],
+               tmp_path)
+    assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr
+    assert "'RepetitionTime' is neither a BIDS entity nor a sidecar field" in res.stderr
+    func = bids / 'sub-03' / 'func' / 'sub-03_task-rest_bold.json'  # no anatomical image
+    func.parent.mkdir(parents=True)
+    func.write_text('{}')
+    res = _run([bids, tmp_path / 'o', 'participant', '--contrasts', 'all', '--dry-run'],
+               tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert ('sub-03: no anatomical image selected, not processed (it has no anatomical image, '
+            'anat/*.nii[.gz]).') in res.stderr
+
+
 def test_missing_subject_message_names_the_selection(tmp_path):
     # sub-01 has a T1w in ses-1 only and a T2w in ses-2; sub-02 a T1w in ses-2
     bids = tmp_path / 'bids'

@@ -458,7 +458,8 @@ def _missing_reason(sub: str, names: list[str], contrasts: list[str] | None,
     ``ses-``; all sessions when empty); ``filtered`` says a BIDS filter file narrowed the query
     of an asked contrast.
     """
-    asked = '/'.join(contrasts or ['T1w'])
+    contrasts = contrasts or ['T1w']
+    asked = 'anatomical' if 'all' in contrasts else '/'.join(contrasts)
     where = ' in the selected session(s) ' + ', '.join(sessions) if sessions else ''
     hint = 'choose contrasts with --contrasts' + (' or check --bids-filter-file' if filtered else '')
     has = (f'its anatomical images{where}: {", ".join(names)}; {hint}'

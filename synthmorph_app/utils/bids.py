@@ -279,6 +279,43 @@ class Selection:
     filtered: bool = False
 
 
+def _layout(bids_dir):
+    """The dataset's pybids layout, sidecar metadata indexed (a filter file may select by it).
+
+    A sidecar that is not JSON would stop pybids for the whole dataset: it is named in a
+    warning and the dataset indexed without metadata instead (the registration reads none).
+    """
+    from bids import BIDSLayout, BIDSLayoutIndexer
+
+    try:
+        return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    except OSError as err:
+        if 'decode JSON' not in str(err):
+            raise BIDSError(f'pybids cannot index <{bids_dir}>: {err}') from None
+        found = re.search(r"filename='([^']+)'", str(err))
+        LOGGER.warning('the sidecar <%s> is not valid JSON: sidecar metadata are not indexed '
+                       '(--bids-filter-file can select by BIDS entities only)',
+                       found.group(1) if found else err)
+        return BIDSLayout(str(bids_dir), validate=False, derivatives=False,
+                          indexer=BIDSLayoutIndexer(validate=False, index_metadata=False))
+
+
+def _check_filter_keys(layout, filters: dict, bids_dir) -> None:
+    """Refuse a filter key that is neither an entity nor a sidecar field of the dataset
+    (pybids would raise deep in its query), naming the key and what the dataset has."""
+    known = set(layout.get_entities())
+    for contrast, filt in filters.items():
+        unknown = sorted(set(filt) - known)
+        if unknown:
+            entities = sorted(layout.get_entities(metadata=False))
+            raise SynthMorphError(
+                f'--bids-filter-file: {contrast.lower()}: {", ".join(map(repr, unknown))} '
+                f'is neither a BIDS entity nor a sidecar field of <{bids_dir}> (its entities: '
+                f'{", ".join(entities)}; entities go by their long names, e.g. '
+                f'"acquisition", not "acq")'
+            )
+
+
 def collect_data(
     bids_dir: str | os.PathLike,
     *,
@@ -294,10 +331,9 @@ def collect_data(
     Selected subjects without such an image are listed in ``missing``. Raises
     :class:`NothingToDoError` when nothing matches, naming what was asked.
     """
-    from bids import BIDSLayout
     from bids.layout import Query
 
-    layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    layout = _layout(bids_dir)
     subjects = layout.get_subjects()
     wanted = [re.sub(r'^sub-', '', s) for s in participant_labels or []] or subjects
     unknown = sorted(set(wanted) - set(subjects))
@@ -316,6 +352,7 @@ def collect_data(
     filters = {c: filt for c in contrasts
                if (filt := {k: v for k, v in (bids_filters or {}).get(c.lower(), {}).items()
                             if k not in ('subject', 'datatype', 'suffix', 'return_type')})}
+    _check_filter_keys(layout, filters, bids_dir)
     session_labels = [re.sub(r'^ses-', '', s) for s in session_labels or []]
     sessions = {'session': session_labels} if session_labels else {}
     out: dict[str, list[Path]] = {}
