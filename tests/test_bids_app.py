@@ -152,6 +152,9 @@ def test_failure_isolation_and_rerun(tmp_path):
     t2w_only = bids / 'sub-03' / 'anat' / 'sub-03_T2w.nii.gz'  # no T1w: reported, not lost
     t2w_only.parent.mkdir(parents=True)
     shutil.copy(bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz', t2w_only)
+    unfetched = bids / 'sub-04' / 'anat' / 'sub-04_T1w.nii.gz'  # a DataLad file not fetched
+    unfetched.parent.mkdir(parents=True)
+    unfetched.symlink_to('../../.git/annex/objects/Q1/x7/MD5E-s9--a.nii.gz/MD5E-s9--a.nii.gz')
     out = tmp_path / 'out'
     args = [bids, out, 'participant', '--mode', 'affine', '--no-figures', '-w',
             tmp_path / 'work', *FAST]
@@ -160,6 +163,9 @@ def test_failure_isolation_and_rerun(tmp_path):
     assert 'sub-02_T1w.nii.gz' in first.stderr and 'FAILED' in first.stderr
     assert 'sub-03: no T1w image' in first.stderr and 'sub-03_T2w.nii.gz' in first.stderr
     assert '1 subject(s) NOT PROCESSED' in first.stderr
+    assert '2 image(s) FAILED' in first.stderr
+    assert (f'<{unfetched}>: The image <{unfetched}> is a link to a file that does not exist '
+            '(../../.git/annex/') in first.stderr and 'datalad get' in first.stderr
     done = out / 'sub-01' / 'anat' / 'sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json'
     assert done.is_file()
     assert not (out / 'sub-02' / 'anat').exists() or not list(
@@ -168,9 +174,11 @@ def test_failure_isolation_and_rerun(tmp_path):
     stamp = done.stat().st_mtime_ns
     bad.write_bytes(data)  # fixed
     t2w_only.rename(t2w_only.with_name('sub-03_T1w.nii.gz'))
+    unfetched.unlink()
+    shutil.copy(t2w_only.with_name('sub-03_T1w.nii.gz'), unfetched)  # fetched
     second = _run(args, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert '2 image(s) to register' in second.stdout and '1 already finished' in second.stdout
+    assert '3 image(s) to register' in second.stdout and '1 already finished' in second.stdout
     assert 'NOT PROCESSED' not in second.stderr
     assert done.stat().st_mtime_ns == stamp
     assert (out / 'sub-02' / 'anat' /

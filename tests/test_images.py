@@ -65,6 +65,11 @@ def test_singular_affine(tmp_path):
 def test_missing_unknown_and_corrupt(tmp_path):
     with pytest.raises(InputImageError, match='does not exist'):
         load_image(tmp_path / 'nope.nii.gz')
+    unfetched = tmp_path / 'sub-01_T1w.nii.gz'  # a DataLad/git-annex file not fetched
+    unfetched.symlink_to('.git/annex/objects/Xq/3v/MD5E-s1--x.nii.gz/MD5E-s1--x.nii.gz')
+    with pytest.raises(InputImageError, match=r'a link to a file that does not exist \(\.git/'
+                                              r'annex/.*\): .* fetch it first \(datalad get\)'):
+        load_image(unfetched, kind='moving image')
     other = tmp_path / 'img.png'
     other.write_bytes(b'\x89PNG')
     with pytest.raises(InputImageError, match='unknown extension'):

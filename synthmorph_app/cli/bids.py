@@ -379,9 +379,15 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
             if lesion:
                 through += f' (lesion mask {lesion.name})'
                 lesions.append(str(lesion))
+            if _unreadable(image, via, lesion):
+                through += ' (NOT READABLE: fails, see below)'
             print(f'  sub-{sub}: {Path(image).name} -> {", ".join(todo)}{through}')
     if args.dry_run:
+        for image, reason in _split_unreadable(plan, args.via_t1w).items():
+            print(f'synthmorph-app: <{image}> will fail: {reason}', file=sys.stderr)
         return EXIT_OK
+    # files named but absent (an unfetched DataLad file) fail here, by name; the rest run
+    unreadable = _split_unreadable(plan, args.via_t1w)
 
     weights = None
     if args.weights:
@@ -411,9 +417,9 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     }
     write_json_atomic(out_dir / 'logs' / f'config_{run_id}.json', config)
 
-    failures: dict[str, str] = {}
+    failures: dict[str, str] = dict(unreadable)
     if plan:
-        failures = _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line,
+        failures |= _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line,
                             weights, device, nprocs, omp)
     _write_citation(out_dir, labels, args, lesions=bool(lesions))
     from ..reports.subject import write_subject_report
@@ -448,6 +454,41 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         for reason in missing.values():
             print(f'  {reason}', file=sys.stderr)
     return EXIT_FAILURE if failures or missing else EXIT_OK
+
+
+def _unreadable(image, via, lesion) -> str | None:
+    """Why a job cannot start: its image, the T1w it goes through or its lesion mask is
+    absent (:func:`.io.images.missing_file_reason`); None where all are there."""
+    from ..io.images import missing_file_reason
+
+    for path, what in ((image, 'image'), (via, 'T1w it is registered through'),
+                       (lesion, 'lesion mask')):
+        reason = path and missing_file_reason(path, f'{what} <{path}>')
+        if reason:
+            return reason + (' (Or register this image alone: --no-via-t1w.)'
+                             if path is via else '')
+    return None
+
+
+def _split_unreadable(plan: dict, via_t1w: bool) -> dict[str, str]:
+    """Take the jobs that cannot start out of ``plan`` (in place): ``{image: reason}``."""
+    from ..utils.bids import image_lesion, session_t1w
+
+    out = {}
+    for sub in list(plan):
+        kept = []
+        for image, todo in plan[sub]:
+            via = session_t1w(image) if via_t1w else None
+            reason = _unreadable(image, via, image_lesion(image, via))
+            if reason:
+                out[image] = reason
+            else:
+                kept.append((image, todo))
+        if kept:
+            plan[sub] = kept
+        else:
+            del plan[sub]
+    return out
 
 
 def _missing_reason(sub: str, names: list[str], contrasts: list[str] | None,

@@ -55,6 +55,19 @@ class Geometry:
         return hash(self.shape)
 
 
+def missing_file_reason(path: str | os.PathLike, what: str) -> str | None:
+    """Why the file ``what`` (at ``path``) cannot be opened, where it does not exist: a link
+    to nothing (a DataLad or git-annex file whose content is not fetched) or no file at all;
+    None where it exists."""
+    path = Path(path)
+    if path.exists():
+        return None
+    if path.is_symlink():
+        return (f'The {what} is a link to a file that does not exist ({os.readlink(path)}): '
+                'in a DataLad or git-annex dataset, fetch it first (datalad get).')
+    return f'The {what} does not exist.'
+
+
 def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialimages.SpatialImage:
     """Load a 3D image and check that it can be registered.
 
@@ -68,8 +81,9 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
     """
     path = Path(path)
     what = f'{kind} <{path}>'
-    if not path.exists():
-        raise InputImageError(f'The {what} does not exist.')
+    missing = missing_file_reason(path, what)
+    if missing:
+        raise InputImageError(missing)
     if path.is_dir():
         raise InputImageError(f'The {what} is a directory, not an image file.')
     if image_suffix(path) is None:
