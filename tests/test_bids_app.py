@@ -284,6 +284,21 @@ def test_filter_keys_and_a_sidecar_that_is_not_json(tmp_path):
             'anat/*.nii[.gz]).') in res.stderr
 
 
+def test_other_subjects_are_neither_validated_nor_indexed(tmp_path):
+    # an array job over sub-01 of a large dataset: a misnamed file or a broken sidecar of
+    # another subject does not stop it (and that subject's folder is not walked)
+    bids = tmp_path / 'bids'
+    shutil.copytree(DEMO_DIR, bids)
+    (bids / 'sub-02' / 'anat' / 'sub-02_T1w.json').write_text('{"RepetitionTime": ')
+    (bids / 'sub-02' / 'anat' / 'notes.txt').write_text('scanned twice')
+    res = _run([bids, tmp_path / 'o', 'participant', '--participant-label', '01', '--dry-run'],
+               tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 'sub-01_T1w.nii.gz' in res.stdout and 'sub-02' not in res.stdout + res.stderr
+    res = _run([bids, tmp_path / 'o', 'participant', '--dry-run'], tmp_path)
+    assert res.returncode == 16 and 'notes.txt' in res.stderr, res.stderr
+
+
 def test_missing_subject_message_names_the_selection(tmp_path):
     # sub-01 has a T1w in ses-1 only and a T2w in ses-2; sub-02 a T1w in ses-2
     bids = tmp_path / 'bids'

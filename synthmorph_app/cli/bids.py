@@ -326,7 +326,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
 
     try:
         if not args.skip_bids_validation:
-            validate_dataset(bids_dir)
+            validate_dataset(bids_dir, args.participant_label)
         elif not bids_dir.is_dir():
             raise BIDSError(f'The BIDS dataset <{bids_dir}> does not exist.')
     except BIDSError as err:
