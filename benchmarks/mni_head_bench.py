@@ -92,6 +92,9 @@ def main(argv=None) -> int:
         moving_grid = Geometry.from_image(nb.load(moving))
         # DLMUSE on the moving image's grid (carried by a rigid map for a FLAIR)
         muse = np.rint(refine_bench.moving_labels(sub, args.contrast, moving_grid))
+        # a T1w's labels stay on their own grid (a mirror may crop the image: fov_data.py)
+        labels_grid = (Geometry.from_image(nb.load(refine_bench.labels(sub)))
+                       if args.contrast == 'T1w' else moving_grid)
         moving_labels = np.zeros(muse.shape, np.float32)
         for a, b in MUSE_TO_FS.items():
             moving_labels[muse == a] = b
@@ -114,8 +117,8 @@ def main(argv=None) -> int:
                    'peak_mb': res['peak_mb'],
                    'deformable': res.get('info', {}).get('refine', {}).get('deformable')}
             for key, linear in (('dice_aff', True), ('dice', False)):
-                xfm = C.as_transform(res, fixed_grid, moving_grid, linear=linear)
-                moved = C.moved(moving_labels, moving_grid, xfm, label_grid, mode='nearest')
+                xfm = C.as_transform(res, fixed_grid, labels_grid, linear=linear)
+                moved = C.moved(moving_labels, labels_grid, xfm, label_grid, mode='nearest')
                 row[key] = evaluate.mean_dice(evaluate.dice_per_label(moved, fixed_labels,
                                                                       labels))
             rows.append(row)
