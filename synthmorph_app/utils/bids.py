@@ -287,9 +287,9 @@ def dataset_subjects(bids_dir: str | os.PathLike) -> list[str]:
     return sorted(p.name[4:] for p in Path(bids_dir).glob('sub-*') if p.is_dir())
 
 
-def _layout(bids_dir, subjects: list[str]):
-    """A pybids layout of ``subjects`` only, sidecar metadata indexed (a filter file may select
-    by it).
+def _layout(bids_dir, subjects: list[str] | None):
+    """A pybids layout of ``subjects`` only (None: all), sidecar metadata indexed (a filter
+    file may select by it).
 
     The other subjects' folders, ``derivatives/``, ``sourcedata/`` and the like are not
     walked: an array job over one subject of a large dataset indexes that subject and the
@@ -299,9 +299,10 @@ def _layout(bids_dir, subjects: list[str]):
     """
     from bids import BIDSLayout, BIDSLayoutIndexer
 
-    chosen = '|'.join(re.escape(s) for s in subjects)
-    ignore = [re.compile(r'^/(code|models|sourcedata|stimuli|derivatives)(/|$)'),
-              re.compile(rf'^/sub-(?!({chosen})(/|$))')]
+    ignore = [re.compile(r'^/(code|models|sourcedata|stimuli|derivatives)(/|$)')]
+    if subjects is not None:  # a selection (all subjects: no pattern to test every path on)
+        chosen = '|'.join(re.escape(s) for s in subjects)
+        ignore.append(re.compile(rf'^/sub-(?!({chosen})(/|$))'))
     try:
         return BIDSLayout(str(bids_dir), validate=False, derivatives=False,
                           indexer=BIDSLayoutIndexer(validate=False, ignore=ignore))
@@ -360,7 +361,7 @@ def collect_data(
             raise NothingToDoError(msg)
         LOGGER.warning(msg)
     wanted = [s for s in wanted if s in subjects]
-    layout = _layout(bids_dir, wanted)
+    layout = _layout(bids_dir, wanted if participant_labels else None)
     contrasts = list(contrasts or ['T1w'])
     if 'all' in contrasts:
         contrasts = list(ANAT_CONTRASTS)
