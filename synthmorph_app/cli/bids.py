@@ -343,6 +343,9 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     except NothingToDoError as err:
         print(f'synthmorph-app: nothing to process: {err}', file=sys.stderr)
         return EXIT_NOTHING
+    except BIDSError as err:  # pybids could not index the dataset
+        print(f'synthmorph-app: invalid BIDS input: {err}', file=sys.stderr)
+        return EXIT_INVALID_BIDS
     except SynthMorphError as err:
         print(f'synthmorph-app: error: {err}', file=sys.stderr)
         return EXIT_FAILURE
