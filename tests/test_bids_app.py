@@ -52,6 +52,10 @@ def test_participant_derivatives(main_run, shared_data):
     proc, out, _ = main_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'report:' in proc.stdout
+    for sub in ('01', 'chris'):  # progress as each job ends, numbered over the run's 2 jobs
+        assert f'/2] sub-{sub}_T1w.nii.gz -> MNI152NLin6Asym:res-2: registered in ' in proc.stdout
+        assert f'/2] sub-{sub}_T1w.nii.gz -> MNI152NLin6Asym:res-2: written' in proc.stdout
+    assert '[2/2]' in proc.stdout and '[3/2]' not in proc.stdout
     for sub in ('01', 'chris'):  # 2 mm LPS and 0.88 mm RAS inputs
         anat = out / f'sub-{sub}' / 'anat'
         fwd = anat / f'sub-{sub}_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5'
@@ -161,6 +165,7 @@ def test_failure_isolation_and_rerun(tmp_path):
     first = _run(args, tmp_path)
     assert first.returncode == 1, first.stderr[-3000:]
     assert 'sub-02_T1w.nii.gz' in first.stderr and 'FAILED' in first.stderr
+    assert 'sub-02_T1w.nii.gz -> MNI152NLin6Asym:res-2: registration FAILED' in first.stdout
     assert 'sub-03: no T1w image' in first.stderr and 'sub-03_T2w.nii.gz' in first.stderr
     assert '1 subject(s) NOT PROCESSED' in first.stderr
     assert '2 image(s) FAILED' in first.stderr

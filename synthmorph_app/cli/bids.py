@@ -598,6 +598,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
         plugin = 'MultiProc'
     else:
         plugin, plugin_args = 'Linear', {}
+    plugin_args['status_callback'] = _progress(plan)
     LOGGER.info('running %s with %s (%s)', workflow.name, plugin, plugin_args)
     try:
         workflow.run(plugin=plugin, plugin_args=plugin_args)
@@ -620,6 +621,44 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
             failures[image] = reasons.get(key, 'did not finish; see the log in '
                                                f'<{out_dir / "logs"}>')
     return failures
+
+
+def _progress(plan: dict):
+    """A Nipype ``status_callback`` that prints a line as each registration ends and as each
+    image's derivatives are written for a template: ``[k/N] <image> -> <template>: ...``
+    (a long run over many subjects is otherwise silent until its summary)."""
+    from ..utils.bids import image_id, parse_entities
+
+    names = {f'anat_{image_id(parse_entities(image))}_wf': Path(image).name
+             for images in plan.values() for image, _ in images}
+    # the template iterable's parameterization, as Nipype names it, for each space label
+    spaces = {'_template_' + label.replace(':', ''): label
+              for images in plan.values() for _, todo in images for label in todo}
+    total = sum(len(todo) for images in plan.values() for _, todo in images)
+    counts = {'registered': 0, 'written': 0}
+    started: dict[tuple, float] = {}
+
+    def callback(node, status):
+        what = {'registration': 'registered', 'ds_registration': 'written'}.get(node.name)
+        image = next((names[p] for p in node.fullname.split('.') if p in names), None)
+        if image is None or what is None:
+            return
+        params = tuple(getattr(node, 'parameterization', None) or ())
+        key = (node.fullname, params)
+        if status == 'start':
+            started[key] = time.time()
+            return
+        took = time.time() - started.pop(key, time.time())
+        space = next((spaces[p] for p in params if p in spaces), None)
+        job = f'{image} -> {space}' if space else image
+        if status == 'end':
+            counts[what] += 1
+            detail = f'registered in {took:.0f} s' if what == 'registered' else 'written'
+            print(f'  [{counts[what]}/{total}] {job}: {detail}', flush=True)
+        elif status == 'exception' and what == 'registered':
+            print(f'  {job}: registration FAILED (the summary at the end says why)', flush=True)
+
+    return callback
 
 
 def _crash_reasons(crash_dir: Path) -> dict[str, str]:
