@@ -607,3 +607,34 @@ def test_a_lesion_mask_keeps_the_brain_around_a_lesion_in_place(shared_data):
     with pytest.raises(InputImageError, match='moving lesion mask marks no voxel'):
         register(nb.Nifti1Image(sick, image.affine), fixed, moving_lesion_mask=nowhere,
                  mode='affine')
+
+
+def test_a_field_of_view_that_cuts_the_head_is_told_from_a_whole_head(shared_data):
+    """``_cut_head`` sends an image whose field of view cuts its head (within the top 140 mm)
+    down the slab's 4 mm search; a whole head with its neck cut at the bottom is not such an
+    image. sub-01's T1w, whole and cropped 30 mm into the brain from below or from above."""
+    from synthmorph_app.engine import register as reg
+    from synthmorph_app.io.images import load_image
+
+    t1w = load_image(shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
+    data = t1w.get_fdata(dtype=np.float32)
+    axis = int(np.argmax(np.abs(t1w.affine[2, :3])))  # the voxel axis nearest to superior
+    up = np.sign(t1w.affine[2, axis])
+
+    def cut(lo, hi):
+        keep = [slice(None)] * 3
+        keep[axis] = slice(lo, hi)
+        offset = np.eye(4)
+        offset[axis, 3] = lo
+        part = data[tuple(keep)]
+        return torch.as_tensor(part)[None, None], Geometry(part.shape, t1w.affine @ offset)
+
+    head = np.argwhere(data > np.percentile(data, 70))[:, axis]
+    top = head.max() if up > 0 else head.min()  # about the top of the head, in slices
+    n = data.shape[axis]
+    step = int(30 / abs(t1w.affine[2, axis]))  # 30 mm in slices
+    whole = cut(0, n)
+    below = cut(top - 4 * step, n) if up > 0 else cut(0, top + 4 * step)  # brain cut from below
+    above = cut(0, top - step) if up > 0 else cut(top + step, n)  # the top of the head cut off
+    assert not reg._cut_head(*whole)
+    assert reg._cut_head(*below) and reg._cut_head(*above)

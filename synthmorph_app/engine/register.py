@@ -70,6 +70,11 @@ JOINT_AFFINE_ITERATIONS = AFFINE_ITERATIONS[:2]
 #: of sub-chris onto its T1w: 52 mm off -> 0.2 mm from where the whole PDw lands).
 SLAB_MM = 90.0
 SLAB_SEARCH_MM = 4.0
+#: An image whose field of view cuts its head (the head mask, cut to the top 140 mm, meets a
+#: face of the image over more than this many cm^2) takes the slab's path too: a cut 50 mm
+#: into the brain from below misled the 8 mm level into a pose shrunk by a quarter, which the
+#: 4 mm search avoids (``benchmarks/README.md``, "Session 27: clipped fields of view").
+CUT_HEAD_CM2 = 50.0
 #: The refined velocity field is held at twice each level's image spacing (SynthMorph's
 #: half-resolution SVF), except at the finest level, where its spacing is twice the finer
 #: input's voxel size, between one and two times the level's spacing. A 1 mm pair thus gets a
@@ -576,14 +581,17 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
         levels = JOINT_AFFINE_LEVELS if joint else AFFINE_LEVELS
         iterations = JOINT_AFFINE_ITERATIONS if joint else AFFINE_ITERATIONS
         search = {}
-        if _is_slab(moving_geom) or _is_slab(fixed_geom):
+        slab = _is_slab(moving_geom) or _is_slab(fixed_geom)
+        cut = not slab and (_cut_head(moving_t, moving_geom) or _cut_head(fixed_t, fixed_geom))
+        if slab or cut:
             search = {'voxel': SLAB_SEARCH_MM}
             keep = [i for i, level in enumerate(levels) if level <= SLAB_SEARCH_MM]
             # the finer levels, the first with the coarsest level's iterations
             levels = tuple(levels[i] for i in keep)
             iterations = (iterations[0],) + tuple(iterations[i] for i in keep[1:])
-            LOGGER.info('a slab (field of view under %g mm): pose search and affine from %g mm',
-                        SLAB_MM, SLAB_SEARCH_MM)
+            LOGGER.info('%s: pose search and affine from %g mm',
+                        f'a slab (field of view under {SLAB_MM:g} mm)' if slab else
+                        'a field of view that cuts the head', SLAB_SEARCH_MM)
         if init_method == 'identity':
             begin = start
         else:
@@ -598,6 +606,21 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
             verbose=verbose, levels=levels, iterations=iterations,
             cross_contrast=cross_contrast, **weights,
         )
+
+
+def _cut_head(volume: torch.Tensor, grid: Geometry) -> bool:
+    """Whether the field of view cuts the head within its top 140 mm (:func:`.masks.
+    head_mask`) over more than ``CUT_HEAD_CM2`` on one face of the image."""
+    from . import masks
+
+    head = masks.head_mask(volume, grid)
+    vox = grid.voxel_sizes
+    for axis in range(3):
+        face_cm2 = float(np.prod([vox[a] for a in range(3) if a != axis])) / 100
+        for end in (0, -1):
+            if np.take(head, end, axis=axis).sum() * face_cm2 > CUT_HEAD_CM2:
+                return True
+    return False
 
 
 def _is_slab(grid: Geometry) -> bool:
