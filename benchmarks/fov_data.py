@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     for subject in sorted(p for p in (C.DATA / 'bids').glob('sub-*') if p.is_dir()):
         src, dst = subject / 'anat', mirror / subject.name / 'anat'
         dst.mkdir(parents=True)
+        label_file = Path(refine_bench.labels(subject.name[4:]))
         for image in sorted(src.iterdir()):
-            label_file = Path(refine_bench.labels(subject.name[4:]))
             if not image.name.endswith('_T1w.nii.gz') or not label_file.exists():
                 os.symlink(image, dst / image.name)
                 continue

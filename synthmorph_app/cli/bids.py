@@ -374,6 +374,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     print(f'synthmorph-app {__version__}: {n_todo} image(s) to register to '
           f'{", ".join(labels)}; {len(done)} already finished (skipped).')
     lesions = []
+    unreadable: dict[str, str] = {}  # jobs that cannot start: {image: why}
     for sub, images in plan.items():
         for image, todo in images:
             via = session_t1w(image) if args.via_t1w else None
@@ -382,15 +383,18 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
             if lesion:
                 through += f' (lesion mask {lesion.name})'
                 lesions.append(str(lesion))
-            if _unreadable(image, via, lesion):
+            reason = _unreadable(image, via, lesion)
+            if reason:
+                unreadable[image] = reason
                 through += ' (NOT READABLE: fails, see below)'
             print(f'  sub-{sub}: {Path(image).name} -> {", ".join(todo)}{through}')
     if args.dry_run:
-        for image, reason in _split_unreadable(plan, args.via_t1w).items():
+        for image, reason in unreadable.items():
             print(f'synthmorph-app: <{image}> will fail: {reason}', file=sys.stderr)
         return EXIT_OK
     # files named but absent (an unfetched DataLad file) fail here, by name; the rest run
-    unreadable = _split_unreadable(plan, args.via_t1w)
+    plan = {sub: kept for sub, images in plan.items()
+            if (kept := [job for job in images if job[0] not in unreadable])}
 
     weights = None
     if args.weights:
@@ -471,27 +475,6 @@ def _unreadable(image, via, lesion) -> str | None:
             return reason + (' (Or register this image alone: --no-via-t1w.)'
                              if path is via else '')
     return None
-
-
-def _split_unreadable(plan: dict, via_t1w: bool) -> dict[str, str]:
-    """Take the jobs that cannot start out of ``plan`` (in place): ``{image: reason}``."""
-    from ..utils.bids import image_lesion, session_t1w
-
-    out = {}
-    for sub in list(plan):
-        kept = []
-        for image, todo in plan[sub]:
-            via = session_t1w(image) if via_t1w else None
-            reason = _unreadable(image, via, image_lesion(image, via))
-            if reason:
-                out[image] = reason
-            else:
-                kept.append((image, todo))
-        if kept:
-            plan[sub] = kept
-        else:
-            del plan[sub]
-    return out
 
 
 def _missing_reason(sub: str, names: list[str], contrasts: list[str] | None,

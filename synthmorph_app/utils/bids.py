@@ -303,9 +303,13 @@ def _layout(bids_dir, subjects: list[str] | None):
     if subjects is not None:  # a selection (all subjects: no pattern to test every path on)
         chosen = '|'.join(re.escape(s) for s in subjects)
         ignore.append(re.compile(rf'^/sub-(?!({chosen})(/|$))'))
+
+    def layout(metadata: bool):
+        indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=metadata)
+        return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
+
     try:
-        return BIDSLayout(str(bids_dir), validate=False, derivatives=False,
-                          indexer=BIDSLayoutIndexer(validate=False, ignore=ignore))
+        return layout(metadata=True)
     except OSError as err:
         if 'decode JSON' not in str(err):
             raise BIDSError(f'pybids cannot index <{bids_dir}>: {err}') from None
@@ -313,9 +317,7 @@ def _layout(bids_dir, subjects: list[str] | None):
         LOGGER.warning('the sidecar <%s> is not valid JSON: sidecar metadata are not indexed '
                        '(--bids-filter-file can select by BIDS entities only)',
                        found.group(1) if found else err)
-        return BIDSLayout(str(bids_dir), validate=False, derivatives=False,
-                          indexer=BIDSLayoutIndexer(validate=False, ignore=ignore,
-                                                    index_metadata=False))
+        return layout(metadata=False)
 
 
 def _check_filter_keys(layout, filters: dict, bids_dir) -> None:
