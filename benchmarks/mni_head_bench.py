@@ -13,7 +13,8 @@ transform.
 carried onto it by antspyx ``Rigid`` from its T1w, as ``refine_bench.py --moving-contrast
 FLAIR`` does. The BIDS-App registers a FLAIR with ``--cross-contrast yes``, so give ours that
 option (``app="--cross-contrast yes"``); greedy then uses NMI, and ANTs SyN keeps its mutual
-information.
+information. ``--template-contrast T2w`` registers to the template's T2w (with head, the same
+grid) instead; greedy uses NMI wherever the two contrasts differ.
 
 ``--settings NAME=OPTIONS`` runs ``register`` (``--mode``, joint by default) once per setting, each in its own
 process, with OPTIONS passed to it (``auto=`` for the defaults; ``{t1w}`` in OPTIONS stands for
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
                              'affine stage with affine')
     parser.add_argument('--contrast', default='T1w', choices=('T1w', 'FLAIR'),
                         help="the moving image: each subject's T1w (default) or FLAIR")
+    parser.add_argument('--template-contrast', default='T1w', choices=('T1w', 'T2w'),
+                        help="the fixed image: the template's T1w (default) or T2w, both "
+                             'res-02 with head, one grid')
     parser.add_argument('--threads', type=int, default=1, help='threads (1)')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'mni_head_bench.json'), help='output JSON')
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
     from synthmorph_app import evaluate
     from synthmorph_app.io.images import Geometry
 
-    fixed = str(MNI / 'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz')
+    fixed = str(MNI / f'tpl-MNI152NLin6Asym_res-02_{args.template_contrast}.nii.gz')
     wmparc = nb.load(str(MNI / 'tpl-MNI152NLin6Asym_res-01_desc-wmparc_dseg.nii.gz'))
     fixed_labels = np.rint(np.asarray(wmparc.dataobj)).astype(np.int32)
     label_grid = Geometry.from_image(wmparc)
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
             moving_labels[muse == a] = b
         for name, options in args.settings:
             if name in ('greedy', 'greedy-moments'):
-                metric = 'NCC 2x2x2' if args.contrast == 'T1w' else 'NMI'
+                metric = 'NCC 2x2x2' if args.contrast == args.template_contrast else 'NMI'
                 init = 'moments' if name == 'greedy-moments' else 'image-centers'
                 res = C.in_child(C.run_greedy, moving, fixed, metric, args.threads,
                                  deformable=not affine_only, init=init)
@@ -112,6 +116,7 @@ def main(argv=None) -> int:
                 res = C.in_child(C.run_register, moving, fixed, args.mode, args.threads,
                                  [o.replace('{t1w}', t1w) for o in options])
             row = {'subject': sub, 'contrast': args.contrast, 'setting': name,
+                   'template_contrast': args.template_contrast,
                    'mode': args.mode, 'options': options,
                    'time': res['time'],
                    'peak_mb': res['peak_mb'],
