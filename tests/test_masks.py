@@ -107,3 +107,21 @@ def test_a_lesion_mask_on_another_grid_leaves_the_lesion_and_a_rim_out():
         [[1, 0, 0, 500], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
     with pytest.raises(InputImageError, match='marks no voxel'):
         masks.lesion_keep(away, grid)
+
+
+def test_a_head_found_once_gives_the_same_weights_and_belongs_to_its_grid():
+    grid = _grid((40, 44, 48), 2.0)
+    r, xyz = _radius(grid)
+    image = np.where(r < 36, 1.0, 0.0) + np.where(r < 26, 1.0, 0.0) + 0.2 * (xyz[..., 2] > 30)
+    mask = nb.Nifti1Image((r < 24).astype(np.uint8), grid.affine)
+    found = masks.Head(image, grid)
+    for kind in ('brain', 'head', 'none'):
+        for m in (None, mask):
+            alone = masks.similarity_weight(image, grid, kind, mask=m)
+            shared = masks.similarity_weight(image, grid, kind, mask=m, head=found)
+            assert np.array_equal(alone.numpy(), shared.numpy()), (kind, m)
+    assert masks.head_mask(image, grid, top_mm=None, head=found).sum() > \
+        masks.head_mask(image, grid, top_mm=40.0, head=found).sum() > 0
+    other = _grid((40, 44, 48), 2.5)
+    with pytest.raises(ValueError, match='another grid'):
+        masks.brain_weight(image, other, head=found)

@@ -319,12 +319,15 @@ def register(
             from . import masks
 
             with timer('refine'):
+                # each image's head is searched once, for its weight and the cut-head check
+                fixed_head = masks.Head(fixed_t, fixed_geom)
+                moving_head = masks.Head(moving_t, moving_geom)
                 fixed_w = masks.similarity_weight(
                     fixed_t, fixed_geom, refine_weight, mask=fixed_mask,
-                    what=_named(fixed_mask, 'fixed mask'))
+                    what=_named(fixed_mask, 'fixed mask'), head=fixed_head)
                 moving_w = masks.similarity_weight(
                     moving_t, moving_geom, refine_weight, mask=moving_mask,
-                    what=_named(moving_mask, 'moving mask'))
+                    what=_named(moving_mask, 'moving mask'), head=moving_head)
                 if fixed_keep is not None:
                     fixed_w = fixed_w * fixed_keep
                 if moving_keep is not None:
@@ -335,6 +338,7 @@ def register(
                     rigid=mode == 'rigid', init_method=init_method, start=start,
                     network=affine if use_network else None, metric=refine_metric,
                     joint=mode == 'joint', cross_contrast=cross_contrast,
+                    heads=(moving_head, fixed_head),
                 )
             info['refine'] = {'iterations': int(refine), 'metric': refine_metric,
                               'init': init_method, 'weight': refine_weight,
@@ -569,8 +573,10 @@ def _linear_mid_space(affine: np.ndarray, fixed_geom: Geometry) -> tuple[Transfo
 
 def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, moving_w, *,
                    rigid, init_method, start, network, metric, joint=False,
-                   cross_contrast=None) -> np.ndarray:
-    """The linear stage of test-time refinement: a robust start, then multi-scale Adam."""
+                   cross_contrast=None, heads=(None, None)) -> np.ndarray:
+    """The linear stage of test-time refinement: a robust start, then multi-scale Adam.
+
+    ``heads``: the :class:`.masks.Head` of the moving and the fixed image, when at hand."""
     from .optimise import optimise_affine, robust_affine_init
 
     verbose = LOGGER.isEnabledFor(logging.INFO)
@@ -582,7 +588,8 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
         iterations = JOINT_AFFINE_ITERATIONS if joint else AFFINE_ITERATIONS
         search = {}
         slab = _is_slab(moving_geom) or _is_slab(fixed_geom)
-        cut = not slab and (_cut_head(moving_t, moving_geom) or _cut_head(fixed_t, fixed_geom))
+        cut = not slab and (_cut_head(moving_t, moving_geom, heads[0])
+                            or _cut_head(fixed_t, fixed_geom, heads[1]))
         if slab or cut:
             search = {'voxel': SLAB_SEARCH_MM}
             keep = [i for i, level in enumerate(levels) if level <= SLAB_SEARCH_MM]
@@ -608,12 +615,13 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
         )
 
 
-def _cut_head(volume: torch.Tensor, grid: Geometry) -> bool:
+def _cut_head(volume: torch.Tensor, grid: Geometry, found=None) -> bool:
     """Whether the field of view cuts the head within its top 140 mm (:func:`.masks.
-    head_mask`) over more than ``CUT_HEAD_CM2`` on one face of the image."""
+    head_mask`; ``found``: the image's :class:`.masks.Head` when at hand) over more than
+    ``CUT_HEAD_CM2`` on one face of the image."""
     from . import masks
 
-    head = masks.head_mask(volume, grid)
+    head = masks.head_mask(volume, grid, head=found)
     vox = grid.voxel_sizes
     for axis in range(3):
         face_cm2 = float(np.prod([vox[a] for a in range(3) if a != axis])) / 100
