@@ -86,3 +86,23 @@ def test_subject_and_group_pages(tmp_path):
     lines = tsv.read_text().splitlines()
     assert len(lines) == 5 and lines[-1].endswith('mind_ncc')
     assert html.read_text().count('<svg') == len(QC_KEYS) + 1  # one plot per metric and time
+
+
+def test_the_figures_read_a_moving_image_stored_with_a_fourth_axis_of_one(tmp_path):
+    """A (X, Y, Z, 1) file registers as 3D; its before/after figure must read it alike."""
+    import nibabel as nb
+
+    from synthmorph_app.reports.figures import image_qc
+
+    rng = np.random.default_rng(2)
+    shape, affine = (20, 22, 24), np.diag([2.0, 2.0, 2.0, 1.0])
+    template = rng.random(shape).astype(np.float32)
+    brain = np.zeros(shape, np.uint8)
+    brain[2:18, 2:20, 2:22] = 1
+    files = {}
+    for name, data in (('tpl', template), ('brain', brain), ('moving', template[..., None])):
+        files[name] = tmp_path / f'{name}.nii.gz'
+        nb.save(nb.Nifti1Image(data, affine), str(files[name]))
+    out = image_qc(files['moving'], files['tpl'], files['tpl'], files['brain'], None, tmp_path)
+    svg = (tmp_path / 'before_after.svg').read_text()
+    assert out['before_after'] == str(tmp_path / 'before_after.svg') and '<svg' in svg

@@ -38,6 +38,7 @@ def image_qc(
     """
     import nibabel as nb
 
+    from ..io.images import load_image
     from .metrics import registration_qc
 
     out_dir = Path(out_dir)
@@ -58,7 +59,8 @@ def image_qc(
                          jac_data)
     out = {'qc': qc}
     if figures:
-        before = _on_grid(nb.load(str(moving_image)), tpl)
+        # read as the registration read it (a (X, Y, Z, 1) file is 3D)
+        before = _on_grid(load_image(moving_image, kind='moving image'), tpl)
         before_nii = nb.Nifti1Image(np.asanyarray(before.dataobj, dtype=np.float32), tpl.affine)
         mask_nii = nb.Nifti1Image(mask_data.astype(np.uint8), tpl.affine)
         out['before_after'] = str(before_after_svg(before_nii, moved, mask_nii,
