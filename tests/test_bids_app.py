@@ -233,6 +233,11 @@ def test_exit_codes(tmp_path, shared_data):
                 '01', 'chris', '--contrasts', 'all', '--dry-run'], tmp_path)
     assert res.returncode == 0, res.stderr
     assert 'sub-chris_PDw.nii.gz' in res.stdout and 'sub-01_FLAIR.nii.gz' in res.stdout
+    # 1: a label the dataset does not have, beside one it has (a typo in an array job's list)
+    res = _run([DEMO_DIR, tmp_path / 'o', 'participant', '--participant-label', '01', '99',
+                '--dry-run'], tmp_path)
+    assert res.returncode == 1 and 'sub-99: not in' in res.stderr, res.stderr
+    assert 'sub-01_T1w.nii.gz' in res.stdout
     res = _run(['--version'], tmp_path)
     assert res.returncode == 0 and 'synthmorph-app' in res.stdout
     res = _run([DEMO_DIR, tmp_path / 'o', 'participant', '--help'], tmp_path)

@@ -59,8 +59,8 @@ examples:
       --output-spaces MNI152NLin6Asym:res-2 MNI152NLin2009cAsym:res-1
   synthmorph-app /data/bids /data/out group           # qc.tsv and a QC page over subjects
 
-exit codes: 0 success, 1 some image failed or a selected subject has no image of the
-asked contrasts (see the summary), 16 invalid BIDS input,
+exit codes: 0 success, 1 some image failed, a selected subject has no image of the
+asked contrasts, or a --participant-label is not in the dataset (see the summary), 16 invalid BIDS input,
 18 nothing to process.
 """
 
@@ -354,6 +354,9 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     missing = {sub: _missing_reason(sub, names, args.contrasts, selection.sessions,
                                     selection.filtered)
                for sub, names in selection.missing.items()}
+    for sub in selection.unknown:  # asked for by label, not in the dataset
+        missing[sub] = (f'sub-{sub}: not in <{bids_dir}> (its participants: '
+                        f'{", ".join(selection.subjects)}); check --participant-label.')
     for reason in missing.values():
         print(f'synthmorph-app: {reason}', file=sys.stderr)
     labels = [space_label(n, s) for n, s in spaces]
@@ -391,7 +394,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     if args.dry_run:
         for image, reason in unreadable.items():
             print(f'synthmorph-app: <{image}> will fail: {reason}', file=sys.stderr)
-        return EXIT_OK
+        return EXIT_FAILURE if selection.unknown else EXIT_OK
     # files named but absent (an unfetched DataLad file) fail here, by name; the rest run
     plan = {sub: kept for sub, images in plan.items()
             if (kept := [job for job in images if job[0] not in unreadable])}
@@ -456,7 +459,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         for image, reason in sorted(failures.items()):
             print(f'  <{image}>: {reason}', file=sys.stderr)
     if missing:
-        print(f'synthmorph-app: {len(missing)} subject(s) NOT PROCESSED (no input image):',
+        print(f'synthmorph-app: {len(missing)} subject(s) NOT PROCESSED:',
               file=sys.stderr)
         for reason in missing.values():
             print(f'  {reason}', file=sys.stderr)

@@ -273,13 +273,16 @@ class Selection:
     subjects with no image of the asked contrasts, each with the anatomical files it does have
     (names), so that the message can say what is there instead. ``sessions``: the selected
     session labels without their ``ses-`` prefix (empty for all sessions). ``filtered``: whether
-    a BIDS filter narrowed the query of an asked contrast.
+    a BIDS filter narrowed the query of an asked contrast. ``unknown``: participant labels asked
+    for that the dataset does not have; ``subjects``: the labels it has.
     """
 
     images: dict[str, list[Path]]
     missing: dict[str, list[str]] = field(default_factory=dict)
     sessions: list[str] = field(default_factory=list)
     filtered: bool = False
+    unknown: list[str] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
 
 
 def dataset_subjects(bids_dir: str | os.PathLike) -> list[str]:
@@ -348,8 +351,9 @@ def collect_data(
 
     ``contrasts`` are BIDS suffixes (default ``['T1w']``; ``['all']`` for every anatomical
     contrast in :data:`ANAT_CONTRASTS`). Labels may carry the ``sub-``/``ses-`` prefix.
-    Selected subjects without such an image are listed in ``missing``. Raises
-    :class:`NothingToDoError` when nothing matches, naming what was asked.
+    Selected subjects without such an image are listed in ``missing``, labels the dataset does
+    not have in ``unknown``. Raises :class:`NothingToDoError` when nothing matches, naming what
+    was asked.
     """
     from bids.layout import Query
 
@@ -361,7 +365,6 @@ def collect_data(
                f'(it has: {", ".join(subjects) or "none"})')
         if len(unknown) == len(wanted):
             raise NothingToDoError(msg)
-        LOGGER.warning(msg)
     wanted = [s for s in wanted if s in subjects]
     layout = _layout(bids_dir, wanted if participant_labels else None)
     contrasts = list(contrasts or ['T1w'])
@@ -399,7 +402,7 @@ def collect_data(
             + '); check --participant-label, --session-label, --contrasts and '
             '--bids-filter-file.'
         )
-    return Selection(out, missing, session_labels, bool(filters))
+    return Selection(out, missing, session_labels, bool(filters), unknown, subjects)
 
 
 def in_container() -> dict | None:
