@@ -239,7 +239,10 @@ def add_apply_parser(subparsers) -> argparse.ArgumentParser:
         help='apply a transform to images',
         description='Resample images through a transform written by register (or by ANTs, '
                     'FreeSurfer, fMRIPrep). Each IMAGE is resampled onto the grid the '
-                    'transform defines (its fixed image) and written to OUT.',
+                    'transform defines (its fixed image) and written to OUT. An IMAGE may be a '
+                    '4D series (fMRI, tissue probability maps): each frame is resampled as a 3D '
+                    'image would be (as antsApplyTransforms -e 3), and the repetition time is '
+                    'kept (diffusion gradient directions are not rotated).',
         epilog=TRANSFORM_FORMATS + """
 examples:
   synthmorph-app apply fwd.h5 moving.nii.gz moved.nii.gz
@@ -249,7 +252,8 @@ examples:
     )
     p.add_argument('trans', help='transform file (fixed -> moving, see below)')
     p.add_argument('pairs', nargs='+', metavar='IMAGE OUT',
-                   help='input image and output path; repeat for more images')
+                   help='input image (3D, or a 4D series) and output path; repeat for more '
+                        'images')
     p.add_argument('-m', '--method', default='linear', choices=('linear', 'nearest', 'labels'),
                    help='interpolation (default linear; labels: per-label linear, for '
                         'segmentations)')

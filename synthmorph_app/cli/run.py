@@ -242,7 +242,7 @@ def run_apply(args) -> int:
         _check_image_name(out)
     reference = None
     if args.reference:
-        reference = Geometry.from_image(load_image(args.reference, kind='reference image'))
+        reference = Geometry.from_image(load_image(args.reference, kind='reference image', frames=True))
     xfm = load_transform(args.trans, field_convention=args.field_convention,
                          reference=reference)
     if reference is None and xfm.reference is None and xfm.field_geometry is None:
@@ -261,7 +261,7 @@ def run_apply(args) -> int:
     try:
         for image, out in pairs:
             LOGGER.info('resampling %s -> %s', image, out)
-            img = load_image(image, kind='input image')
+            img = load_image(image, kind='input image', frames=True)
             moved = moved_image(img, xfm, reference, mode=args.method, fill=args.fill,
                                 dtype=dtype, device=_device(args.gpu))
             outputs.add(save_image(moved, out))

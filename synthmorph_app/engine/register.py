@@ -781,6 +781,11 @@ def _model_info(card: dict) -> dict:
     }
 
 
+#: Output voxels of a 4D series that :func:`moved_image` resamples at once (frames of a group
+#: go through as channels; 128 MB of float32).
+FRAME_VOXELS = 1 << 25
+
+
 def moved_image(
     image: nb.spatialimages.SpatialImage,
     xfm: Transform,
@@ -794,22 +799,41 @@ def moved_image(
     """Resample ``image`` (on the moving side of ``xfm``) onto ``reference``.
 
     ``reference`` defaults to the transform's reference grid, then its field grid, then the
-    image's own grid. ``mode`` is ``'linear'``, ``'nearest'`` or ``'labels'``.
+    image's own grid. ``mode`` is ``'linear'``, ``'nearest'`` or ``'labels'``. A 4D image (a
+    series of frames) gives a 4D image, each frame resampled as a 3D image would be, that keeps
+    the frames' spacing (the repetition time) and time units.
     """
     reference = reference or xfm.reference or xfm.field_geometry or Geometry.from_image(image)
     device = resolve_device(device)
-    data = np.asanyarray(image.dataobj, dtype=np.float32)
-    with torch.inference_mode():
-        out = spatial.apply_transform(
-            spatial.volume_tensor(data, device), Geometry.from_image(image), xfm, reference,
-            mode=mode, fill=fill,
-        )[0, 0].cpu().numpy()
-    dtype = np.dtype(dtype) if dtype is not None else np.asanyarray(image.dataobj).dtype
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    img = nb.Nifti1Image(out.astype(dtype), reference.affine)
+    source = Geometry.from_image(image)
+    stored = np.asanyarray(image.dataobj)
+    series = stored.ndim == 4
+    frames = stored if series else stored[..., None]
+    dtype = np.dtype(dtype) if dtype is not None else stored.dtype
+    out = np.empty((*reference.shape, frames.shape[3]), dtype=dtype)
+    # frames go through as channels, a few at a time: the output of each group stays near
+    # FRAME_VOXELS floats, whatever the length of the series
+    group = max(1, FRAME_VOXELS // int(np.prod(reference.shape)))
+    for start in range(0, frames.shape[3], group):
+        stop = min(start + group, frames.shape[3])
+        volume = np.moveaxis(np.asarray(frames[..., start:stop], dtype=np.float32), -1, 0)
+        with torch.inference_mode():
+            part = spatial.apply_transform(
+                spatial.as_tensor(volume, device)[None], source, xfm, reference,
+                mode=mode, fill=fill,
+            )[0].cpu().numpy()
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            part = np.clip(np.rint(part), info.min, info.max)
+        out[..., start:stop] = np.moveaxis(part, 0, -1)
+    img = nb.Nifti1Image(out if series else out[..., 0], reference.affine)
     img.header.set_xyzt_units('mm')
+    if series:
+        zooms = image.header.get_zooms()
+        img.header.set_zooms((*reference.voxel_sizes, zooms[3] if len(zooms) > 3 else 1.0))
+        time_unit = image.header.get_xyzt_units()[1] if isinstance(image, nb.Nifti1Image) \
+            else 'unknown'
+        img.header.set_xyzt_units('mm', time_unit)
     return img
 
 

@@ -304,9 +304,9 @@ def apply_file(in_file, transform, out_file, *, reference=None, interpolation='l
     from ..io.images import Geometry, load_image, save_image
     from ..io.transforms import load_transform
 
-    ref = Geometry.from_image(load_image(reference, kind='reference image')) if reference \
+    ref = Geometry.from_image(load_image(reference, kind='reference image', frames=True)) if reference \
         else None
     xfm = load_transform(transform, reference=ref)
-    img = load_image(in_file, kind='input image')
+    img = load_image(in_file, kind='input image', frames=True)
     return save_image(moved_image(img, xfm, ref, mode=interpolation, fill=fill, device=device),
                       out_file)

@@ -68,10 +68,15 @@ def missing_file_reason(path: str | os.PathLike, what: str) -> str | None:
     return f'The {what} does not exist.'
 
 
-def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialimages.SpatialImage:
+def load_image(
+    path: str | os.PathLike, *, kind: str = 'image', frames: bool = False
+) -> nb.spatialimages.SpatialImage:
     """Load a 3D image and check that it can be registered.
 
-    Singleton trailing dimensions are squeezed (a ``(X, Y, Z, 1)`` file is 3D).
+    Singleton trailing dimensions are squeezed (a ``(X, Y, Z, 1)`` file is 3D). With
+    ``frames``, a 4D series ``(X, Y, Z, T)`` is accepted too (an fMRI or diffusion series, or
+    tissue probability maps, to resample through a transform); its header keeps the frames'
+    spacing (the repetition time) and units.
     Raises :class:`InputImageError` naming the file for: a missing file, an unknown extension,
     a truncated or corrupt file, colour (RGB) voxels, fewer or more than three dimensions, a
     singular header affine, a NIfTI header without orientation (both codes 0) or with a qform
@@ -105,12 +110,14 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
         )
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim != 3:
+    if data.ndim != 3 and not (frames and data.ndim == 4):
         raise InputImageError(
-            f'The {what} has {data.ndim} dimensions {tuple(data.shape)}; a 3D volume is needed '
-            '(extract one volume of a 4D series first, e.g. with fslroi or nibabel).'
+            f'The {what} has {data.ndim} dimensions {tuple(data.shape)}; '
+            + ('a 3D volume or a 4D series is needed.' if frames else
+               'a 3D volume is needed (extract one volume of a 4D series first, e.g. with '
+               'fslroi or nibabel).')
         )
-    if min(data.shape) < 2:
+    if min(data.shape[:3]) < 2:
         raise InputImageError(
             f'The {what} is a single slice {tuple(data.shape)}; a 3D volume is needed.'
         )
@@ -135,7 +142,11 @@ def load_image(path: str | os.PathLike, *, kind: str = 'image') -> nb.spatialima
             f'The {what} holds a single value ({float(data.min())}) everywhere: it is empty.'
         )
     # the data are in memory: the file's name stays in ``extra`` for messages
-    return nb.Nifti1Image(data, affine, header=_clean_header(img), extra={'source': str(path)})
+    out = nb.Nifti1Image(data, affine, header=_clean_header(img), extra={'source': str(path)})
+    if data.ndim == 4 and isinstance(img, nb.MGHImage):  # MGH keeps the TR in ms
+        out.header.set_zooms((*out.header.get_zooms()[:3], float(img.header['tr']) / 1000))
+        out.header.set_xyzt_units('mm', 'sec')
+    return out
 
 
 def _check_orientation(img, what: str) -> None:
@@ -194,6 +205,13 @@ def _clean_header(img) -> nb.Nifti1Header | None:
     return None
 
 
+def _seconds(img) -> float:
+    """The spacing of a NIfTI series' frames (its repetition time) in seconds."""
+    step = float(img.header.get_zooms()[3])
+    unit = img.header.get_xyzt_units()[1] if isinstance(img, nb.Nifti1Image) else 'sec'
+    return step * {'msec': 1e-3, 'usec': 1e-6}.get(unit, 1.0)
+
+
 def save_image(img: nb.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
     """Write ``img`` atomically: to a temporary name beside ``path``, then rename.
 
@@ -210,7 +228,10 @@ def save_image(img: nb.spatialimages.SpatialImage, path: str | os.PathLike) -> P
         data = np.asanyarray(img.dataobj)
         if data.dtype not in (np.uint8, np.int16, np.int32, np.float32):
             data = data.astype(np.float32)
+        series = img
         img = nb.MGHImage(data, img.affine)
+        if data.ndim == 4:  # a series: the TR, in the ms MGH stores it in
+            img.header['tr'] = _seconds(series) * 1000
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}{suffix}')
     try:
