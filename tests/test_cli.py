@@ -213,6 +213,10 @@ def test_bad_arguments(pair, tmp_path, capsys):
     assert 'none.h5' in capsys.readouterr().err
     assert main(['apply', str(tmp_path / 'none.h5'), str(moving)]) == 1
     assert 'pairs' in capsys.readouterr().err
+    # a misspelt -i method is named as such, not taken for a missing file
+    assert main(['register', '-i', 'moment', str(moving), str(fixed)]) == 1
+    err = capsys.readouterr().err
+    assert "'moment' is neither a method (network, moments, identity)" in err
 
 
 def test_masks_on_the_command_line(pair, tmp_path, capsys):

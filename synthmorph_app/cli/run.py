@@ -184,6 +184,13 @@ def run_register(args) -> int:
                        'they change nothing')
     init = None
     if args.init not in INIT_METHODS:
+        from ..io.transforms import transform_suffix
+
+        if transform_suffix(args.init) is None and not Path(args.init).exists():
+            raise SynthMorphError(
+                f'-i/--init {args.init!r} is neither a method ({", ".join(INIT_METHODS)}) '
+                'nor a transform file (.lta, .txt, .mat, .h5)'
+            )
         init = load_transform(
             args.init, reference=Geometry.from_image(fixed), moving=Geometry.from_image(moving)
         )
