@@ -19,6 +19,15 @@ def test_parse_output_spaces():
     for bad in ('MNI:res2', '2MNI', 'MNI:res-'):
         with pytest.raises(ValueError, match='expected'):
             T.parse_output_spaces([bad])
+    # TemplateFlow's res is an index: res-02 is res-2 (one space, one derivative name);
+    # fMRIPrep's res-native and a size in mm are refused by name, not a traceback later
+    assert T.parse_output_spaces(['MNI152NLin6Asym:res-02', 'MNI152NLin6Asym:res-2']) == [
+        ('MNI152NLin6Asym', {'res': '2'})]
+    for bad in ('MNI152NLin6Asym:res-native', 'MNI152NLin6Asym:res-2.5', 'MNI:res-0'):
+        with pytest.raises(ValueError, match='not a TemplateFlow resolution'):
+            T.parse_output_spaces([bad])
+    with pytest.raises(ValueError, match="non-standard spaces"):
+        T.parse_output_spaces(['T1w'])
 
 
 def _probe(env_extra: dict, tmp_path, code: str) -> subprocess.CompletedProcess:

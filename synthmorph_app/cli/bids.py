@@ -139,7 +139,8 @@ def build_bids_parser() -> argparse.ArgumentParser:
                    default=None,
                    help='templates in fMRIPrep syntax, e.g. MNI152NLin6Asym:res-2 '
                         'MNI152NLin2009cAsym:res-1 (default: MNI152NLin6Asym:res-2, packaged); '
-                        'others must be in $TEMPLATEFLOW_HOME')
+                        "res is the index of one of the template's TemplateFlow resolutions; "
+                        'without it the finest there is. Others must be in $TEMPLATEFLOW_HOME')
     g.add_argument('--mode', choices=('joint', 'affine', 'rigid', 'deform'), default='joint',
                    help='transformation model (default joint: affine then deformable)')
     g.add_argument('--lambda', dest='lam', type=_unit_interval, default=0.5, metavar='LAMBDA',

@@ -41,6 +41,9 @@ PACKAGED_HOME = Path(__file__).resolve().parents[1] / 'data' / 'templateflow'
 DEFAULT_SPACE = 'MNI152NLin6Asym:res-2'
 
 _SPEC_RE = re.compile(r'^(?P<key>[a-zA-Z]+)-(?P<value>[a-zA-Z0-9.]+)$')
+#: fMRIPrep's non-standard output spaces: an image's own space, not a template.
+NONSTANDARD_SPACES = ('T1w', 'T2w', 'anat', 'fsnative', 'func', 'bold', 'boldref', 'run',
+                      'sbref', 'session', 'dwi', 'fmap')
 _NAME_RE = re.compile(r'^[A-Za-z][A-Za-z0-9]*$')
 
 
@@ -57,6 +60,12 @@ def parse_output_spaces(specs: list[str] | None) -> list[tuple[str, dict]]:
             raise ValueError(
                 f'{spec!r} is not a template name (expected e.g. MNI152NLin6Asym:res-2)'
             )
+        if name in NONSTANDARD_SPACES:
+            raise ValueError(
+                f'{spec!r} is one of fMRIPrep\'s non-standard spaces (an image\'s own '
+                'space); --output-spaces takes TemplateFlow templates, e.g. '
+                'MNI152NLin6Asym:res-2 (the inverse transforms lead back to each image)'
+            )
         entities = {}
         for part in parts:
             match = _SPEC_RE.match(part)
@@ -67,6 +76,14 @@ def parse_output_spaces(specs: list[str] | None) -> list[tuple[str, dict]]:
             entities[match['key']] = match['value']
         if 'resolution' in entities:
             entities['res'] = entities.pop('resolution')
+        if 'res' in entities:
+            if not entities['res'].isdigit() or int(entities['res']) == 0:
+                raise ValueError(
+                    f'{spec!r}: res-{entities["res"]} is not a TemplateFlow resolution: res '
+                    "takes the index of one of the template's resolutions, a whole number "
+                    '(res-1, res-2; see its template_description.json)'
+                )
+            entities['res'] = str(int(entities['res']))  # res-02 and res-2 are one space
         if (name, entities) not in out:
             out.append((name, entities))
     return out
