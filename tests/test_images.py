@@ -151,3 +151,30 @@ def test_colour_image_is_refused(tmp_path):
     with pytest.raises(InputImageError, match='colour') as err:
         load_image(path)
     assert str(path) in str(err.value)
+
+
+def test_misnamed_uncompressed_files_are_read_as_they_are(tmp_path, capfd):
+    """A ``.nii.gz`` or ``.mgz`` that is not compressed (a converter or a copy dropped the
+    compression) reads as ITK, ANTs and FSL read it; a file that is neither is one clear error
+    naming it, without nibabel's header complaints about its wrong guesses."""
+    data = (RNG.random((7, 8, 9)) * 100).astype(np.float32)
+    affine = np.diag([-1.5, 1.5, 2.0, 1.0])
+    for kind, name in ((nb.Nifti1Image, 'n1.nii'), (nb.Nifti2Image, 'n2.nii'),
+                       (nb.MGHImage, 'm.mgh')):
+        plain = tmp_path / name
+        nb.save(kind(data, affine), str(plain))
+        misnamed = tmp_path / (name.replace('.nii', '.nii.gz').replace('.mgh', '.mgz'))
+        misnamed.write_bytes(plain.read_bytes())
+        img = load_image(misnamed)
+        assert np.array_equal(np.asanyarray(img.dataobj), data), name
+        assert np.allclose(img.affine, affine), name
+    plain = tmp_path / 'n1.nii'
+    for name, content in (('garbage.nii.gz', b'hello world' * 40),
+                          ('short.nii.gz', plain.read_bytes()[:600])):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        capfd.readouterr()
+        with pytest.raises(InputImageError, match='neither gzip-compressed nor a readable') as err:
+            load_image(bad)
+        assert str(bad) in str(err.value)
+        assert capfd.readouterr().err == ''

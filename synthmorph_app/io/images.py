@@ -6,6 +6,7 @@ No torch here: the engine turns the validated arrays into tensors.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def load_image(
             f'The {what} has an unknown extension: use one of {", ".join(IMAGE_SUFFIXES)}.'
         )
     try:
-        img = nb.load(str(path))
+        img = _read(path)
         data = np.asanyarray(img.dataobj)
     except (
         OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
@@ -147,6 +148,37 @@ def load_image(
         out.header.set_zooms((*out.header.get_zooms()[:3], float(img.header['tr']) / 1000))
         out.header.set_xyzt_units('mm', 'sec')
     return out
+
+
+def _read(path: Path) -> nb.spatialimages.SpatialImage:
+    """``nibabel.load``, and a ``.nii.gz``/``.mgz`` that is not compressed read as it is.
+
+    Such misnamed files are common (a converter or a copy that dropped the compression), and
+    ITK, ANTs and FSL read them, since their gzip layer passes plain bytes through.
+    """
+    suffix = image_suffix(path)
+    if suffix in ('.nii.gz', '.mgz'):
+        with open(path, 'rb') as f:
+            compressed = f.read(2) == b'\x1f\x8b'
+        if not compressed:
+            raw = path.read_bytes()
+            kinds = (nb.MGHImage,) if suffix == '.mgz' else (nb.Nifti1Image, nb.Nifti2Image)
+            # nibabel logs each header problem of a wrong guess: ours is the message
+            quiet, level = nb.imageglobals.logger, nb.imageglobals.logger.level
+            quiet.setLevel(logging.CRITICAL)
+            try:
+                for kind in kinds:
+                    try:
+                        img = kind.from_bytes(raw)
+                        np.asanyarray(img.dataobj)  # a short file fails here, not later
+                        return img
+                    except Exception:  # noqa: BLE001, S112 - nibabel raises many kinds
+                        continue
+            finally:
+                quiet.setLevel(level)
+            raise ValueError(f'named {suffix} but neither gzip-compressed nor a readable '
+                             'uncompressed image')
+    return nb.load(str(path))
 
 
 def _check_orientation(img, what: str) -> None:
