@@ -171,6 +171,24 @@ def test_apply_moves_a_4d_series_frame_by_frame(pair, tmp_path):
     assert main(['register', '-m', 'affine', str(series_path), str(fixed)]) == 1
 
 
+def test_a_field_of_view_smaller_than_a_head_is_warned_about(pair, tmp_path, caplog):
+    """A 25 mm cube is neither a head nor a slab: it registers, with a warning naming it and
+    its size; a head-sized pair draws none."""
+    moving, fixed = pair
+    small = tmp_path / 'small.nii.gz'
+    nb.save(_blobs(shape=(10, 10, 24), seed=3), str(small))  # 25 x 25 x 60 mm
+    with caplog.at_level(logging.WARNING, logger='synthmorph_app'):
+        assert main(['register', '-m', 'rigid', '--refine', '0', '-e', '128',
+                     str(small), str(fixed)]) == 0
+    warned = [r.getMessage() for r in caplog.records if 'less than a head' in r.getMessage()]
+    assert len(warned) == 1 and str(small) in warned[0] and '25 x 25 x 60 mm' in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='synthmorph_app'):
+        assert main(['register', '-m', 'rigid', '--refine', '0', '-e', '128',
+                     str(moving), str(fixed)]) == 0
+    assert not any('less than a head' in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize('make_bad,message', [
     (lambda p: p.write_bytes(b'garbage'), 'cannot be read'),
     (lambda p: nb.save(nb.Nifti1Image(np.zeros((8, 8, 8, 4), np.float32), np.eye(4)), str(p)),

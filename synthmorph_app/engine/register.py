@@ -70,6 +70,8 @@ JOINT_AFFINE_ITERATIONS = AFFINE_ITERATIONS[:2]
 #: of sub-chris onto its T1w: 52 mm off -> 0.2 mm from where the whole PDw lands).
 SLAB_MM = 90.0
 SLAB_SEARCH_MM = 4.0
+#: An image smaller than this (mm) along two axes is warned about: not a head, not a slab.
+SMALL_FOV_MM = 60.0
 #: An image whose field of view cuts its head (the head mask, cut to the top 140 mm, meets a
 #: face of the image over more than this many cm^2) takes the slab's path too: a cut 50 mm
 #: into the brain from below misled the 8 mm level into a pose shrunk by a quarter, which the
@@ -274,6 +276,15 @@ def register(
     # the grids of the results: the images' own; the work runs on their voxels in LIA order
     fixed_out, moving_out = Geometry.from_image(fixed), Geometry.from_image(moving)
     info = {'mode': mode, 'lambda': float(lam), 'device': str(device), 'models': {}}
+    for image, grid, side in ((moving, moving_out, 'moving'), (fixed, fixed_out, 'fixed')):
+        sides = np.asarray(grid.shape) * grid.voxel_sizes
+        if np.sort(sides)[1] < SMALL_FOV_MM:
+            LOGGER.warning(
+                '%s covers only %s mm: less than a head along two axes, so there is little '
+                'anatomy to align and the result may be far off (a slab needs two axes of a '
+                'head, and -m rigid)', _named(image, f'the {side} image'),
+                ' x '.join(f'{v:.0f}' for v in sides),
+            )
 
     with torch.inference_mode():
         with timer('preprocess'):
