@@ -171,6 +171,45 @@ def test_apply_moves_a_4d_series_frame_by_frame(pair, tmp_path):
     assert main(['register', '-m', 'affine', str(series_path), str(fixed)]) == 1
 
 
+def test_apply_through_a_chain(pair, tmp_path):
+    """``apply --before`` (and the interface's ``before_transforms``) resamples once through
+    the image's own transform, then TRANS: what :func:`compose` of the two gives, another
+    image than TRANS alone or the two in the other order."""
+    from nipype import Node
+
+    from synthmorph_app.engine.register import moved_image
+    from synthmorph_app.interfaces import SynthMorphApply
+    from synthmorph_app.io.images import Geometry
+    from synthmorph_app.io.transforms import Transform, compose, load_transform, save_transform
+
+    moving, fixed = pair
+    grid = Geometry.from_image(nb.load(str(fixed)))
+    field = np.zeros((*grid.shape, 3), np.float32)
+    field[..., 1] = 2 * np.sin(np.linspace(0, np.pi, grid.shape[0]))[:, None, None]
+    shift = np.eye(4)
+    shift[:3, 3] = [6, -8, 4]  # the image's own space -> the space TRANS moves
+    turn = np.eye(4)
+    turn[:3, :3] = [[0.94, -0.342, 0], [0.342, 0.94, 0], [0, 0, 1]]  # 20 degrees
+    trans, own = tmp_path / 'trans.h5', tmp_path / 'own.txt'
+    save_transform(Transform(turn, field, grid, reference=grid), trans)
+    save_transform(Transform(shift), own)
+    out, alone = tmp_path / 'out.nii.gz', tmp_path / 'alone.nii.gz'
+    assert main(['apply', '--before', str(own), str(trans), str(moving), str(out)]) == 0
+    assert main(['apply', str(trans), str(moving), str(alone)]) == 0
+    img = nb.load(str(moving))
+    expected = moved_image(img, compose(load_transform(trans), load_transform(own)))
+    got = nb.load(str(out)).get_fdata()
+    assert np.allclose(got, expected.get_fdata(), atol=1e-4)
+    other = moved_image(img, compose(load_transform(own), load_transform(trans)), grid)
+    for different in (nb.load(str(alone)).get_fdata(), other.get_fdata()):
+        assert np.abs(got - different).mean() > 1.0  # intensities 0-100, smooth blobs
+    node = Node(SynthMorphApply(in_file=str(moving), transform=str(trans),
+                                before_transforms=[str(own)]), name='apply',
+                base_dir=str(tmp_path / 'work'))
+    result = node.run()
+    assert np.allclose(nb.load(result.outputs.out_file).get_fdata(), got, atol=1e-5)
+
+
 def test_a_field_of_view_smaller_than_a_head_is_warned_about(pair, tmp_path, caplog):
     """A 25 mm cube is neither a head nor a slab: it registers, with a warning naming it and
     its size; a head-sized pair draws none."""

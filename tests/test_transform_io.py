@@ -31,6 +31,7 @@ from synthmorph_app.io.transforms import (
     TRANSFORM_SUFFIXES,
     Transform,
     apply_affine,
+    compose,
     load_transform,
     save_transform,
     transform_description,
@@ -227,6 +228,42 @@ def test_ants_resamples_like_us(cases, pair, suffix, kind, tmp_path):
         ).numpy()
         ours = apply_transform(volume_tensor(aseg), moving, xfm, fixed, 'labels')[0, 0].numpy()
         assert (theirs == ours).mean() >= 0.999
+
+
+@pytest.mark.parametrize(('first_kind', 'second_kind'), [
+    ('field_oblique', 'affine'), ('affine', 'field_oblique'), ('field_oblique', 'field_oblique')])
+def test_a_chain_resamples_like_ants(cases, first_kind, second_kind, tmp_path):
+    """``compose(first, second)`` (``apply --before``) moves an image as antsApplyTransforms
+    does with the list ``[first, second]``: points through ``first``, then ``second``. With a
+    linear member the composition is exact; two fields become one on the output grid, exact
+    at its voxels."""
+    folder, data = cases
+    norm, _, moving, fixed = data['lps_oblique_to_oblique']
+    rng = np.random.default_rng(zlib.crc32(f'{first_kind}{second_kind}'.encode()))
+    center = fixed.affine[:3, :3] @ ((np.asarray(fixed.shape) - 1) / 2) + fixed.affine[:3, 3]
+    # an intermediate space of its own (as a T1w between a BOLD and MNI), with small moves so
+    # that the anatomy stays in view through both
+    middle = _grid((40, 44, 42), _rotation((0, 10, -6)) @ np.diag([3.1, 3.0, 3.3]), center)
+    first = _transform(first_kind, middle, fixed, rng)
+    second = _transform(second_kind, moving, middle, rng)
+    chained = compose(first, second)
+    assert chained.is_linear == (first.is_linear and second.is_linear)
+    pts = _grid_points(fixed)[::11]
+    err = np.abs(chained.map_points(pts) - second.map_points(first.map_points(pts))).max()
+    assert err < 1e-4, err
+    paths = [save_transform(xfm, tmp_path / f'{name}.h5')
+             for name, xfm in (('first', first), ('second', second))]
+    ants_fixed = ants.image_read(str(folder / 'obl_fixed.nii.gz'))
+    ants_moving = ants.image_read(str(folder / 'obl_moving.nii.gz'))
+    theirs = ants.apply_transforms(ants_fixed, ants_moving, [str(p) for p in paths]).numpy()
+    ours = apply_transform(volume_tensor(norm), moving, chained, fixed, 'linear')[0, 0].numpy()
+    span = float(norm.max() - norm.min())
+    assert ours.std() > 0.1 * span
+    assert np.abs(theirs - ours).max() < 1e-3 * span
+    # the other order is another transform: the test can tell them apart
+    reversed_order = ants.apply_transforms(ants_fixed, ants_moving,
+                                           [str(p) for p in paths[::-1]]).numpy()
+    assert np.abs(reversed_order - ours).mean() > 10 * np.abs(theirs - ours).mean()
 
 
 def _write_itk_members(path, members):

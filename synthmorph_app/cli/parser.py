@@ -247,6 +247,8 @@ def add_apply_parser(subparsers) -> argparse.ArgumentParser:
 examples:
   synthmorph-app apply fwd.h5 moving.nii.gz moved.nii.gz
   synthmorph-app apply -m nearest fwd.h5 aseg.mgz aseg_moved.mgz
+  synthmorph-app apply --before sub-01_from-boldref_to-T1w_mode-image_xfm.txt \
+      sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5 bold.nii.gz bold_mni.nii.gz
 """,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -263,6 +265,13 @@ examples:
                    help='value of voxels that map outside the input (default 0)')
     p.add_argument('-r', '--reference', metavar='IMAGE',
                    help='output grid; needed only for transforms that carry no grid (.txt/.mat)')
+    p.add_argument('--before', action='append', metavar='FILE', default=[],
+                   help='a transform each IMAGE goes through before TRANS: from the IMAGE\'s '
+                        'space to the space TRANS moves (fixed -> moving points like TRANS), '
+                        "e.g. fMRIPrep's sub-X_from-boldref_to-T1w_mode-image_xfm.txt before "
+                        'a T1w -> MNI TRANS, so a BOLD series reaches MNI in one resampling. '
+                        "Repeat for longer chains, the IMAGE's own first. The same chain in "
+                        'antsApplyTransforms: -t TRANS, then the --before files last to first')
     p.add_argument('--field-convention', choices=('itk', 'synthmorph'), default='itk',
                    help='vector convention of a displacement-field transform (default itk)')
     p.add_argument('-g', '--gpu', action='store_true', help='run on the CUDA GPU')

@@ -237,7 +237,7 @@ def run_register(args) -> int:
 def run_apply(args) -> int:
     from ..engine.register import moved_image
     from ..io.images import Geometry, load_image, save_image
-    from ..io.transforms import load_transform
+    from ..io.transforms import compose_files, load_transform
 
     if len(args.pairs) % 2:
         raise SynthMorphError(
@@ -256,6 +256,11 @@ def run_apply(args) -> int:
         raise SynthMorphError(
             f'the transform <{args.trans}> carries no output grid: give one with -r/--reference'
         )
+    if args.before:
+        LOGGER.info('each image goes through %s, then %s', ', then '.join(args.before),
+                    args.trans)
+        xfm = compose_files(xfm, args.before, field_convention=args.field_convention,
+                            grid=reference or xfm.reference or xfm.field_geometry)
     import numpy as np
 
     dtype = None

@@ -25,6 +25,7 @@ from pathlib import Path
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
@@ -268,6 +269,10 @@ class _SynthMorphApplyInputSpec(BaseInterfaceInputSpec):
     transform = File(exists=True, mandatory=True,
                      desc='transform file (.h5/.txt/.lta/field), fixed -> moving points')
     reference_image = File(exists=True, desc='output grid (default: the transform\'s own)')
+    before_transforms = InputMultiObject(
+        File(exists=True), desc='transforms in_file goes through before transform, its own '
+        "first (e.g. fMRIPrep's from-boldref_to-T1w before a T1w -> template transform): one "
+        'resampling for the whole chain')
     interpolation = traits.Enum('linear', 'nearest', 'labels', usedefault=True,
                                 desc='interpolation (labels: per-label linear)')
     fill = traits.Float(0.0, usedefault=True, desc='value outside the input')
@@ -289,24 +294,28 @@ class SynthMorphApply(SimpleInterface):
     def _run_interface(self, runtime):
         reference = (self.inputs.reference_image
                      if isdefined(self.inputs.reference_image) else None)
+        before = self.inputs.before_transforms if isdefined(self.inputs.before_transforms) \
+            else ()
         self._results['out_file'] = str(apply_file(
             self.inputs.in_file, self.inputs.transform, Path(runtime.cwd) / self.inputs.out_name,
             reference=reference, interpolation=self.inputs.interpolation,
-            fill=self.inputs.fill, device=self.inputs.device,
+            fill=self.inputs.fill, device=self.inputs.device, before=before,
         ))
         return runtime
 
 
 def apply_file(in_file, transform, out_file, *, reference=None, interpolation='linear',
-               fill=0.0, device='cpu') -> Path:
-    """Resample ``in_file`` through the ``transform`` file and write ``out_file``."""
+               fill=0.0, device='cpu', before=()) -> Path:
+    """Resample ``in_file`` through the ``transform`` file and write ``out_file``;
+    ``before``: transform files ``in_file`` goes through first, its own first."""
     from ..engine.register import moved_image
     from ..io.images import Geometry, load_image, save_image
-    from ..io.transforms import load_transform
+    from ..io.transforms import compose_files, load_transform
 
-    ref = Geometry.from_image(load_image(reference, kind='reference image', frames=True)) if reference \
-        else None
+    ref = Geometry.from_image(load_image(reference, kind='reference image', frames=True)) \
+        if reference else None
     xfm = load_transform(transform, reference=ref)
+    xfm = compose_files(xfm, before, grid=ref or xfm.reference or xfm.field_geometry)
     img = load_image(in_file, kind='input image', frames=True)
     return save_image(moved_image(img, xfm, ref, mode=interpolation, fill=fill, device=device),
                       out_file)
