@@ -117,6 +117,38 @@ def test_label_maps_load_onto_the_network_grid(maps, shared_data):
     assert np.mean(after) < 0.6 * np.mean(before)
 
 
+def test_intensity_images_and_foreign_numbering_are_refused(shared_data, tmp_path):
+    """An MRI image given as a label map (fractional, or whole numbers that change from voxel
+    to voxel) is refused by name; so are maps none of whose labels the loss counts, until a
+    label table of their numbering is given."""
+    import nibabel as nb
+
+    t1w = nb.load(str(shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'))
+    fractional, whole = tmp_path / 'fractional.nii.gz', tmp_path / 'whole.nii.gz'
+    nb.save(nb.Nifti1Image(t1w.get_fdata(dtype=np.float32) + 0.5, t1w.affine), str(fractional))
+    nb.save(nb.Nifti1Image(np.rint(t1w.get_fdata()).astype(np.int16), t1w.affine), str(whole))
+    for path, message in ((fractional, 'fractional values'), (whole, 'share the value')):
+        with pytest.raises(ValueError, match=message) as err:
+            load_label_maps([path], VOX, SHAPE, GROUPS)
+        assert str(path) in str(err.value) and 'not a label map' in str(err.value)
+    # a segmentation in another numbering: boxes of labels 501-508
+    data = np.zeros((48, 48, 48), np.int16)
+    for k, label in enumerate(range(501, 509)):
+        data[8 + 4 * k:12 + 4 * k, 10:38, 10:38] = label
+    foreign = tmp_path / 'foreign.nii.gz'
+    nb.save(nb.Nifti1Image(data, np.diag([4.0, 4.0, 4.0, 1.0])), str(foreign))
+    with pytest.raises(ValueError, match='--label-table'):
+        load_label_maps([foreign], VOX, SHAPE, GROUPS)
+    table = tmp_path / 'table.tsv'
+    table.write_text('label\tname\tloss\tremovable\n0\tUnknown\t0\t0\n'
+                     + ''.join(f'{v}\tpart{v}\t1\t0\n' for v in range(501, 508))
+                     + '508\tskin\t0\t1\n')
+    groups = load_label_groups(table)
+    loaded = load_label_maps([foreign], VOX, SHAPE, groups)
+    assert set(loaded.values.tolist()) == {0, *range(501, 509)}
+    assert groups.loss == tuple(range(501, 508)) and groups.removable == (508,)
+
+
 def test_fit_prealignment_recovers_a_known_affine():
     rng = np.random.default_rng(1)
     pts = rng.uniform(0, 40, size=(30, 3))

@@ -434,6 +434,48 @@ def test_cli_synth_writes_pairs_and_a_montage(shared_data, tmp_path):
     assert (out / 'montage.png').stat().st_size > 1000
 
 
+def test_cli_label_table_and_intensity_images(shared_data, tmp_path, capsys):
+    """Maps of another numbering train with --label-table (recorded in config.json) and are
+    refused, naming the option, without it; an MRI image as a label map is refused by
+    ``synth`` and ``train`` alike, by name."""
+    import nibabel as nb
+
+    maps = tmp_path / 'foreign'
+    maps.mkdir()
+    # FreeSurfer's maps renumbered (+1000): the same anatomy in a numbering of its own
+    for name in ('training_seg_01', 'training_seg_19'):
+        img = nb.load(str(shared_data / 'label_maps' / f'{name}.nii.gz'))
+        data = np.rint(np.asanyarray(img.dataobj)).astype(np.int32)
+        nb.save(nb.Nifti1Image(np.where(data > 0, data + 1000, 0), img.affine),
+                str(maps / f'{name}.nii.gz'))
+    table = tmp_path / 'table.tsv'
+    from importlib import resources
+
+    rows = (resources.files('synthmorph_app') / 'data' / 'labels' / 'freesurfer_groups.tsv'
+            ).read_text().splitlines()
+    table.write_text('\n'.join([rows[0], *(
+        '\t'.join([str(int(r.split('\t')[0]) + 1000 * (r.split('\t')[0] != '0')),
+                   *r.split('\t')[1:]]) for r in rows[1:])]) + '\n')
+    out = tmp_path / 'run'
+    argv = ['train', 'affine', '--label-maps', str(maps), '--out', str(out), '--steps', '1',
+            '--voxel-size', '8', '--shape', '24', '--threads', '1',
+            '--config', json.dumps({'affine_model': TINY_AFFINE, 'validation_pairs': 1})]
+    assert cli.main(argv) == 1
+    assert '--label-table' in capsys.readouterr().err and not (out / 'affine.pt').exists()
+    assert cli.main([*argv, '--label-table', str(table)]) == 0
+    assert json.loads((out / 'config.json').read_text())['label_table'] == str(table)
+    images = tmp_path / 'images'
+    images.mkdir()
+    os.symlink(shared_data / 'bids' / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz',
+               images / 'sub-01_T1w.nii.gz')
+    for command in (['synth', '--out', str(tmp_path / 'synth')], ['train', 'affine', '--out',
+                                                                    str(tmp_path / 'run2')]):
+        assert cli.main([*command, '--label-maps', str(images)]) == 1
+        err = capsys.readouterr().err
+        assert 'sub-01_T1w.nii.gz' in err and 'not a label map' in err
+        assert 'Traceback' not in err
+
+
 def test_cli_reports_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(['train', 'affine', '--label-maps', str(tmp_path), '--out', str(tmp_path),

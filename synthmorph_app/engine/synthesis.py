@@ -439,7 +439,7 @@ def load_label_maps(
             data = data.reshape(data.shape[:3]) if data.size == np.prod(data.shape[:3]) else data
         if data.ndim != 3:
             raise ValueError(f'the label map <{path}> is not 3D (shape {data.shape})')
-        data = np.rint(data).astype(np.int32)
+        data = _checked_labels(data, path)
         source = Geometry.from_image(img)
         target = spatial.network_grid(source, voxel_size, shape)
         maps.append(downsample_labels(data, source, target))
@@ -463,8 +463,46 @@ def load_label_maps(
             if len(where):
                 centroids[i, j] = where.mean(0)
                 present[i, j] = True
+    if not present.any():
+        raise ValueError(
+            f'none of the label maps ({", ".join(names[:3])}{", ..." if len(names) > 3 else ""}) '
+            f'holds a label the loss counts ({len(groups.loss)} labels of the label table, '
+            'FreeSurfer numbering by default): give a label table of their numbering '
+            '(--label-table, a TSV with columns label, name, loss, removable)'
+        )
     prealign = torch.from_numpy(fit_prealignment(centroids, present))
     return LabelMaps(index, values_t, geoms, names, prealign, float(voxel_size))
+
+
+#: In a label map most labelled voxels carry the label of their neighbour; in an MRI image
+#: stored as whole numbers few do. Measured along the first axis (share of non-zero voxels):
+#: FreeSurfer aseg 0.86, the shared training maps 0.86-0.88, DLMUSE at 2 mm 0.73; T1w, FLAIR
+#: and FreeSurfer norm/brain images 0.12-0.28, fsaverage's smooth average brain 0.15.
+MIN_SAME_NEIGHBOUR = 0.5
+
+
+def _checked_labels(data: np.ndarray, path) -> np.ndarray:
+    """``data`` as whole-number labels, or ``ValueError`` where it is an intensity image.
+
+    An image with fractional values, or whose voxels mostly differ from their neighbour
+    (:data:`MIN_SAME_NEIGHBOUR`), is an MRI image, not a segmentation: training on it would
+    take every grey level for a structure, without a word.
+    """
+    hint = ("an intensity image, not a label map (give segmentations such as FreeSurfer's "
+            "aseg or SynthSeg's)")
+    if np.issubdtype(data.dtype, np.floating):
+        frac = np.abs(data - np.rint(data))
+        if float(np.nanmax(frac)) > 1e-3:
+            raise ValueError(f'<{path}> holds fractional values ({int((frac > 1e-3).sum())} '
+                             f'voxels): {hint}')
+    labels = np.rint(data).astype(np.int32)
+    labelled = labels[:-1] != 0
+    if labelled.any():
+        same = float((labels[:-1] == labels[1:])[labelled].mean())
+        if same < MIN_SAME_NEIGHBOUR:
+            raise ValueError(f'<{path}>: only {same:.0%} of its labelled voxels share the value '
+                             f'of their neighbour: {hint}')
+    return labels
 
 
 def _to_index(data: np.ndarray, values: np.ndarray) -> np.ndarray:

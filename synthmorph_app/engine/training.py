@@ -174,6 +174,10 @@ class TrainConfig:
         wander from step to step; when on, validation and the exported models use the average,
         training goes on with the raw weights, and the checkpoint holds both. A run that
         switches it on at a resume starts the average from the checkpoint's weights.
+    label_table : str or None
+        The label groups (a TSV with columns ``label, name, loss, removable``:
+        :func:`.losses.load_label_groups`); None: the packaged FreeSurfer table. Maps of
+        another numbering need their own.
     """
 
     task: str
@@ -206,6 +210,7 @@ class TrainConfig:
     threads: int | None = None
     curriculum: int = 0
     ema: float = 0.0
+    label_table: str | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -380,7 +385,7 @@ class Trainer:
         if self.device.type == 'cuda' and not torch.cuda.is_available():
             raise ValueError('--device cuda was requested but no CUDA device is available')
         set_determinism(config.seed)
-        self.groups = L.load_label_groups()
+        self.groups = L.load_label_groups(config.label_table)
         if train_maps is None or (val_maps is None and config.validation):
             train_paths, val_paths = label_map_paths(config.label_maps, config.validation)
             if not train_paths:
