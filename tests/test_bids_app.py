@@ -238,6 +238,15 @@ def test_exit_codes(tmp_path, shared_data):
                 '--dry-run'], tmp_path)
     assert res.returncode == 1 and 'sub-99: not in' in res.stderr, res.stderr
     assert 'sub-01_T1w.nii.gz' in res.stdout
+    # 1: --device cuda where torch has none: said once, before any registration starts
+    import torch
+
+    if not torch.cuda.is_available():
+        out = tmp_path / 'cuda'
+        res = _run([DEMO_DIR, out, 'participant', '--participant-label', '01', '--device',
+                    'cuda'], tmp_path)
+        assert res.returncode == 1 and res.stderr.count('no CUDA device') == 1, res.stderr
+        assert not list(out.glob('sub-01*')) and 'crash' not in res.stderr
     res = _run(['--version'], tmp_path)
     assert res.returncode == 0 and 'synthmorph-app' in res.stdout
     res = _run([DEMO_DIR, tmp_path / 'o', 'participant', '--help'], tmp_path)

@@ -167,7 +167,8 @@ def build_bids_parser() -> argparse.ArgumentParser:
                         'all of them with --no-via-t1w, are registered directly '
                         '(default: --via-t1w)')
     g.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
-                   help='where the networks run (default auto: CUDA when available)')
+                   help='where the networks and the refinement run (default auto: CUDA when '
+                        'available; cuda where torch sees none stops the run before it starts)')
     g.add_argument('--no-figures', dest='figures', action='store_false',
                    help='skip the report figures (faster)')
     g.add_argument('--output-lta', action='store_true',
@@ -392,10 +393,21 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
                 unreadable[image] = reason
                 through += ' (NOT READABLE: fails, see below)'
             print(f'  sub-{sub}: {Path(image).name} -> {", ".join(todo)}{through}')
+    no_cuda = args.device == 'cuda' and _resolve_device('auto') != 'cuda'
     if args.dry_run:
         for image, reason in unreadable.items():
             print(f'synthmorph-app: <{image}> will fail: {reason}', file=sys.stderr)
+        if no_cuda:
+            print('synthmorph-app: warning: --device cuda, and this machine has no CUDA device: '
+                  'the run must go where one is', file=sys.stderr)
         return EXIT_FAILURE if selection.unknown else EXIT_OK
+    if no_cuda:
+        # every registration would fail on its own, with a crash file each: say it once
+        print('synthmorph-app: error: --device cuda was asked for, but torch sees no CUDA '
+              'device here (no GPU, no driver, or a CPU build of torch): run where one is, or '
+              'leave --device at auto (the GPU where there is one, else the CPUs)',
+              file=sys.stderr)
+        return EXIT_FAILURE
     # files named but absent (an unfetched DataLad file) fail here, by name; the rest run
     plan = {sub: kept for sub, images in plan.items()
             if (kept := [job for job in images if job[0] not in unreadable])}
