@@ -493,6 +493,39 @@ def test_itk_text_from_ants_is_read(tmp_path):
         assert np.abs(xfm.map_points(ras) - mapped * [-1, -1, 1]).max() < 1e-4
 
 
+@pytest.mark.parametrize('ttype', ['Euler3DTransform', 'CenteredEuler3DTransform',
+                                   'Similarity3DTransform', 'QuaternionRigidTransform'])
+def test_itk_rotations_written_by_ants_are_read(ttype, tmp_path):
+    """The rigid and similarity parameterisations other tools write (SimpleITK's Euler3D,
+    BRAINSFit's versors...), written here by ANTs itself with a centre off the origin, load
+    to what ANTs applies, from text and MATLAB files."""
+    rng = np.random.default_rng(zlib.crc32(ttype.encode()))
+    shift = rng.uniform(-20, 20, 3)
+    params = {
+        'Euler3DTransform': np.r_[rng.uniform(-0.5, 0.5, 3), shift],
+        'CenteredEuler3DTransform': np.r_[rng.uniform(-0.5, 0.5, 3), rng.uniform(-30, 30, 3),
+                                          shift],
+        'Similarity3DTransform': np.r_[rng.uniform(-0.3, 0.3, 3), shift, 1.1],
+        'QuaternionRigidTransform': np.r_[rng.normal(size=4), shift],
+    }[ttype]
+    if ttype == 'QuaternionRigidTransform':
+        params[:4] /= np.linalg.norm(params[:4])
+    tx = ants.create_ants_transform(transform_type=ttype, dimension=3, precision='double')
+    tx.set_parameters(params)
+    fixed = np.asarray(tx.fixed_parameters, dtype=float).copy()
+    fixed[:3] = rng.uniform(-40, 40, 3)
+    tx.set_fixed_parameters(fixed)
+    points_lps = rng.uniform(-80, 80, (20, 3))
+    mapped = np.array([tx.apply_to_point(tuple(p)) for p in points_lps])
+    assert np.abs(mapped - points_lps).max() > 5  # a transform worth the name
+    for suffix in ('.txt', '.mat'):
+        path = tmp_path / f'rotation{suffix}'
+        ants.write_transform(tx, str(path))
+        xfm = load_transform(path)
+        ras = points_lps * [-1, -1, 1]
+        assert np.abs(xfm.map_points(ras) - mapped * [-1, -1, 1]).max() < 1e-4, suffix
+
+
 def test_reads_composites_written_by_ants(tmp_path):
     """A composite ANTs writes itself, [field, affine] (ITK applies the affine first, then the
     oblique field), loads to the point mapping ANTs applies."""
@@ -552,8 +585,8 @@ def _linear():
             b'Parameters: 1 2 3\nFixedParameters: 0 0 0\n'),
         ),
         (
-            'euler.txt',
-            (b'#Insight Transform File V1.0\nTransform: Euler3DTransform_double_3_3\n'
+            'bspline.txt',
+            (b'#Insight Transform File V1.0\nTransform: BSplineTransform_double_3_3\n'
             b'Parameters: 0 0 0 1 2 3\nFixedParameters: 0 0 0\n'),
         ),
         ('garbage.mat', b'\x00\x01\x02 not matlab'),

@@ -26,7 +26,9 @@ convention says otherwise (LTA):
     ITK affine as ANTs writes it (``AffineTransform_double_3_3``; text *Insight Transform File
     V1.0* or the MATLAB v4 binary with the variables ``AffineTransform_double_3_3`` and
     ``fixed``). ITK works in LPS and maps fixed points to moving points:
-    ``M_lps = diag(-1, -1, 1, 1) @ affine @ diag(-1, -1, 1, 1)``. Linear only.
+    ``M_lps = diag(-1, -1, 1, 1) @ affine @ diag(-1, -1, 1, 1)``. Linear only. ITK's rigid and
+    similarity types (Euler3D, CenteredEuler3D, VersorRigid3D, Similarity3D, QuaternionRigid,
+    Rigid3D) are read too, as SimpleITK or BRAINSFit write them.
 ``.h5``
     ITK HDF5 composite as ANTs and fMRIPrep store ``*_xfm.h5``: ``TransformGroup/0``
     ``CompositeTransform_double_3_3``, ``/1`` ``AffineTransform_double_3_3``, then, with a field,
@@ -243,7 +245,14 @@ _EXPECTED['.nii'] = _EXPECTED['.mgz'] = _EXPECTED['.nii.gz']
 #: RAS <-> LPS (its own inverse).
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _LPS3 = np.diag([-1.0, -1.0, 1.0])
-_ITK_LINEAR = re.compile(r'^(AffineTransform|MatrixOffsetTransformBase)_(double|float)_3_3$')
+_ITK_LINEAR = re.compile(
+    r'^(AffineTransform|MatrixOffsetTransformBase|Rigid3DTransform)_(double|float)_3_3$')
+#: ITK's rotation (and similarity) parameterisations: rotation parameters, then the
+#: translation (and a scale); the centre in the fixed parameters (CenteredEuler3D: in its
+#: parameters, between the angles and the translation).
+_ITK_ROTATIONS = re.compile(
+    r'^(Euler3D|CenteredEuler3D|VersorRigid3D|Similarity3D|QuaternionRigid)Transform_'
+    r'(double|float)_3_3$')
 _ITK_TRANSLATION = re.compile(r'^TranslationTransform_(double|float)_3_3$')
 _ITK_IDENTITY = re.compile(r'^IdentityTransform_(double|float)_3_3$')
 _ITK_FIELD = re.compile(r'^DisplacementFieldTransform_(double|float)_3_3$')
@@ -624,6 +633,10 @@ def _itk_linear_part(ttype: str, params, fixed, path) -> np.ndarray | None:
     """RAS matrix of a linear ITK transform, or None if ``ttype`` is not linear."""
     if _ITK_LINEAR.match(ttype):
         return _affine_from_itk(params, fixed)
+    rotation = _ITK_ROTATIONS.match(ttype)
+    if rotation:
+        matrix, translation, center = _itk_rotation(rotation.group(1), params, fixed)
+        return _affine_from_itk(np.r_[matrix.ravel(), translation], center)
     if _ITK_TRANSLATION.match(ttype):
         t = np.asarray(params, dtype=float).ravel()
         if t.size != 3:
@@ -634,10 +647,57 @@ def _itk_linear_part(ttype: str, params, fixed, path) -> np.ndarray | None:
     return None
 
 
+def _versor_matrix(v) -> np.ndarray:
+    """The rotation of a versor (the vector part of a unit quaternion; ITK's ``Versor``)."""
+    x, y, z = v
+    w = np.sqrt(max(0.0, 1.0 - (x * x + y * y + z * z)))
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def _euler_matrix(ax, ay, az, zyx: bool) -> np.ndarray:
+    """ITK ``Euler3DTransform``'s rotation: ``Rz Rx Ry``, or ``Rz Ry Rx`` with ComputeZYX."""
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx if zyx else rz @ rx @ ry
+
+
+def _itk_rotation(kind: str, params, fixed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(matrix, translation, centre)`` in LPS of an ITK rotation or similarity transform
+    (:data:`_ITK_ROTATIONS`); tested against the transforms ANTs writes."""
+    params = np.asarray(params, dtype=float).ravel()
+    fixed = np.zeros(3) if fixed is None else np.asarray(fixed, dtype=float).ravel()
+    sizes = {'Euler3D': 6, 'CenteredEuler3D': 9, 'VersorRigid3D': 6, 'Similarity3D': 7,
+             'QuaternionRigid': 7}
+    if params.size != sizes[kind]:
+        raise ValueError(f'an ITK {kind}Transform needs {sizes[kind]} parameters, got '
+                         f'{params.size}')
+    center = fixed[:3] if fixed.size >= 3 else np.zeros(3)
+    if kind in ('Euler3D', 'CenteredEuler3D'):
+        zyx = fixed.size > 3 and bool(fixed[3])
+        matrix = _euler_matrix(*params[:3], zyx)
+        if kind == 'CenteredEuler3D':
+            center, params = params[3:6], np.r_[params[:3], params[6:]]
+        return matrix, params[3:6], center
+    if kind == 'QuaternionRigid':  # x, y, z, w: normalised, as ITK takes it
+        q = params[:4] / np.linalg.norm(params[:4])
+        return _versor_matrix(q[:3] * np.sign(q[3] or 1.0)), params[4:7], center
+    matrix = _versor_matrix(params[:3])
+    if kind == 'Similarity3D':
+        matrix = matrix * params[6]
+    return matrix, params[3:6], center
+
+
 def _unsupported(ttype: str, path) -> TransformFileError:
     return TransformFileError(
         f'The transform file <{path}> holds an ITK {ttype}, which is not supported: we read '
-        'AffineTransform, MatrixOffsetTransformBase, TranslationTransform, IdentityTransform and '
+        'AffineTransform, MatrixOffsetTransformBase, Rigid3D, Euler3D, CenteredEuler3D, '
+        'VersorRigid3D, Similarity3D, QuaternionRigid, Translation and Identity transforms and '
         'DisplacementFieldTransform (convert others to an affine, e.g. by resaving with ANTs).'
     )
 
