@@ -524,6 +524,18 @@ def test_itk_rotations_written_by_ants_are_read(ttype, tmp_path):
         xfm = load_transform(path)
         ras = points_lps * [-1, -1, 1]
         assert np.abs(xfm.map_points(ras) - mapped * [-1, -1, 1]).max() < 1e-4, suffix
+    if ttype == 'Similarity3DTransform':
+        # ANTs cannot write a VersorRigid3D: it is the similarity's versor and shift at scale 1
+        tx.set_parameters(np.r_[params[:6], 1.0])
+        mapped = np.array([tx.apply_to_point(tuple(p)) for p in points_lps])
+        path = tmp_path / 'versor.txt'
+        path.write_text('#Insight Transform File V1.0\n#Transform 0\n'
+                        'Transform: VersorRigid3DTransform_double_3_3\n'
+                        f'Parameters: {" ".join(repr(float(v)) for v in params[:6])}\n'
+                        f'FixedParameters: {" ".join(repr(float(v)) for v in fixed[:3])}\n')
+        xfm = load_transform(path)
+        assert np.abs(xfm.map_points(points_lps * [-1, -1, 1])
+                      - mapped * [-1, -1, 1]).max() < 1e-4
 
 
 def test_reads_composites_written_by_ants(tmp_path):
