@@ -44,7 +44,8 @@ def test_register_template_wf_ports(templates, mode):
 
 @pytest.mark.parametrize('image_type, given, told', [
     ('T1w', 'missing', False), ('FLAIR', 'missing', True), ('T2w', None, True),
-    ('FLAIR', False, False), ('T1w', True, True)])
+    ('FLAIR', False, False), ('T1w', True, True), ('UNIT1', 'missing', False),
+    ('UNIT1', None, False), ('inplaneT1', 'missing', False), ('PDw', 'missing', True)])
 def test_templates_are_t1w_so_the_suffix_tells_the_contrasts(image_type, given, told):
     options = {'refine_metric': 'auto'} | ({} if given == 'missing' else
                                            {'cross_contrast': given})

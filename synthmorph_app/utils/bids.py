@@ -31,6 +31,11 @@ LOGGER = logging.getLogger('synthmorph_app.utils.bids')
 #: Anatomical suffixes registered with ``--contrasts all``.
 ANAT_CONTRASTS = ('T1w', 'T2w', 'PDw', 'FLAIR', 'T2starw', 'inplaneT1', 'inplaneT2', 'PDT2',
                   'UNIT1', 'angio')
+#: Suffixes of T1-weighted images: the contrast of the (T1w) templates. An MP2RAGE UNIT1 is
+#: one: as a T1w (local NCC, the asked lambda) 12 T1w with a UNI background reached mean Dice
+#: 0.673 onto MNI152NLin6Asym, as another contrast (MIND, smoother) 0.656, lower on all 12
+#: (``benchmarks/README.md``, "Session 31").
+T1_LIKE = ('T1w', 'UNIT1', 'inplaneT1')
 #: Entities of an input name kept in derivative names, in BIDS order.
 KEPT_ENTITIES = ('sub', 'ses', 'acq', 'ce', 'rec', 'run', 'echo', 'part', 'chunk')
 #: Labels of ``[project.urls]`` (pyproject.toml) tried in turn for ``GeneratedBy.CodeURL``.

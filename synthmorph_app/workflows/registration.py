@@ -67,8 +67,9 @@ def init_register_template_wf(
     image_type
         Contrast of the moving image (any: SynthMorph is contrast-agnostic). The templates are
         T1w, so unless ``refine_options`` says otherwise (``cross_contrast``), another
-        contrast tells the refinement that the images differ in contrast, and a T1w that they
-        do not. In the deformable modes the same tells the metric where ``refine_metric`` is
+        contrast tells the refinement that the images differ in contrast, and a T1-weighted
+        one (:data:`..utils.bids.T1_LIKE`: T1w, an MP2RAGE UNIT1, inplaneT1) that they do
+        not. In the deformable modes the same tells the metric where ``refine_metric`` is
         ``'auto'`` or missing: MIND across contrasts; within one, ``auto`` keeps local NCC
         unless the intensities run opposite ways (an infant's T1w, grey and white matter
         swapped: MIND; :func:`.engine.similarity.auto_threshold`). The image check with its
@@ -198,9 +199,11 @@ def _contrast_options(refine_options: dict | None, image_type: str, mode: str) -
     contrast ``auto`` stays: with ``cross_contrast`` False it keeps local NCC unless the
     intensities run opposite ways (an infant's T1w). The linear modes keep ``auto`` (there
     MIND, when ``auto`` picked it, aligned no worse)."""
+    from ..utils.bids import T1_LIKE
+
     options = dict(refine_options or {})
     if options.get('cross_contrast') is None:
-        options['cross_contrast'] = image_type != 'T1w'
+        options['cross_contrast'] = image_type not in T1_LIKE
     if mode in ('joint', 'deform') and options.get('refine_metric', 'auto') == 'auto':
         options['refine_metric'] = 'mind' if options['cross_contrast'] else 'auto'
     return options
