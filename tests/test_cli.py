@@ -210,6 +210,31 @@ def test_apply_through_a_chain(pair, tmp_path):
     assert np.allclose(nb.load(result.outputs.out_file).get_fdata(), got, atol=1e-5)
 
 
+def test_fsl_flirt_matrices_on_the_command_line(pair, tmp_path, capsys):
+    """An FSL FLIRT .mat moves each image given its reference (-r), as read with both grids;
+    without -r, or inside a chain, it is refused by name; register -i starts from one."""
+    from synthmorph_app.engine.register import moved_image
+    from synthmorph_app.io.images import Geometry
+    from synthmorph_app.io.transforms import load_transform
+
+    moving, fixed = pair
+    flirt = tmp_path / 'flirt.mat'
+    flirt.write_text('0.98 -0.17 0 3\n0.17 0.98 0 -2\n0 0 1 4\n0 0 0 1\n')
+    out = tmp_path / 'moved.nii.gz'
+    assert main(['apply', str(flirt), str(moving), str(out)]) == 1
+    assert 'FSL FLIRT matrix' in capsys.readouterr().err and not out.exists()
+    assert main(['apply', '-r', str(fixed), str(flirt), str(moving), str(out)]) == 0
+    img, ref = nb.load(str(moving)), Geometry.from_image(nb.load(str(fixed)))
+    xfm = load_transform(flirt, reference=ref, moving=Geometry.from_image(img))
+    assert np.allclose(nb.load(str(out)).get_fdata(), moved_image(img, xfm, ref).get_fdata(),
+                       atol=1e-4)
+    assert main(['apply', '-r', str(fixed), '--before', str(flirt), str(flirt), str(moving),
+                 str(out)]) == 1
+    assert 'c3d_affine_tool' in capsys.readouterr().err
+    assert main(['register', '-m', 'affine', '--refine', '0', '-e', '128', '-i', str(flirt),
+                 '-t', str(tmp_path / 'a.txt'), str(moving), str(fixed)]) == 0
+
+
 def test_a_field_of_view_smaller_than_a_head_is_warned_about(pair, tmp_path, caplog):
     """A 25 mm cube is neither a head nor a slab: it registers, with a warning naming it and
     its size; a head-sized pair draws none."""

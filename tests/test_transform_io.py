@@ -473,6 +473,51 @@ def test_conventions_differ(tmp_path):
     assert np.abs(wrong.map_points(points) - xfm.map_points(points)).max() > 1.0
 
 
+def _fsl_coords(geometry: Geometry) -> np.ndarray:
+    """FSL's scaled voxel coordinates of a grid, by FLIRT's definition: voxel index times voxel
+    size, the first axis mirrored where the voxel-to-world matrix has a positive determinant
+    (FSL works in radiological order)."""
+    zooms = np.sqrt((geometry.affine[:3, :3] ** 2).sum(0))
+    out = np.diag([*zooms, 1.0])
+    if np.linalg.det(geometry.affine) > 0:
+        out = np.diag([-1.0, 1.0, 1.0, 1.0]) @ out
+        out[0, 3] = (geometry.shape[0] - 1) * zooms[0]
+    return out  # voxel index -> FSL coordinates
+
+
+def test_fsl_flirt_matrices_mean_what_flirt_says(tmp_path):
+    """A FLIRT matrix maps the input (moving) image's FSL coordinates to the reference's; read
+    with both grids it maps reference points to moving points as that definition says, for
+    grids of either handedness; without them it is one clear error."""
+    path = tmp_path / 'flirt.mat'
+    # by hand: +4 mm along FSL's x between two RAS-stored 2 mm grids (mirrored in FSL): the
+    # reference point lands 4 mm further right in the moving image
+    grid = Geometry((40, 48, 44), np.diag([2.0, 2.0, 2.0, 1.0]))
+    path.write_text('1 0 0 4\n0 1 0 0\n0 0 1 0\n0 0 0 1\n')
+    xfm = load_transform(path, reference=grid, moving=grid)
+    pts = RNG.uniform(-20, 60, (10, 3))
+    assert np.allclose(xfm.map_points(pts), pts + [4, 0, 0])
+    # random matrices between grids of both handednesses and other voxel sizes
+    moving = _grid((30, 36, 32), _rotation((4, -6, 8)) @ np.diag([-2.4, 2.2, 2.6]), np.zeros(3))
+    reference = _grid((44, 40, 46), np.diag([1.9, 2.1, 2.0]), np.ones(3) * 5)
+    for ref, mov in ((reference, moving), (moving, reference), (reference, reference)):
+        flirt = _random_affine(np.zeros(3), RNG)  # FSL coords of the input -> of the reference
+        path.write_text('\n'.join(' '.join(f'{v:.10f}' for v in row) for row in flirt) + '\n')
+        xfm = load_transform(path, reference=ref, moving=mov)
+        assert xfm.reference == ref and xfm.moving == mov
+        # reference RAS -> its voxels -> its FSL coords -> the input's FSL coords -> RAS
+        expected = (mov.affine @ np.linalg.inv(_fsl_coords(mov)) @ np.linalg.inv(flirt)
+                    @ _fsl_coords(ref) @ np.linalg.inv(ref.affine))
+        assert np.allclose(xfm.affine, expected, atol=1e-6)
+    for kwargs in ({}, {'reference': reference}, {'moving': moving}):
+        with pytest.raises(TransformFileError, match='FSL FLIRT matrix') as err:
+            load_transform(path, **kwargs)
+        assert str(path) in str(err.value)
+    # an ITK .mat is still an ITK .mat
+    itk = save_transform(Transform(_random_affine(np.zeros(3), RNG)), tmp_path / 'itk.mat')
+    assert load_transform(itk).reference is None
+
+
 def test_itk_text_from_ants_is_read(tmp_path):
     """An affine written by ANTs itself (non-zero centre) loads to what ANTs applies."""
     matrix = _rotation((10, -5, 7)) * 1.05

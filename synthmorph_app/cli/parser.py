@@ -16,7 +16,9 @@ MOVING space, i.e. it pulls the moving image onto the fixed grid, like ANTs/ITK 
 mri_synthmorph; -T files are the same with the roles swapped):
   .lta          FreeSurfer LTA (RAS-to-RAS; src = moving, dst = fixed as FreeSurfer expects);
                 linear only
-  .txt, .mat    ITK affine as ANTs writes it (antsApplyTransforms -t file); linear only
+  .txt, .mat    ITK affine as ANTs writes it (antsApplyTransforms -t file); linear only.
+                Read also: ITK rigid/similarity types, and an FSL FLIRT .mat (text; read
+                only, with the grids of both its images: apply -r REF, register -i)
   .h5           ITK composite transform [affine, displacement field] as fMRIPrep stores
                 *_xfm.h5 (antsApplyTransforms, nitransforms, fMRIPrep read it)
   .nii.gz, .nii, .mgz

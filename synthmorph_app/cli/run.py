@@ -237,7 +237,7 @@ def run_register(args) -> int:
 def run_apply(args) -> int:
     from ..engine.register import moved_image
     from ..io.images import Geometry, load_image, save_image
-    from ..io.transforms import compose_files, load_transform
+    from ..io.transforms import compose_files, is_fsl_matrix, load_transform
 
     if len(args.pairs) % 2:
         raise SynthMorphError(
@@ -249,18 +249,36 @@ def run_apply(args) -> int:
         _check_image_name(out)
     reference = None
     if args.reference:
-        reference = Geometry.from_image(load_image(args.reference, kind='reference image', frames=True))
-    xfm = load_transform(args.trans, field_convention=args.field_convention,
-                         reference=reference)
-    if reference is None and xfm.reference is None and xfm.field_geometry is None:
+        reference = Geometry.from_image(
+            load_image(args.reference, kind='reference image', frames=True))
+    for path in args.before:
+        if is_fsl_matrix(path):
+            raise SynthMorphError(
+                f'<{path}> is an FSL FLIRT matrix, whose meaning needs the grids of the two '
+                'images FLIRT used: in a chain (--before) convert it first, e.g. '
+                'c3d_affine_tool -ref REF -src IN FILE -fsl2ras -oitk FILE.txt')
+    # an FSL matrix depends on the grid of the image it moves: read for each image below
+    fsl = is_fsl_matrix(args.trans)
+    if fsl and reference is None:
         raise SynthMorphError(
-            f'the transform <{args.trans}> carries no output grid: give one with -r/--reference'
-        )
+            f'<{args.trans}> is an FSL FLIRT matrix: give its reference image (FLIRT\'s -ref) '
+            'with -r/--reference')
+
+    def transform_for(moving):
+        xfm = load_transform(args.trans, field_convention=args.field_convention,
+                             reference=reference, moving=moving)
+        if reference is None and xfm.reference is None and xfm.field_geometry is None:
+            raise SynthMorphError(f'the transform <{args.trans}> carries no output grid: give '
+                                  'one with -r/--reference')
+        if args.before:
+            xfm = compose_files(xfm, args.before, field_convention=args.field_convention,
+                                grid=reference or xfm.reference or xfm.field_geometry)
+        return xfm
+
     if args.before:
         LOGGER.info('each image goes through %s, then %s', ', then '.join(args.before),
                     args.trans)
-        xfm = compose_files(xfm, args.before, field_convention=args.field_convention,
-                            grid=reference or xfm.reference or xfm.field_geometry)
+    xfm = None if fsl else transform_for(None)
     import numpy as np
 
     dtype = None
@@ -274,8 +292,9 @@ def run_apply(args) -> int:
         for image, out in pairs:
             LOGGER.info('resampling %s -> %s', image, out)
             img = load_image(image, kind='input image', frames=True)
-            moved = moved_image(img, xfm, reference, mode=args.method, fill=args.fill,
-                                dtype=dtype, device=_device(args.gpu))
+            moved = moved_image(img, xfm or transform_for(Geometry.from_image(img)), reference,
+                                mode=args.method, fill=args.fill, dtype=dtype,
+                                device=_device(args.gpu))
             outputs.add(save_image(moved, out))
     except BaseException:
         outputs.rollback()

@@ -314,8 +314,9 @@ def apply_file(in_file, transform, out_file, *, reference=None, interpolation='l
 
     ref = Geometry.from_image(load_image(reference, kind='reference image', frames=True)) \
         if reference else None
-    xfm = load_transform(transform, reference=ref)
-    xfm = compose_files(xfm, before, grid=ref or xfm.reference or xfm.field_geometry)
     img = load_image(in_file, kind='input image', frames=True)
+    # the moving grid is needed by an FSL FLIRT matrix (and recorded for the others)
+    xfm = load_transform(transform, reference=ref, moving=Geometry.from_image(img))
+    xfm = compose_files(xfm, before, grid=ref or xfm.reference or xfm.field_geometry)
     return save_image(moved_image(img, xfm, ref, mode=interpolation, fill=fill, device=device),
                       out_file)

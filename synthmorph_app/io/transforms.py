@@ -231,13 +231,14 @@ FIELD_SUFFIXES = ('.nii.gz', '.nii', '.mgz')
 FIELD_CONVENTIONS = ('itk', 'synthmorph')
 
 _SUPPORTED = (
-    '.lta (FreeSurfer), .txt or .mat (ITK/ANTs affine), .h5 (ITK/ANTs composite) or '
-    '.nii.gz, .nii, .mgz (displacement field)'
+    '.lta (FreeSurfer), .txt or .mat (ITK/ANTs affine; .mat also FSL FLIRT), .h5 (ITK/ANTs '
+    'composite) or .nii.gz, .nii, .mgz (displacement field)'
 )
 _EXPECTED = {
     '.lta': 'a FreeSurfer LTA text file (LINEAR_RAS_TO_RAS or LINEAR_VOX_TO_VOX)',
     '.txt': 'an ITK "Insight Transform File V1.0" holding affine transforms',
-    '.mat': 'an ITK/ANTs MATLAB v4 affine (AffineTransform_double_3_3 and fixed)',
+    '.mat': 'an ITK/ANTs MATLAB v4 affine (AffineTransform_double_3_3 and fixed) or an FSL '
+            'FLIRT matrix (text, 4 x 4)',
     '.h5': 'an ITK HDF5 transform (TransformGroup of affines and at most one displacement field)',
     '.nii.gz': 'a displacement field image of shape (X, Y, Z, 3) or (X, Y, Z, 1, 3)',
 }
@@ -451,6 +452,8 @@ def load_transform(
         elif suffix in ('.txt', '.mat', '.h5'):
             if suffix == '.txt':
                 parts = _read_itk_text(path)
+            elif suffix == '.mat' and is_fsl_matrix(path):
+                return _checked(path, _read_fsl(path, reference, moving))
             elif suffix == '.mat':
                 parts = _read_itk_mat(path)
             else:
@@ -472,6 +475,10 @@ def load_transform(
             f'The transform file <{path}> cannot be read (truncated or corrupt?): a {suffix} '
             f'file must be {_EXPECTED[suffix]}. {type(err).__name__}: {err}'
         ) from err
+    return _checked(path, xfm)
+
+
+def _checked(path: Path, xfm: Transform) -> Transform:
     if not np.all(np.isfinite(xfm.affine)) or abs(np.linalg.det(xfm.affine[:3, :3])) < 1e-8:
         raise TransformFileError(
             f'The transform file <{path}> holds a singular or non-finite matrix.'
@@ -481,6 +488,44 @@ def load_transform(
             f'The transform file <{path}> holds NaN or infinite displacements.'
         )
     return xfm
+
+
+def is_fsl_matrix(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a ``.mat``) is an FSL FLIRT matrix: text, four rows of four numbers
+    (ITK's ``.mat`` is a binary MATLAB file)."""
+    path = Path(path)
+    if transform_suffix(path) != '.mat' or not path.is_file() or path.stat().st_size > 4096:
+        return False
+    try:
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        return len(rows) == 4 and all(len(r) == 4 for r in rows) and bool(
+            np.all(np.isfinite(np.array(rows, dtype=float))))
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+def _read_fsl(path: Path, reference: Geometry | None, moving: Geometry | None) -> Transform:
+    """An FSL FLIRT matrix as a Transform, through nitransforms' FSL reader.
+
+    FLIRT maps the *input* (moving) image's scaled voxel coordinates (x mirrored for images
+    stored with a positive determinant) to the reference image's, so its meaning depends on
+    both grids: ``reference`` (FLIRT's ``-ref``) and ``moving`` (its ``-in``) are needed.
+    """
+    if reference is None or moving is None:
+        missing = ' and '.join(n for n, g in (('the reference (-ref) image', reference),
+                                               ('the input (-in) image', moving)) if g is None)
+        raise TransformFileError(
+            f'The transform file <{path}> is an FSL FLIRT matrix, which means something only '
+            f'with the grids of both images FLIRT used; {missing} is not known here (apply: '
+            'give -r REFERENCE, and resample the image FLIRT moved; in a chain (--before) '
+            'convert it first, e.g. c3d_affine_tool -ref REF -src IN FILE -fsl2ras -oitk '
+            'FILE.txt).'
+        )
+    from nitransforms.io.fsl import FSLLinearTransform
+
+    ras = FSLLinearTransform.from_string(path.read_text()).to_ras(moving=moving,
+                                                                  reference=reference)
+    return Transform(ras, reference=reference, moving=moving)
 
 
 # --- helpers ---------------------------------------------------------------------------------
