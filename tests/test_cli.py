@@ -210,6 +210,49 @@ def test_apply_through_a_chain(pair, tmp_path):
     assert np.allclose(nb.load(result.outputs.out_file).get_fdata(), got, atol=1e-5)
 
 
+def test_apply_inverts_matrices_in_place(pair, tmp_path, capsys):
+    """``-I`` inverts TRANS and ``--before-inverse`` a step of the chain, in the order given
+    (one list with --before); a displacement field is not inverted: one clear error."""
+    from synthmorph_app.engine.register import moved_image
+    from synthmorph_app.io.images import Geometry
+    from synthmorph_app.io.transforms import Transform, compose, load_transform, save_transform
+
+    moving, fixed = pair
+    grid = Geometry.from_image(nb.load(str(fixed)))
+    turn = np.eye(4)
+    turn[:3, :3] = [[0.94, -0.342, 0], [0.342, 0.94, 0], [0, 0, 1]]
+    turn[:3, 3] = [2, 5, -3]
+    shift = np.eye(4)
+    shift[:3, 3] = [6, -8, 4]
+    field = np.zeros((*grid.shape, 3), np.float32)
+    field[..., 2] = 1.5
+    a, b, f = tmp_path / 'a.txt', tmp_path / 'b.mat', tmp_path / 'f.h5'
+    save_transform(Transform(turn), a)
+    save_transform(Transform(shift), b)
+    save_transform(Transform(np.eye(4), field, grid, reference=grid), f)
+    img = nb.load(str(moving))
+    inv_a = Transform(np.linalg.inv(turn))
+    inv_b = Transform(np.linalg.inv(shift))
+    out = tmp_path / 'out.nii.gz'
+    # -I: TRANS inverted
+    assert main(['apply', '-r', str(fixed), '-I', str(a), str(moving), str(out)]) == 0
+    assert np.allclose(nb.load(str(out)).get_fdata(),
+                       moved_image(img, inv_a, grid).get_fdata(), atol=1e-4)
+    # the image goes through b, then the inverse of a, then f (points: f, inverse a, b)
+    assert main(['apply', '--before', str(b), '--before-inverse', str(a), str(f),
+                 str(moving), str(out)]) == 0
+    expected = compose(compose(load_transform(f), inv_a), load_transform(b))
+    assert np.allclose(nb.load(str(out)).get_fdata(),
+                       moved_image(img, expected).get_fdata(), atol=1e-4)
+    assert main(['apply', '--before-inverse', str(b), '--before', str(a), str(f),
+                 str(moving), str(out)]) == 0
+    other = compose(compose(load_transform(f), load_transform(a)), inv_b)
+    assert np.allclose(nb.load(str(out)).get_fdata(), moved_image(img, other).get_fdata(),
+                       atol=1e-4)
+    assert main(['apply', '-I', str(f), str(moving), str(out)]) == 1
+    assert 'only linear transforms are inverted' in capsys.readouterr().err
+
+
 def test_fsl_flirt_matrices_on_the_command_line(pair, tmp_path, capsys):
     """An FSL FLIRT .mat moves each image given its reference (-r), as read with both grids;
     without -r, or inside a chain, it is refused by name; register -i starts from one."""

@@ -266,6 +266,51 @@ def test_a_chain_resamples_like_ants(cases, first_kind, second_kind, tmp_path):
     assert np.abs(reversed_order - ours).mean() > 10 * np.abs(theirs - ours).mean()
 
 
+def test_a_chain_with_inverted_matrices_resamples_like_ants(cases, tmp_path):
+    """``compose_files`` with ``(file, True)`` entries (``apply --before-inverse``, ``-I``)
+    inverts those matrices in place, as antsApplyTransforms' ``[file,1]``; a field is not
+    inverted: one clear error."""
+    from synthmorph_app.io.transforms import compose_files, inverted
+
+    folder, data = cases
+    norm, _, moving, fixed = data['lps_oblique_to_oblique']
+    rng = np.random.default_rng(11)
+    center = fixed.affine[:3, :3] @ ((np.asarray(fixed.shape) - 1) / 2) + fixed.affine[:3, 3]
+    middle = _grid((40, 44, 42), _rotation((0, 10, -6)) @ np.diag([3.1, 3.0, 3.3]), center)
+    # first (fixed -> middle) is stored the other way round: middle -> fixed points
+    first_inverse = _transform('affine', fixed, middle, rng)
+    second = _transform('field_oblique', moving, middle, rng)
+    paths = {name: save_transform(xfm, tmp_path / name)
+             for name, xfm in (('first_inv.mat', first_inverse), ('second.h5', second))}
+    first = inverted(load_transform(paths['first_inv.mat']), paths['first_inv.mat'])
+    first.reference = fixed
+    chained = compose_files(first, [(str(paths['second.h5']), False)], grid=fixed)
+    ants_fixed = ants.image_read(str(folder / 'obl_fixed.nii.gz'))
+    ants_moving = ants.image_read(str(folder / 'obl_moving.nii.gz'))
+    theirs = ants.apply_transforms(ants_fixed, ants_moving,
+                                   [str(paths['first_inv.mat']), str(paths['second.h5'])],
+                                   whichtoinvert=[True, False]).numpy()
+    ours = apply_transform(volume_tensor(norm), moving, chained, fixed, 'linear')[0, 0].numpy()
+    span = float(norm.max() - norm.min())
+    assert ours.std() > 0.1 * span
+    assert np.abs(theirs - ours).max() < 1e-3 * span
+    # an inverted entry inside the chain: second stored the other way (moving -> middle)
+    second_inverse = _transform('affine', middle, moving, rng)
+    path = save_transform(second_inverse, tmp_path / 'second_inv.mat')
+    first_field = _transform('field_oblique', middle, fixed, rng)
+    chained = compose_files(first_field, [(path, True)], grid=fixed)
+    theirs = ants.apply_transforms(
+        ants_fixed, ants_moving,
+        [str(save_transform(first_field, tmp_path / 'first.h5')), str(path)],
+        whichtoinvert=[False, True]).numpy()
+    ours = apply_transform(volume_tensor(norm), moving, chained, fixed, 'linear')[0, 0].numpy()
+    assert ours.std() > 0.1 * span
+    assert np.abs(theirs - ours).max() < 1e-3 * span
+    with pytest.raises(TransformFileError, match='only linear transforms are inverted') as err:
+        compose_files(first, [(str(paths['second.h5']), True)], grid=fixed)
+    assert 'second.h5' in str(err.value)
+
+
 def _write_itk_members(path, members):
     """An ITK composite ``.h5`` of ``(type, parameters, fixed parameters)`` members."""
     text = h5py.string_dtype('ascii')

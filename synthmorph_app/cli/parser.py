@@ -28,6 +28,15 @@ mri_synthmorph; -T files are the same with the roles swapped):
 """
 
 
+class _AppendStep(argparse.Action):
+    """``--before``/``--before-inverse``: one ordered list of ``(file, invert)``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        steps = list(getattr(namespace, self.dest) or [])
+        steps.append((values, option_string == '--before-inverse'))
+        setattr(namespace, self.dest, steps)
+
+
 def _unit_interval(text: str) -> float:
     try:
         value = float(text)
@@ -267,13 +276,23 @@ examples:
                    help='value of voxels that map outside the input (default 0)')
     p.add_argument('-r', '--reference', metavar='IMAGE',
                    help='output grid; needed only for transforms that carry no grid (.txt/.mat)')
-    p.add_argument('--before', action='append', metavar='FILE', default=[],
+    p.add_argument('-I', '--invert', action='store_true',
+                   help='use the inverse of TRANS (linear transforms only; a deformable one '
+                        'has its inverse file: register -T, or the BIDS-App\'s '
+                        'from-<template>_to-T1w), as antsApplyTransforms -t [TRANS,1]. E.g. a '
+                        'template atlas into BOLD space: -r BOLDREF --before '
+                        'sub-X_from-MNI152NLin6Asym_to-T1w_mode-image_xfm.h5 -I '
+                        'sub-X_task-Y_from-boldref_to-T1w_mode-image_desc-coreg_xfm.txt')
+    p.add_argument('--before', action=_AppendStep, metavar='FILE', default=[],
                    help='a transform each IMAGE goes through before TRANS: from the IMAGE\'s '
                         'space to the space TRANS moves (fixed -> moving points like TRANS), '
                         "e.g. fMRIPrep's sub-X_from-boldref_to-T1w_mode-image_xfm.txt before "
                         'a T1w -> MNI TRANS, so a BOLD series reaches MNI in one resampling. '
                         "Repeat for longer chains, the IMAGE's own first. The same chain in "
                         'antsApplyTransforms: -t TRANS, then the --before files last to first')
+    p.add_argument('--before-inverse', action=_AppendStep, metavar='FILE', dest='before',
+                   help='as --before, with the inverse of FILE (linear only), in its place '
+                        'in the chain (antsApplyTransforms -t [FILE,1])')
     p.add_argument('--field-convention', choices=('itk', 'synthmorph'), default='itk',
                    help='vector convention of a displacement-field transform (default itk)')
     p.add_argument('-g', '--gpu', action='store_true', help='run on the CUDA GPU')

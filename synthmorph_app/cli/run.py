@@ -237,7 +237,7 @@ def run_register(args) -> int:
 def run_apply(args) -> int:
     from ..engine.register import moved_image
     from ..io.images import Geometry, load_image, save_image
-    from ..io.transforms import compose_files, is_fsl_matrix, load_transform
+    from ..io.transforms import compose_files, inverted, is_fsl_matrix, load_transform
 
     if len(args.pairs) % 2:
         raise SynthMorphError(
@@ -251,7 +251,7 @@ def run_apply(args) -> int:
     if args.reference:
         reference = Geometry.from_image(
             load_image(args.reference, kind='reference image', frames=True))
-    for path in args.before:
+    for path, _ in args.before:
         if is_fsl_matrix(path):
             raise SynthMorphError(
                 f'<{path}> is an FSL FLIRT matrix, whose meaning needs the grids of the two '
@@ -263,10 +263,20 @@ def run_apply(args) -> int:
         raise SynthMorphError(
             f'<{args.trans}> is an FSL FLIRT matrix: give its reference image (FLIRT\'s -ref) '
             'with -r/--reference')
+    if fsl and args.invert:
+        raise SynthMorphError(
+            f'<{args.trans}> is an FSL FLIRT matrix, not inverted here: invert it with FSL '
+            '(convert_xfm -omat inverse.mat -inverse FILE) and apply that, with -r set to '
+            "FLIRT's -in image")
 
     def transform_for(moving):
-        xfm = load_transform(args.trans, field_convention=args.field_convention,
-                             reference=reference, moving=moving)
+        if args.invert:
+            xfm = inverted(load_transform(args.trans, field_convention=args.field_convention),
+                           args.trans)
+            xfm.reference = reference or xfm.reference
+        else:
+            xfm = load_transform(args.trans, field_convention=args.field_convention,
+                                 reference=reference, moving=moving)
         if reference is None and xfm.reference is None and xfm.field_geometry is None:
             raise SynthMorphError(f'the transform <{args.trans}> carries no output grid: give '
                                   'one with -r/--reference')
@@ -276,8 +286,9 @@ def run_apply(args) -> int:
         return xfm
 
     if args.before:
-        LOGGER.info('each image goes through %s, then %s', ', then '.join(args.before),
-                    args.trans)
+        LOGGER.info('each image goes through %s, then %s%s',
+                    ', then '.join(f'{p}{" (inverted)" * inv}' for p, inv in args.before),
+                    args.trans, ' (inverted)' * args.invert)
     xfm = None if fsl else transform_for(None)
     import numpy as np
 

@@ -269,6 +269,9 @@ class _SynthMorphApplyInputSpec(BaseInterfaceInputSpec):
     transform = File(exists=True, mandatory=True,
                      desc='transform file (.h5/.txt/.lta/field), fixed -> moving points')
     reference_image = File(exists=True, desc='output grid (default: the transform\'s own)')
+    invert_transform = traits.Bool(
+        False, usedefault=True, desc='use the inverse of transform (linear only), as '
+        'antsApplyTransforms -t [transform,1]')
     before_transforms = InputMultiObject(
         File(exists=True), desc='transforms in_file goes through before transform, its own '
         "first (e.g. fMRIPrep's from-boldref_to-T1w before a T1w -> template transform): one "
@@ -300,23 +303,29 @@ class SynthMorphApply(SimpleInterface):
             self.inputs.in_file, self.inputs.transform, Path(runtime.cwd) / self.inputs.out_name,
             reference=reference, interpolation=self.inputs.interpolation,
             fill=self.inputs.fill, device=self.inputs.device, before=before,
+            invert=self.inputs.invert_transform,
         ))
         return runtime
 
 
 def apply_file(in_file, transform, out_file, *, reference=None, interpolation='linear',
-               fill=0.0, device='cpu', before=()) -> Path:
+               fill=0.0, device='cpu', before=(), invert=False) -> Path:
     """Resample ``in_file`` through the ``transform`` file and write ``out_file``;
-    ``before``: transform files ``in_file`` goes through first, its own first."""
+    ``before``: transform files ``in_file`` goes through first, its own first (paths, or
+    ``(path, invert)``); ``invert``: use the inverse of ``transform`` (linear only)."""
     from ..engine.register import moved_image
     from ..io.images import Geometry, load_image, save_image
-    from ..io.transforms import compose_files, load_transform
+    from ..io.transforms import compose_files, inverted, load_transform
 
     ref = Geometry.from_image(load_image(reference, kind='reference image', frames=True)) \
         if reference else None
     img = load_image(in_file, kind='input image', frames=True)
-    # the moving grid is needed by an FSL FLIRT matrix (and recorded for the others)
-    xfm = load_transform(transform, reference=ref, moving=Geometry.from_image(img))
+    if invert:
+        xfm = inverted(load_transform(transform), transform)
+        xfm.reference = ref or xfm.reference
+    else:
+        # the moving grid is needed by an FSL FLIRT matrix (and recorded for the others)
+        xfm = load_transform(transform, reference=ref, moving=Geometry.from_image(img))
     xfm = compose_files(xfm, before, grid=ref or xfm.reference or xfm.field_geometry)
     return save_image(moved_image(img, xfm, ref, mode=interpolation, fill=fill, device=device),
                       out_file)

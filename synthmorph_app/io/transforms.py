@@ -205,10 +205,27 @@ def compose_files(xfm: Transform, before, *, grid: Geometry | None = None,
                   field_convention: str = 'itk') -> Transform:
     """``xfm`` with the transform files an image goes through before it (``before``, the
     image's own first) composed in by :func:`compose`, two fields meeting on ``grid``: one
-    transform, so the whole chain costs one resampling (``apply --before``)."""
-    for path in reversed(list(before or ())):
-        xfm = compose(xfm, load_transform(path, field_convention=field_convention), grid)
+    transform, so the whole chain costs one resampling (``apply --before``). An entry is a
+    path, or ``(path, invert)`` where ``invert`` asks for the file's inverse
+    (:func:`inverted`; ``apply --before-inverse``)."""
+    for entry in reversed(list(before or ())):
+        path, invert = (entry, False) if isinstance(entry, (str, os.PathLike)) else entry
+        step = load_transform(path, field_convention=field_convention)
+        xfm = compose(xfm, inverted(step, path) if invert else step, grid)
     return xfm
+
+
+def inverted(xfm: Transform, path) -> Transform:
+    """The exact inverse of the linear transform read from ``path``; a deformable one is one
+    clear error (its inverse is a file of its own: ``register -T``, the BIDS-App's
+    ``from-<template>_to-T1w``)."""
+    if not xfm.is_linear:
+        raise TransformFileError(
+            f'The transform file <{path}> holds a displacement field: only linear transforms '
+            'are inverted here. Use the inverse register wrote with it (-T; the BIDS-App\'s '
+            'from-<template>_to-<contrast> file).'
+        )
+    return xfm.linear_inverse()
 
 
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
