@@ -271,9 +271,14 @@ def test_fsl_flirt_matrices_on_the_command_line(pair, tmp_path, capsys):
     xfm = load_transform(flirt, reference=ref, moving=Geometry.from_image(img))
     assert np.allclose(nb.load(str(out)).get_fdata(), moved_image(img, xfm, ref).get_fdata(),
                        atol=1e-4)
-    assert main(['apply', '-r', str(fixed), '--before', str(flirt), str(flirt), str(moving),
-                 str(out)]) == 1
-    assert 'c3d_affine_tool' in capsys.readouterr().err
+    from synthmorph_app.io.transforms import Transform, save_transform
+
+    identity = save_transform(Transform(np.eye(4)), tmp_path / 'identity.txt')
+    # in a chain (as a step, or as TRANS behind steps) the grid FLIRT moved is not known
+    for step, trans in ((flirt, flirt), (identity, flirt)):
+        assert main(['apply', '-r', str(fixed), '--before', str(step), str(trans),
+                     str(moving), str(out)]) == 1
+        assert 'c3d_affine_tool' in capsys.readouterr().err
     assert main(['register', '-m', 'affine', '--refine', '0', '-e', '128', '-i', str(flirt),
                  '-t', str(tmp_path / 'a.txt'), str(moving), str(fixed)]) == 0
 

@@ -280,7 +280,7 @@ examples:
                    help='use the inverse of TRANS (linear transforms only; a deformable one '
                         'has its inverse file: register -T, or the BIDS-App\'s '
                         'from-<template>_to-T1w), as antsApplyTransforms -t [TRANS,1]. E.g. a '
-                        'template atlas into BOLD space: -r BOLDREF --before '
+                        'template atlas into BOLD space: -m labels -r BOLDREF --before '
                         'sub-X_from-MNI152NLin6Asym_to-T1w_mode-image_xfm.h5 -I '
                         'sub-X_task-Y_from-boldref_to-T1w_mode-image_desc-coreg_xfm.txt')
     p.add_argument('--before', action=_AppendStep, metavar='FILE', default=[],

@@ -237,7 +237,7 @@ def run_register(args) -> int:
 def run_apply(args) -> int:
     from ..engine.register import moved_image
     from ..io.images import Geometry, load_image, save_image
-    from ..io.transforms import compose_files, inverted, is_fsl_matrix, load_transform
+    from ..io.transforms import is_fsl_matrix, load_chain
 
     if len(args.pairs) % 2:
         raise SynthMorphError(
@@ -263,6 +263,11 @@ def run_apply(args) -> int:
         raise SynthMorphError(
             f'<{args.trans}> is an FSL FLIRT matrix: give its reference image (FLIRT\'s -ref) '
             'with -r/--reference')
+    if fsl and args.before:
+        raise SynthMorphError(
+            f'<{args.trans}> is an FSL FLIRT matrix, whose meaning needs the grid of the image '
+            'FLIRT moved, which a chain (--before) does not give: convert it first, e.g. '
+            'c3d_affine_tool -ref REF -src IN FILE -fsl2ras -oitk FILE.txt')
     if fsl and args.invert:
         raise SynthMorphError(
             f'<{args.trans}> is an FSL FLIRT matrix, not inverted here: invert it with FSL '
@@ -270,19 +275,12 @@ def run_apply(args) -> int:
             "FLIRT's -in image")
 
     def transform_for(moving):
-        if args.invert:
-            xfm = inverted(load_transform(args.trans, field_convention=args.field_convention),
-                           args.trans)
-            xfm.reference = reference or xfm.reference
-        else:
-            xfm = load_transform(args.trans, field_convention=args.field_convention,
-                                 reference=reference, moving=moving)
+        xfm = load_chain(args.trans, before=args.before, invert=args.invert,
+                         reference=reference, moving=moving,
+                         field_convention=args.field_convention)
         if reference is None and xfm.reference is None and xfm.field_geometry is None:
             raise SynthMorphError(f'the transform <{args.trans}> carries no output grid: give '
                                   'one with -r/--reference')
-        if args.before:
-            xfm = compose_files(xfm, args.before, field_convention=args.field_convention,
-                                grid=reference or xfm.reference or xfm.field_geometry)
         return xfm
 
     if args.before:

@@ -315,17 +315,12 @@ def apply_file(in_file, transform, out_file, *, reference=None, interpolation='l
     ``(path, invert)``); ``invert``: use the inverse of ``transform`` (linear only)."""
     from ..engine.register import moved_image
     from ..io.images import Geometry, load_image, save_image
-    from ..io.transforms import compose_files, inverted, load_transform
+    from ..io.transforms import load_chain
 
     ref = Geometry.from_image(load_image(reference, kind='reference image', frames=True)) \
         if reference else None
     img = load_image(in_file, kind='input image', frames=True)
-    if invert:
-        xfm = inverted(load_transform(transform), transform)
-        xfm.reference = ref or xfm.reference
-    else:
-        # the moving grid is needed by an FSL FLIRT matrix (and recorded for the others)
-        xfm = load_transform(transform, reference=ref, moving=Geometry.from_image(img))
-    xfm = compose_files(xfm, before, grid=ref or xfm.reference or xfm.field_geometry)
+    xfm = load_chain(transform, before=before, invert=invert, reference=ref,
+                     moving=Geometry.from_image(img))
     return save_image(moved_image(img, xfm, ref, mode=interpolation, fill=fill, device=device),
                       out_file)

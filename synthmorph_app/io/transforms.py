@@ -215,6 +215,26 @@ def compose_files(xfm: Transform, before, *, grid: Geometry | None = None,
     return xfm
 
 
+def load_chain(path, *, before=(), invert: bool = False, reference: Geometry | None = None,
+               moving: Geometry | None = None, field_convention: str = 'itk') -> Transform:
+    """What ``apply`` moves an image through: the file ``path`` (its inverse with ``invert``,
+    linear only) with the ``before`` steps composed in (:func:`compose_files`).
+
+    ``reference`` is the output grid where given (``-r``); ``moving`` the grid of the image
+    moved, which an FSL FLIRT matrix needs.
+    """
+    if invert:
+        xfm = inverted(load_transform(path, field_convention=field_convention), path)
+        xfm.reference = reference or xfm.reference
+    else:
+        xfm = load_transform(path, field_convention=field_convention, reference=reference,
+                             moving=moving)
+    if before:
+        xfm = compose_files(xfm, before, field_convention=field_convention,
+                            grid=reference or xfm.reference or xfm.field_geometry)
+    return xfm
+
+
 def inverted(xfm: Transform, path) -> Transform:
     """The exact inverse of the linear transform read from ``path``; a deformable one is one
     clear error (its inverse is a file of its own: ``register -T``, the BIDS-App's
