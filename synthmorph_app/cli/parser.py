@@ -275,7 +275,8 @@ examples:
     p.add_argument('-f', '--fill', type=float, default=0.0,
                    help='value of voxels that map outside the input (default 0)')
     p.add_argument('-r', '--reference', metavar='IMAGE',
-                   help='output grid; needed only for transforms that carry no grid (.txt/.mat)')
+                   help='output grid; needed for transforms that carry no grid (.txt/.mat; '
+                        'TRANS inverted by -I) and for an FSL FLIRT matrix (its -ref image)')
     p.add_argument('-I', '--invert', action='store_true',
                    help='use the inverse of TRANS (linear transforms only; a deformable one '
                         'has its inverse file: register -T, or the BIDS-App\'s '
