@@ -380,21 +380,44 @@ def test_ants_composite_of_several_members(cases, tmp_path):
     assert np.abs(theirs - ours).max() < 1e-3 * float(norm.max() - norm.min())
 
 
-def test_two_fields_do_not_compose(tmp_path):
-    geom = Geometry((6, 6, 6), np.eye(4))
-    xfm = Transform(np.eye(4), np.zeros((6, 6, 6, 3), np.float32), geom)
-    save_transform(xfm, tmp_path / 'one.h5')
-    with h5py.File(tmp_path / 'one.h5') as h5:
+def _field_member(xfm: Transform, tmp_path, name) -> tuple:
+    """The ``DisplacementFieldTransform`` member our writer stores for ``xfm``'s field."""
+    written = save_transform(xfm, tmp_path / f'{name}.h5')
+    with h5py.File(written) as h5:
         grp = h5['TransformGroup/2']
-        member = (
-            'DisplacementFieldTransform_float_3_3',
-            np.asarray(grp['TransformParameters']),
-            np.asarray(grp['TransformFixedParameters']),
-        )
-    _write_itk_members(tmp_path / 'two.h5', [member, member])
-    with pytest.raises(TransformFileError, match='two displacement fields') as err:
-        load_transform(tmp_path / 'two.h5')
-    assert f'<{tmp_path / "two.h5"}>' in str(err.value)
+        return ('DisplacementFieldTransform_float_3_3', np.asarray(grp['TransformParameters']),
+                np.asarray(grp['TransformFixedParameters']))
+
+
+def test_a_composite_of_two_fields_resamples_like_ants(cases, tmp_path):
+    """An ITK composite [affine, field2, field1] (two registrations, ITK applies field1
+    first) loads into one Transform, the fields met on the fixed grid of field1, and moves the
+    image as ANTs does with the file."""
+    folder, data = cases
+    norm, _, moving, fixed = data['lps_oblique_to_oblique']
+    rng = np.random.default_rng(5)
+    first = _transform('field', moving, fixed, rng)  # its field lies on the fixed grid
+    second = _transform('field_oblique', moving, fixed, rng)
+    path = tmp_path / 'two.h5'
+    _write_itk_members(path, [
+        _itk_affine_member(second.affine, rng.uniform(-20, 20, 3)),
+        _field_member(Transform(np.eye(4), second.field, second.field_geometry), tmp_path, 'f2'),
+        _field_member(Transform(np.eye(4), first.field, first.field_geometry), tmp_path, 'f1'),
+    ])
+    xfm = load_transform(path, reference=fixed, moving=moving)
+    assert xfm.field_geometry == fixed and np.allclose(xfm.affine, second.affine)
+    # meaning: y = A2 (p + f2(p)), p = x + f1(x)
+    pts = _grid_points(fixed)[::13]
+    p = pts + first.displacement_at(pts)
+    expected = apply_affine(second.affine, p + second.displacement_at(p))
+    assert np.abs(xfm.map_points(pts) - expected).max() < 1e-3
+    ants_fixed = ants.image_read(str(folder / 'obl_fixed.nii.gz'))
+    ants_moving = ants.image_read(str(folder / 'obl_moving.nii.gz'))
+    theirs = ants.apply_transforms(ants_fixed, ants_moving, [str(path)]).numpy()
+    ours = apply_transform(volume_tensor(norm), moving, xfm, fixed, 'linear')[0, 0].numpy()
+    span = float(norm.max() - norm.min())
+    assert ours.std() > 0.1 * span
+    assert np.abs(theirs - ours).max() < 1e-3 * span
 
 
 # --- nitransforms reads our files the same way -------------------------------------------

@@ -276,7 +276,7 @@ _EXPECTED = {
     '.txt': 'an ITK "Insight Transform File V1.0" holding affine transforms',
     '.mat': 'an ITK/ANTs MATLAB v4 affine (AffineTransform_double_3_3 and fixed) or an FSL '
             'FLIRT matrix (text, 4 x 4)',
-    '.h5': 'an ITK HDF5 transform (TransformGroup of affines and at most one displacement field)',
+    '.h5': 'an ITK HDF5 transform (TransformGroup of affines and displacement fields)',
     '.nii.gz': 'a displacement field image of shape (X, Y, Z, 3) or (X, Y, Z, 1, 3)',
 }
 _EXPECTED['.nii'] = _EXPECTED['.mgz'] = _EXPECTED['.nii.gz']
@@ -466,13 +466,15 @@ def load_transform(
     Transform
         Fixed-to-moving. An ITK composite of several affines and at most one field is composed
         exactly into one :class:`Transform` (affines applied before the field are folded into
-        the field's grid).
+        the field's grid); several fields meet on the grid of the one applied first
+        (:func:`compose`).
 
     Raises
     ------
     TransformFileError
-        Missing, unreadable or corrupt file, unknown extension, unsupported content (two
-        displacement fields, non-affine ITK transforms, LTAs of several transforms).
+        Missing, unreadable or corrupt file, unknown extension, unsupported content
+        (non-linear ITK transforms other than displacement fields, LTAs of several
+        transforms), FSL matrices without the grids of their images.
     """
     path = Path(path)
     suffix = _suffix_or_raise(path)
@@ -1036,20 +1038,24 @@ def _compose(parts: list, path) -> tuple[np.ndarray, np.ndarray | None, Geometry
 
     Affines compose by matrix products. A field ``h`` applied after an affine ``A`` is rewritten
     exactly: ``A x + h(A x) = A (x + g(x))`` with ``g = L^-1 h`` (``L`` the linear part of ``A``)
-    on the grid ``inv(A) @ grid``, which holds the same values (no resampling). Two fields do not
-    compose into one and raise :class:`TransformFileError`.
+    on the grid ``inv(A) @ grid``, which holds the same values (no resampling). Several fields
+    (a composite of two registrations) are composed by :func:`compose` into one field on the
+    grid of the field applied first, where the composite is exact at every voxel.
     """
+    if sum(part[0] != 'affine' for part in parts) > 1:
+        steps = [Transform(part[1]) if part[0] == 'affine'
+                 else Transform(np.eye(4), part[1], part[2]) for part in reversed(parts)]
+        out = steps[0]
+        for step in steps[1:]:
+            # linear steps fold in exactly; two fields meet on the grid of the one applied
+            # first (carried back through the affines applied before it)
+            out = compose(out, step)
+        return out.affine, out.field, out.field_geometry
     affine, field, fgeom = np.eye(4), None, None
     for part in reversed(parts):
         if part[0] == 'affine':
             affine = part[1] @ affine
             continue
-        if field is not None:
-            raise TransformFileError(
-                f'The transform file <{path}> composes two displacement fields, which do not '
-                'reduce to one affine and one field: compose them first (e.g. '
-                'antsApplyTransforms -o [field.nii.gz,1]).'
-            )
         h, hgeom = part[1], part[2]
         inv_lin = np.linalg.inv(affine[:3, :3])
         field = np.ascontiguousarray((h.reshape(-1, 3) @ inv_lin.T).reshape(h.shape))
