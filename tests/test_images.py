@@ -178,3 +178,44 @@ def test_misnamed_uncompressed_files_are_read_as_they_are(tmp_path, capfd):
             load_image(bad)
         assert str(bad) in str(err.value)
         assert capfd.readouterr().err == ''
+
+
+@pytest.mark.parametrize('change, itk_takes_sform', [
+    ('shift', True), ('rotate', True), ('scale', False), ('shear', False)])
+def test_qform_and_sform_that_itk_reads_differently_are_warned_about(
+        tmp_path, caplog, change, itk_takes_sform):
+    """Where the sform is not a rotation times pixdim, ITK (ANTs) reads the qform while we
+    (as nibabel, FSL, FreeSurfer) read the sform: when the two differ, a warning names the
+    file. A shifted or rotated sform is what ITK reads too: no warning. Checked with ANTs."""
+    import logging
+
+    ants = pytest.importorskip('ants')
+    qform = np.diag([-2.0, 2.0, 2.0, 1.0])
+    qform[:3, 3] = [40, -50, -30]
+    sform = qform.copy()
+    if change == 'shift':
+        sform[:3, 3] += [3, 0, 0]
+    elif change == 'rotate':
+        c, s = np.cos(0.2), np.sin(0.2)
+        sform = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]) @ qform
+    elif change == 'scale':
+        sform[:3, :3] *= 1.1
+    else:
+        sform[0, 1] = 0.3
+    img = nb.Nifti1Image((RNG.random((30, 32, 28)) * 100).astype(np.float32), qform)
+    img.set_qform(qform, code=1)
+    img.set_sform(sform, code=1)
+    path = tmp_path / f'{change}.nii.gz'
+    nb.save(img, str(path))
+    theirs = ants.image_read(str(path))
+    lps = np.diag([-1.0, -1.0, 1.0])
+    read = np.eye(4)
+    read[:3, :3] = lps @ np.asarray(theirs.direction) @ np.diag(theirs.spacing)
+    read[:3, 3] = lps @ np.asarray(theirs.origin)
+    assert np.allclose(read, sform if itk_takes_sform else qform, atol=1e-3)
+    with caplog.at_level(logging.WARNING, logger='synthmorph_app'):
+        loaded = load_image(path)
+    assert np.allclose(loaded.affine, sform)  # we follow the sform
+    warned = [r.getMessage() for r in caplog.records if 'qform and an sform' in r.getMessage()]
+    assert len(warned) == (0 if itk_takes_sform else 1)
+    assert all(str(path) in w and 'mm apart' in w for w in warned)

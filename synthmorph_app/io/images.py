@@ -17,6 +17,8 @@ import numpy as np
 
 from ..errors import InputImageError
 
+LOGGER = logging.getLogger('synthmorph_app.io.images')
+
 #: File name endings we read and write as images.
 IMAGE_SUFFIXES = ('.nii.gz', '.nii', '.mgz', '.mgh')
 
@@ -181,6 +183,31 @@ def _read(path: Path) -> nb.spatialimages.SpatialImage:
     return nb.load(str(path))
 
 
+#: A qform and an sform further apart than this (mm, over the field of view) are warned about.
+FORM_GAP_MM = 0.1
+
+
+def _form_gap(qform: np.ndarray, sform: np.ndarray, shape) -> float:
+    """The largest distance (mm) between where the qform and the sform put the corners of a
+    grid of ``shape`` (both maps are affine, so the corners bound it)."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing='ij')).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    return float(np.linalg.norm((qform - sform)[:3] @ corners, axis=0).max())
+
+
+def _itk_reads_sform(hdr) -> bool:
+    """Whether ITK (ANTs) takes the sform of a header with both forms set: only where the
+    sform is a rotation times the voxel sizes of ``pixdim`` (checked against antspyx: a
+    shifted or rotated sform is read, a scaled or sheared one gives way to the qform, with
+    ITK's warning "unexpected scales in sform")."""
+    linear = hdr.get_sform()[:3, :3]
+    norms = np.linalg.norm(linear, axis=0)
+    zooms = np.asarray(hdr['pixdim'][1:4], dtype=float)
+    rotation = linear / np.where(norms > 0, norms, 1.0)
+    return bool(np.allclose(norms, zooms, rtol=1e-4, atol=1e-5)
+                and np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-4))
+
+
 def _check_orientation(img, what: str) -> None:
     """A NIfTI header must say where the head is: at least one of the qform and the sform
     (code > 0), and the two in agreement on the axes when both are set.
@@ -207,6 +234,15 @@ def _check_orientation(img, what: str) -> None:
     if qcode > 0 and scode > 0:
         q_axes = ''.join(nb.aff2axcodes(hdr.get_qform()))
         s_axes = ''.join(nb.aff2axcodes(hdr.get_sform()))
+        gap = _form_gap(hdr.get_qform(), hdr.get_sform(), img.shape[:3])
+        if q_axes == s_axes and gap > FORM_GAP_MM and not _itk_reads_sform(hdr):
+            LOGGER.warning(
+                'The %s has a qform and an sform that place its voxels up to %.1f mm apart, '
+                'and an sform that shears or whose scales are not its voxel sizes (pixdim). '
+                'synthmorph-app follows the sform (as nibabel, FSL and FreeSurfer do); ITK-based '
+                'tools (ANTs, antsApplyTransforms) then read the qform, so with them its '
+                'transforms will be off by as much. If the sform is right, fix the header (e.g. '
+                'fslorient -copysform2qform) and run again.', what, gap)
         if q_axes != s_axes:
             raise InputImageError(
                 f'The {what} has a qform ({q_axes}) and an sform ({s_axes}) that disagree on '
