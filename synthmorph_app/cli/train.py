@@ -42,6 +42,13 @@ examples:
 
 
 _non_negative_int = _at_least(0)
+#: ``--label-table`` of train and synth.
+LABEL_TABLE_HELP = (
+    'label groups of the label maps: a TSV with columns label, name, loss (1: an anatomical '
+    'label the overlap loss counts) and removable (1: a non-brain label the synthesis may '
+    'erase); default: the packaged FreeSurfer table (synthmorph_app/data/labels). Maps of '
+    'another numbering need their own'
+)
 
 
 def _json_object(text: str) -> dict:
@@ -72,12 +79,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--label-maps', required=True, metavar='DIR',
                    help='folder of label maps (NIfTI/MGZ, FreeSurfer labels)')
     p.add_argument('--out', required=True, metavar='DIR', help='output folder')
-    p.add_argument('--label-table', metavar='TSV', default=None,
-                   help='label groups of the label maps: a TSV with columns label, name, loss '
-                        '(1: an anatomical label the overlap loss counts) and removable (1: a '
-                        'non-brain label the synthesis may erase); default: the packaged '
-                        'FreeSurfer table (synthmorph_app/data/labels). Maps of another '
-                        'numbering need their own')
+    p.add_argument('--label-table', metavar='TSV', default=None, help=LABEL_TABLE_HELP)
     p.add_argument('--arch', default='detector', choices=('detector', 'encoder', 'decomposer'),
                    help='affine/rigid architecture (default: detector). The encoder pools '
                         'its features on a 4^3 grid (pool_grid 4) and the decomposer reads a '
@@ -143,12 +145,7 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument('--label-maps', required=True, metavar='DIR', help='folder of label maps')
     p.add_argument('--out', required=True, metavar='DIR', help='output folder')
-    p.add_argument('--label-table', metavar='TSV', default=None,
-                   help='label groups of the label maps, as for train: a TSV with columns label, name, loss '
-                        '(1: an anatomical label the overlap loss counts) and removable (1: a '
-                        'non-brain label the synthesis may erase); default: the packaged '
-                        'FreeSurfer table (synthmorph_app/data/labels). Maps of another '
-                        'numbering need their own')
+    p.add_argument('--label-table', metavar='TSV', default=None, help=LABEL_TABLE_HELP)
     p.add_argument('-n', type=_non_negative_int, default=4, dest='count',
                    help='number of pairs (default 4)')
     p.add_argument('--task', choices=TASKS, default='affine',

@@ -277,13 +277,12 @@ def register(
     fixed_out, moving_out = Geometry.from_image(fixed), Geometry.from_image(moving)
     info = {'mode': mode, 'lambda': float(lam), 'device': str(device), 'models': {}}
     for image, grid, side in ((moving, moving_out, 'moving'), (fixed, fixed_out, 'fixed')):
-        sides = np.asarray(grid.shape) * grid.voxel_sizes
-        if np.sort(sides)[1] < SMALL_FOV_MM:
+        if np.sort(_fov_mm(grid))[1] < SMALL_FOV_MM:
             LOGGER.warning(
                 '%s covers only %s mm: less than a head along two axes, so there is little '
                 'anatomy to align and the result may be far off (a slab needs two axes of a '
                 'head, and -m rigid)', _named(image, f'the {side} image'),
-                ' x '.join(f'{v:.0f}' for v in sides),
+                ' x '.join(f'{v:.0f}' for v in _fov_mm(grid)),
             )
 
     with torch.inference_mode():
@@ -642,9 +641,14 @@ def _cut_head(volume: torch.Tensor, grid: Geometry, found=None) -> bool:
     return False
 
 
+def _fov_mm(grid: Geometry) -> np.ndarray:
+    """The field of view of ``grid`` along each voxel axis, in mm."""
+    return np.asarray(grid.shape) * grid.voxel_sizes
+
+
 def _is_slab(grid: Geometry) -> bool:
     """Whether the field of view is thinner than ``SLAB_MM`` along one voxel axis."""
-    return bool(np.min(np.asarray(grid.shape) * grid.voxel_sizes) < SLAB_MM)
+    return bool(np.min(_fov_mm(grid)) < SLAB_MM)
 
 
 def _level_iterations(levels, finest: int) -> tuple:

@@ -190,14 +190,8 @@ def compose(first: Transform, second: Transform, grid: Geometry | None = None) -
     grid = grid or first.reference or first.field_geometry
     joined = second.affine @ first.affine
     to_joined = np.linalg.inv(joined)
-    field = np.empty((*grid.shape, 3), dtype=np.float32)
-    step = max(1, 2_000_000 // max(1, grid.shape[0] * grid.shape[1]))
-    for z0 in range(0, grid.shape[2], step):
-        zs = slice(z0, min(z0 + step, grid.shape[2]))
-        pts = _grid_points(grid, zs)
-        moved = second.map_points(first.map_points(pts))
-        field[:, :, zs] = (apply_affine(to_joined, moved) - pts).reshape(
-            grid.shape[0], grid.shape[1], -1, 3)
+    field = _on_grid(grid, lambda pts, zs: apply_affine(
+        to_joined, second.map_points(first.map_points(pts))) - pts)
     return Transform(joined, field, grid, reference=first.reference, moving=second.moving)
 
 
@@ -500,7 +494,7 @@ def load_transform(
                 grids = _get_grids(path)
                 reference = reference or grids.get('reference')
                 moving = moving or grids.get('moving')
-            affine, field, fgeom = _compose(parts, path)
+            affine, field, fgeom = _compose(parts)
             if field is not None and reference is None:
                 reference = fgeom
             xfm = Transform(affine, field, fgeom, reference, moving)
@@ -614,18 +608,26 @@ def displacement_on_grid(xfm: Transform, grid: Geometry) -> np.ndarray:
     Computed in slabs of z to bound memory; where ``grid`` is the field's own grid the stored
     displacements are used as they are (no interpolation).
     """
-    out = np.empty((*grid.shape, 3), dtype=np.float32)
     own = xfm.field is not None and grid == xfm.field_geometry
+
+    def displacement(pts, zs):
+        disp = xfm.field[:, :, zs].reshape(-1, 3).astype(float) if own \
+            else xfm.displacement_at(pts)
+        return apply_affine(xfm.affine, pts + disp) - pts
+
+    return _on_grid(grid, displacement)
+
+
+def _on_grid(grid: Geometry, vectors) -> np.ndarray:
+    """``vectors(points, zs)`` ((N, 3) from the RAS points of the voxels of ``grid`` in the
+    z-slab ``zs``, C order) as a float32 ``(X, Y, Z, 3)`` array, in slabs of about 2 million
+    voxels to bound memory."""
+    out = np.empty((*grid.shape, 3), dtype=np.float32)
     step = max(1, 2_000_000 // max(1, grid.shape[0] * grid.shape[1]))
     for z0 in range(0, grid.shape[2], step):
         zs = slice(z0, min(z0 + step, grid.shape[2]))
-        pts = _grid_points(grid, zs)
-        if own:
-            disp = xfm.field[:, :, zs].reshape(-1, 3).astype(float)
-        else:
-            disp = xfm.displacement_at(pts)
-        moved = apply_affine(xfm.affine, pts + disp)
-        out[:, :, zs] = (moved - pts).reshape(grid.shape[0], grid.shape[1], -1, 3)
+        out[:, :, zs] = vectors(_grid_points(grid, zs), zs).reshape(
+            grid.shape[0], grid.shape[1], -1, 3)
     return out
 
 
@@ -1033,34 +1035,22 @@ def _field_from_itk(params, fixed) -> tuple[np.ndarray, Geometry]:
     return field, Geometry(shape, affine)
 
 
-def _compose(parts: list, path) -> tuple[np.ndarray, np.ndarray | None, Geometry | None]:
-    """Compose ITK members (file order; ITK applies the last first) into ``A (x + f(x))``.
+def _compose(parts: list) -> tuple[np.ndarray, np.ndarray | None, Geometry | None]:
+    """Compose ITK members (file order; ITK applies the last first) into ``A (x + f(x))``,
+    through :func:`compose` in the order points pass.
 
     Affines compose by matrix products. A field ``h`` applied after an affine ``A`` is rewritten
     exactly: ``A x + h(A x) = A (x + g(x))`` with ``g = L^-1 h`` (``L`` the linear part of ``A``)
-    on the grid ``inv(A) @ grid``, which holds the same values (no resampling). Several fields
-    (a composite of two registrations) are composed by :func:`compose` into one field on the
-    grid of the field applied first, where the composite is exact at every voxel.
+    on the grid ``inv(A) @ grid``, which holds the same values (no resampling;
+    :meth:`Transform.after_linear`). Several fields (a composite of two registrations) become
+    one field on the grid of the field applied first, where the composite is exact at every
+    voxel.
     """
-    if sum(part[0] != 'affine' for part in parts) > 1:
-        steps = [Transform(part[1]) if part[0] == 'affine'
-                 else Transform(np.eye(4), part[1], part[2]) for part in reversed(parts)]
-        out = steps[0]
-        for step in steps[1:]:
-            # linear steps fold in exactly; two fields meet on the grid of the one applied
-            # first (carried back through the affines applied before it)
-            out = compose(out, step)
-        return out.affine, out.field, out.field_geometry
-    affine, field, fgeom = np.eye(4), None, None
+    out = Transform()
     for part in reversed(parts):
-        if part[0] == 'affine':
-            affine = part[1] @ affine
-            continue
-        h, hgeom = part[1], part[2]
-        inv_lin = np.linalg.inv(affine[:3, :3])
-        field = np.ascontiguousarray((h.reshape(-1, 3) @ inv_lin.T).reshape(h.shape))
-        fgeom = Geometry(hgeom.shape, np.linalg.inv(affine) @ hgeom.affine)
-    return affine, (None if field is None else field.astype(np.float32)), fgeom
+        step = Transform(part[1]) if part[0] == 'affine' else Transform(np.eye(4), *part[1:])
+        out = compose(out, step)
+    return out.affine, out.field, out.field_geometry
 
 
 # --- dense displacement-field images ---------------------------------------------------------
