@@ -188,6 +188,18 @@ def test_failure_isolation_and_rerun(tmp_path):
     assert done.stat().st_mtime_ns == stamp
     assert (out / 'sub-02' / 'anat' /
             'sub-02_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json').is_file()
+    # another mode: the image made with the old one is registered again, not skipped
+    rigid = [*args, '--participant-label', '01', '--mode', 'rigid']
+    third = _run(rigid, tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert '1 image(s) to register' in third.stdout and '0 already finished' in third.stdout
+    assert 'other settings: mode "affine" -> "rigid"' in third.stdout
+    meta = json.loads(done.read_text())
+    assert meta['RegistrationMode'] == 'rigid' and meta['RegistrationSettings']['mode'] == 'rigid'
+    # threads are no setting of the registration: nothing to redo
+    fourth = _run([*rigid, '--omp-nthreads', '2'], tmp_path)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert '0 image(s) to register' in fourth.stdout and '1 already finished' in fourth.stdout
 
 
 @pytest.mark.slow

@@ -147,9 +147,13 @@ def test_lta_joint_is_the_linear_part(joint_run):
 @pytest.mark.slow
 def test_lta_resume_and_index(joint_run):
     out, tmp = joint_run
-    args = [DEMO_DIR, out, 'participant', '--participant-label', '01', '--dry-run']
+    args = [DEMO_DIR, out, 'participant', '--participant-label', '01', '--dry-run', *FAST]
     res = _run([*args, '--output-lta'], tmp)
     assert res.returncode == 0 and '0 image(s) to register' in res.stdout, res.stdout
+    # asked with the default --extent, the image made at 192 mm would be made again
+    res = _run([*args, '--output-lta', '--extent', '256'], tmp)
+    assert '1 image(s) to register' in res.stdout, res.stdout
+    assert 'other settings: extent 192.0 -> 256.0' in res.stdout
     lta = out / 'sub-01' / 'anat' / f'sub-01_from-T1w_to-{TPL}_mode-image_desc-linear_xfm.lta'
     kept = lta.read_bytes()
     lta.unlink()

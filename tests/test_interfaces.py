@@ -127,3 +127,50 @@ def test_sidecars_say_when_a_noise_background_was_cleared(tmp_path, cleared):
     for key in ('space_image', 'forward_xfm'):
         meta = json.loads(sidecar(paths[key]).read_text())
         assert meta.get('NoiseBackgroundCleared') == cleared
+
+
+def test_a_set_made_with_other_settings_is_redone_and_keeps_only_its_own_files(tmp_path):
+    """The sidecars record the settings that decided a registration; a run that asks for
+    other ones does not count the set as complete, and the set written again keeps no file
+    of the old one (an LTA of the other mode, a figure no longer made)."""
+    from synthmorph_app.interfaces.derivatives import (
+        recorded_settings,
+        save_derivatives,
+        settings_changes,
+    )
+    from synthmorph_app.workflows.settings import RegistrationSettings
+
+    spec, tpl = {'res': '2'}, 'MNI152NLin6Asym'
+    kinds = ('space_image', 'forward_xfm', 'inverse_xfm', 'forward_lta', 'inverse_lta')
+    files = {key: str(T1W) for key in kinds}
+    affine = RegistrationSettings(mode='affine', refine=15).signature()
+    save_derivatives(tmp_path, DEMO_DIR, T1W, tpl, spec, files | {'before_after': str(TPL)},
+                     metadata={'mode': 'affine'}, qc={}, registration_settings=affine)
+    old = derivative_paths(tmp_path, T1W, tpl, spec, lta_mode='affine')
+    assert all(old[k].is_file() for k in (*kinds, 'before_after'))
+    assert is_complete(tmp_path, T1W, tpl, spec, lta_mode='affine', settings=affine)
+    # device and threads are not settings of the registration
+    same = RegistrationSettings(mode='affine', refine=15, device='cuda', omp_nthreads=8)
+    assert is_complete(tmp_path, T1W, tpl, spec, lta_mode='affine',
+                       settings=same.signature())
+    joint = RegistrationSettings(mode='joint', lam=0.3, refine=15).signature()
+    assert not is_complete(tmp_path, T1W, tpl, spec, lta_mode='affine', settings=joint)
+    assert settings_changes(recorded_settings(tmp_path, T1W, tpl, spec), joint) == {
+        'mode': ('affine', 'joint'), 'lambda': (0.5, 0.3)}
+
+    save_derivatives(tmp_path, DEMO_DIR, T1W, tpl, spec, files, metadata={'mode': 'joint'},
+                     qc={}, registration_settings=joint)
+    new = derivative_paths(tmp_path, T1W, tpl, spec, lta_mode='joint')
+    assert all(new[k].is_file() for k in kinds)
+    assert new['forward_lta'].name.endswith('_desc-linear_xfm.lta')
+    assert not old['forward_lta'].exists() and not old['inverse_lta'].exists()
+    assert not old['before_after'].exists()
+    assert is_complete(tmp_path, T1W, tpl, spec, lta_mode='joint', settings=joint)
+    meta = json.loads(sidecar(new['forward_xfm']).read_text())
+    assert meta['RegistrationSettings'] == joint and meta['RegistrationMode'] == 'joint'
+
+    # a set whose sidecars predate the record is not redone for settings it cannot tell
+    save_derivatives(tmp_path, DEMO_DIR, T1W, tpl, spec, files, metadata={'mode': 'joint'},
+                     qc={})
+    assert recorded_settings(tmp_path, T1W, tpl, spec) is None
+    assert is_complete(tmp_path, T1W, tpl, spec, lta_mode='joint', settings=affine)

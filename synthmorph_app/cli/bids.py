@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from .. import __version__
@@ -190,7 +191,11 @@ def build_bids_parser() -> argparse.ArgumentParser:
     g.add_argument('--mem', '--mem-gb', dest='mem_gb', type=_memory_gb, metavar='SIZE',
                    help='memory limit for scheduling, e.g. 16GB')
     g.add_argument('--resume', action=argparse.BooleanOptionalAction, default=True,
-                   help='skip images whose derivatives are complete (default: --resume)')
+                   help='skip images whose derivatives are complete and were made with the '
+                        'same registration settings (mode, lambda, refinement, weights, '
+                        'extent, passes, the route through the T1w: the sidecars record them '
+                        'as RegistrationSettings); an image made with other ones is '
+                        'registered again and its derivatives replaced (default: --resume)')
     g.add_argument('--notrack', action='store_true',
                    help='accepted for compatibility: synthmorph-app never sends telemetry')
     g.add_argument('--dry-run', action='store_true',
@@ -312,7 +317,7 @@ def _run_group(out_dir: Path) -> int:
 
 def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf_home,
                      start) -> int:
-    from ..interfaces.derivatives import is_complete
+    from ..interfaces.derivatives import is_complete, recorded_settings, settings_changes
     from ..utils.bids import (
         BIDSError,
         NothingToDoError,
@@ -361,16 +366,35 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
                         f'{", ".join(selection.subjects)}); check --participant-label.')
     for reason in missing.values():
         print(f'synthmorph-app: {reason}', file=sys.stderr)
+    weights = None
+    if args.weights:
+        from .run import assign_weights
+
+        try:
+            weights = assign_weights(args.weights, args.mode)
+        except SynthMorphError as err:
+            print(f'synthmorph-app: error: {err}', file=sys.stderr)
+            return EXIT_FAILURE
+    settings = _registration_settings(args, weights)
     labels = [space_label(n, s) for n, s in spaces]
     lta_mode = args.mode if args.output_lta else None
     plan: dict[str, list[tuple[str, list[str]]]] = {}
     done: list[str] = []
+    redone: dict[str, str] = {}  # image -> the settings that changed since its derivatives
     for sub, images in subjects.items():
         for image in images:
-            todo = [lab for lab, (n, s) in zip(labels, spaces)
-                    if not (args.resume and is_complete(
-                        out_dir, image, n, s, lta_mode=lta_mode,
-                        lesion=image_lesion(image) is not None))]
+            signature = _signature(settings, image, args)
+            todo = []
+            for lab, (n, s) in zip(labels, spaces):
+                if args.resume and is_complete(out_dir, image, n, s, lta_mode=lta_mode,
+                                               lesion=image_lesion(image) is not None,
+                                               settings=signature):
+                    continue
+                todo.append(lab)
+                changes = settings_changes(recorded_settings(out_dir, image, n, s), signature)
+                if args.resume and changes:
+                    redone[str(image)] = ', '.join(f'{k} {_shown(old)} -> {_shown(new)}'
+                                                   for k, (old, new) in changes.items())
             if todo:
                 plan.setdefault(sub, []).append((str(image), todo))
             else:
@@ -378,6 +402,10 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     n_todo = sum(len(v) for v in plan.values())
     print(f'synthmorph-app {__version__}: {n_todo} image(s) to register to '
           f'{", ".join(labels)}; {len(done)} already finished (skipped).')
+    if redone:
+        print(f'synthmorph-app: {len(redone)} image(s) were registered before with other '
+              'settings: they are registered again and their derivatives replaced (marked '
+              '"other settings" below; --no-resume redoes everything)')
     lesions = []
     unreadable: dict[str, str] = {}  # jobs that cannot start: {image: why}
     for sub, images in plan.items():
@@ -392,6 +420,8 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
             if reason:
                 unreadable[image] = reason
                 through += ' (NOT READABLE: fails, see below)'
+            if image in redone:
+                through += f' (other settings: {redone[image]})'
             print(f'  sub-{sub}: {Path(image).name} -> {", ".join(todo)}{through}')
     no_cuda = args.device == 'cuda' and _resolve_device('auto') != 'cuda'
     if args.dry_run:
@@ -412,15 +442,6 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     plan = {sub: kept for sub, images in plan.items()
             if (kept := [job for job in images if job[0] not in unreadable])}
 
-    weights = None
-    if args.weights:
-        from .run import assign_weights
-
-        try:
-            weights = assign_weights(args.weights, args.mode)
-        except SynthMorphError as err:
-            print(f'synthmorph-app: error: {err}', file=sys.stderr)
-            return EXIT_FAILURE
     device = _resolve_device(args.device)
     nprocs = args.nprocs or usable_cpus()
     n_jobs = sum(len(todo) for images in plan.values() for _, todo in images)
@@ -443,7 +464,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     failures: dict[str, str] = dict(unreadable)
     if plan:
         failures |= _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line,
-                            weights, device, nprocs, omp)
+                            settings, device, nprocs, omp)
     _write_citation(out_dir, labels, args, lesions=bool(lesions))
     from ..reports.subject import write_subject_report
 
@@ -544,7 +565,35 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weights, device,
+def _registration_settings(args, weights):
+    """The run's :class:`RegistrationSettings` (CPU, one thread, no cache: ``_execute``
+    sets those, which do not change what is computed)."""
+    from ..workflows.settings import RegistrationSettings
+
+    return RegistrationSettings(
+        mode=args.mode, lam=args.lam, extent=args.extent, passes=args.passes,
+        refine=args.refine,
+        refine_options={'init_method': args.init_method, 'refine_metric': args.refine_metric,
+                        'refine_levels': args.refine_levels,
+                        'refine_weight': args.refine_weight,
+                        'cross_contrast': CROSS_CONTRAST[args.cross_contrast]},
+        weights=weights or {}, via_t1w=args.via_t1w,
+    )
+
+
+def _signature(settings, image, args) -> dict:
+    """The registration signature of ``image`` in this run (its sidecars' record)."""
+    from ..utils.bids import session_t1w
+
+    return settings.signature(via=bool(args.via_t1w and session_t1w(image) is not None))
+
+
+def _shown(value) -> str:
+    """A setting as the plan prints it."""
+    return 'default' if value is None else json.dumps(value)
+
+
+def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, settings, device,
              nprocs, omp) -> dict[str, str]:
     """Build and run the Nipype workflow; return ``{image: reason}`` for failed images."""
     from nipype import config as ncfg
@@ -553,7 +602,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
     from ..interfaces.derivatives import is_complete
     from ..utils.templates import parse_output_spaces
     from ..workflows.base import init_synthmorph_wf
-    from ..workflows.settings import OutputSettings, RegistrationSettings
+    from ..workflows.settings import OutputSettings
 
     crash_dir = work_dir / 'crash' / run_id
     ncfg.update_config({
@@ -570,14 +619,8 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
     ncfg.update_config({'logging': {'workflow_level': nlevel, 'interface_level': nlevel,
                                     'utils_level': 'WARNING'}})
     nlogging.update_logging(ncfg)
-    settings = RegistrationSettings(
-        mode=args.mode, lam=args.lam, extent=args.extent, passes=args.passes,
-        refine=args.refine,
-        refine_options={'init_method': args.init_method, 'refine_metric': args.refine_metric,
-                        'refine_levels': args.refine_levels,
-                        'refine_weight': args.refine_weight,
-                        'cross_contrast': CROSS_CONTRAST[args.cross_contrast]},
-        weights=weights or {}, device=device, omp_nthreads=omp, via_t1w=args.via_t1w,
+    settings = replace(
+        settings, device=device, omp_nthreads=omp,
         # the T1w's registration serves its own job and those that go through it
         cache_dir=str(work_dir / 'registrations') if args.via_t1w and _other_contrasts(args)
         else '',
@@ -612,7 +655,9 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, weig
             from ..utils.bids import image_id, image_lesion, parse_entities
 
             lesion = image_lesion(image) is not None
-            if all(is_complete(out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion)
+            signature = _signature(settings, image, args)
+            if all(is_complete(out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion,
+                               settings=signature)
                    for n, s in spaces):
                 continue
 

@@ -2,7 +2,14 @@
 
 Everything is copied to hidden temporary names first and then renamed into place; the forward
 transform's JSON sidecar is renamed last and marks the set as complete (:func:`is_complete`),
-so an interrupted run never leaves a set that looks finished, and a rerun redoes it.
+so an interrupted run never leaves a set that looks finished, and a rerun redoes it. Where a
+set is written again, its old forward sidecar goes first and the files of the old set that
+the new one does not have (an LTA of the other mode, a lesion or a figure no longer made) are
+removed, so the folder holds one registration's files.
+
+The sidecars record the settings that decided the registration (``RegistrationSettings``,
+:meth:`~synthmorph_app.workflows.settings.RegistrationSettings.signature`); a set made with
+other settings is not complete for a run that asks for new ones (:func:`settings_changes`).
 
 With ``output_lta``, FreeSurfer LTA copies of both transforms go next to the ``.h5`` files. An
 LTA holds one matrix: for the linear modes (affine, rigid) it is the whole transform and shares
@@ -12,6 +19,8 @@ the ``.h5``'s name and sidecar; for joint and deform it is only the affine of th
 >>> from synthmorph_app.interfaces.derivatives import lta_desc
 >>> lta_desc('affine') is None, lta_desc('joint')
 (True, 'linear')
+>>> settings_changes({'mode': 'joint', 'lambda': 0.5}, {'mode': 'affine', 'lambda': 0.5})
+{'mode': ('joint', 'affine')}
 
 >>> from synthmorph_app.interfaces.derivatives import DerivativesSink
 >>> sorted(DerivativesSink().output_spec().get())
@@ -20,6 +29,7 @@ the ``.h5``'s name and sidecar; for joint and deform it is only the affine of th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -94,17 +104,42 @@ def sidecar(path: Path) -> Path:
 
 
 def is_complete(out_dir, in_file, template: str, spec: dict, *,
-                lta_mode: str | None = None, lesion: bool = False) -> bool:
+                lta_mode: str | None = None, lesion: bool = False,
+                settings: dict | None = None) -> bool:
     """True when the derivatives of ``in_file`` in ``template`` were all written.
 
     With ``lta_mode`` (``--output-lta``), the LTA files must be there too, so a rerun that
     asks for them redoes the images written without them; with ``lesion`` (the image has a
-    lesion mask now), the lesion on the template grid, so a mask added later redoes the image.
+    lesion mask now), the lesion on the template grid, so a mask added later redoes the image;
+    with ``settings`` (a registration signature), the sidecar must not record other ones
+    (:func:`settings_changes`), so a rerun with another ``--mode`` or ``--lambda`` redoes it.
     """
     paths = derivative_paths(out_dir, in_file, template, spec, lta_mode=lta_mode, lesion=lesion)
     done = sidecar(paths['forward_xfm']).is_file()
-    return done and all(paths[k].is_file() for k in ('forward_lta', 'inverse_lta', 'lesion_mask')
+    done = done and all(paths[k].is_file() for k in ('forward_lta', 'inverse_lta', 'lesion_mask')
                         if k in paths)
+    return done and not (settings is not None and settings_changes(
+        recorded_settings(out_dir, in_file, template, spec), settings))
+
+
+def recorded_settings(out_dir, in_file, template: str, spec: dict) -> dict | None:
+    """The ``RegistrationSettings`` recorded with the derivatives of ``in_file`` in
+    ``template`` (None: no such sidecar, or one without them)."""
+    path = sidecar(derivative_paths(out_dir, in_file, template, spec)['forward_xfm'])
+    try:
+        recorded = json.loads(path.read_text()).get('RegistrationSettings')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def settings_changes(recorded: dict | None, settings: dict) -> dict:
+    """``{key: (recorded, asked)}`` for the settings that differ; keys only one side has are
+    not compared (a sidecar from before a setting was recorded is not redone for it)."""
+    if not recorded:
+        return {}
+    return {key: (recorded[key], value) for key, value in settings.items()
+            if key in recorded and recorded[key] != value}
 
 
 def write_linear_lta(xfm_file, out_file) -> Path:
@@ -124,7 +159,7 @@ def write_linear_lta(xfm_file, out_file) -> Path:
 def save_derivatives(
     out_dir, bids_dir, in_file, template: str, spec: dict, files: dict, *, metadata: dict,
     qc: dict, template_file=None, template_mask=None, command_line: str = '',
-    templateflow_home=None, output_lta: bool = False,
+    templateflow_home=None, output_lta: bool = False, registration_settings: dict | None = None,
 ) -> list[str]:
     """Copy ``files`` (keys as :func:`derivative_paths`) into ``out_dir`` with sidecars.
 
@@ -133,6 +168,7 @@ def save_derivatives(
     mask the registration used (``metadata['lesion_mask']``, also as ``LesionMask``).
 
     ``output_lta`` adds LTA files made from the ``.h5`` transforms (see the module docstring).
+    ``registration_settings`` (a signature) goes into the sidecars as ``RegistrationSettings``.
     """
     with tempfile.TemporaryDirectory(prefix='synthmorph-lta-') as scratch:
         if output_lta:
@@ -144,12 +180,13 @@ def save_derivatives(
         return _save_derivatives(out_dir, bids_dir, in_file, template, spec, files,
                                  metadata=metadata, qc=qc, template_file=template_file,
                                  template_mask=template_mask, command_line=command_line,
-                                 templateflow_home=templateflow_home)
+                                 templateflow_home=templateflow_home,
+                                 registration_settings=registration_settings)
 
 
 def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, metadata, qc,
                       template_file, template_mask, command_line,
-                      templateflow_home) -> list[str]:
+                      templateflow_home, registration_settings) -> list[str]:
     from .. import __version__
 
     mode = metadata.get('mode')
@@ -187,6 +224,8 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
         'Software': {'Name': 'synthmorph-app', 'Version': __version__},
         'CommandLine': command_line,
     }
+    if registration_settings:
+        common['RegistrationSettings'] = registration_settings
     if common['Resolution'] is None:
         common.pop('Resolution')
     if metadata.get('noise_background_cleared'):
@@ -260,6 +299,12 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
             tmp = final.parent / f'.{final.name}.{uuid.uuid4().hex}.tmp'
             shutil.copyfile(src, tmp)
             staged.append((tmp, final, meta))
+        # a set written again (other settings, or unfinished): it stops looking complete
+        # before any file of it changes, and keeps no file of the old set it does not have
+        sidecar(dest['forward_xfm']).unlink(missing_ok=True)
+        _remove_stale(out_dir, in_file, template, spec,
+                      keep={p for final, _, meta in plan
+                            for p in (final, sidecar(final) if meta is not None else None)})
         written = []
         for tmp, final, meta in staged:
             os.replace(tmp, final)
@@ -270,6 +315,18 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
         for tmp, _, _ in staged:
             tmp.unlink(missing_ok=True)
     return written
+
+
+def _remove_stale(out_dir, in_file, template: str, spec: dict, keep: set) -> None:
+    """Remove the files (and their sidecars) a set of derivatives of ``in_file`` in
+    ``template`` may hold that are not in ``keep``: LTAs of either mode, the lesion, figures."""
+    every = {path for lta_mode in ('affine', 'joint')
+             for path in derivative_paths(out_dir, in_file, template, spec,
+                                          lta_mode=lta_mode, lesion=True).values()}
+    for path in every - keep:
+        path.unlink(missing_ok=True)
+        if sidecar(path) not in keep:
+            sidecar(path).unlink(missing_ok=True)
 
 
 class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
@@ -290,6 +347,9 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     metadata = traits.Dict(desc='registration metadata (mode, lambda, models, timings)')
     qc = traits.Dict(desc='QC metrics')
     command_line = traits.Str('', usedefault=True, desc='command line of this run')
+    registration_settings = traits.Dict(
+        desc='the settings that decided the registration (RegistrationSettings.signature), '
+             'recorded in the sidecars; a rerun with other ones redoes the image')
     output_lta = traits.Bool(False, usedefault=True,
                              desc='also write FreeSurfer LTA files (the linear part of '
                                   'deformable transforms, named desc-linear)')
@@ -319,6 +379,7 @@ class DerivativesSink(SimpleInterface):
             qc=opt('qc') or {}, template_file=opt('template_file'),
             template_mask=opt('template_mask'), command_line=self.inputs.command_line,
             output_lta=self.inputs.output_lta,
+            registration_settings=opt('registration_settings') or None,
         )
         self._results['done'] = True
         return runtime

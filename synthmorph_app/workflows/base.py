@@ -164,7 +164,9 @@ def init_anat_image_wf(
     image_qc = pe.Node(ImageQC(figures=outputs.figures), name='image_qc', mem_gb=1.0)
     ds_wf = init_ds_registration_wf(out_dir=out_dir, bids_dir=bids_dir, in_file=in_file,
                                     command_line=outputs.command_line,
-                                    output_lta=outputs.output_lta)
+                                    output_lta=outputs.output_lta,
+                                    registration_settings=settings.signature(
+                                        via=via is not None))
     gather = pe.JoinNode(niu.IdentityInterface(fields=['out_files']), name='gather',
                          joinsource='register_template_wf.inputnode', joinfield=['out_files'])
     workflow.connect([

@@ -20,6 +20,7 @@ def init_ds_registration_wf(
     in_file: str,
     command_line: str = '',
     output_lta: bool = False,
+    registration_settings: dict | None = None,
     name: str = 'ds_registration_wf',
 ):
     """Write one image's registration to one template as BIDS derivatives, atomically.
@@ -44,6 +45,10 @@ def init_ds_registration_wf(
     output_lta
         Also write FreeSurfer LTA files (for joint/deform only the linear part, named
         ``desc-linear``).
+    registration_settings
+        The settings that decided the registration
+        (:meth:`~synthmorph_app.workflows.settings.RegistrationSettings.signature`), recorded
+        in the sidecars as ``RegistrationSettings``.
 
     Inputs
     ------
@@ -62,7 +67,8 @@ def init_ds_registration_wf(
     outputnode = pe.Node(niu.IdentityInterface(fields=['out_files']), name='outputnode')
     sink = pe.Node(
         DerivativesSink(out_dir=str(out_dir), bids_dir=str(bids_dir), in_file=str(in_file),
-                        command_line=command_line, output_lta=output_lta),
+                        command_line=command_line, output_lta=output_lta,
+                        registration_settings=registration_settings or {}),
         name='ds_registration', run_without_submitting=True,
     )
     workflow.connect([

@@ -5,11 +5,17 @@
 'affine'
 >>> OutputSettings(output_lta=True).output_lta
 True
+>>> sorted(RegistrationSettings(device='cuda').signature())[:4]
+['cross_contrast', 'extent', 'init_method', 'lambda']
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+
+#: The ``refine_options`` that decide a registration (see :meth:`RegistrationSettings.signature`).
+REFINE_KEYS = ('init_method', 'refine_metric', 'refine_levels', 'refine_weight', 'cross_contrast')
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,21 @@ class RegistrationSettings:
         out['weights'] = dict(self.weights) or None
         out['cache_dir'] = self.cache_dir or None
         return out
+
+    def signature(self, *, via: bool = False) -> dict:
+        """What decides an image's registration, as its sidecars record it
+        (``RegistrationSettings``): the BIDS-App redoes an image whose derivatives were made
+        with another signature. ``via``: the image goes through the T1w of its session.
+
+        The device, the threads and the cache folder are left out: they do not change what
+        is computed.
+        """
+        options = dict(self.refine_options)
+        out = {'mode': self.mode, 'lambda': self.lam, 'extent': self.extent,
+               'passes': self.passes, 'refine': self.refine,
+               **{key: options.get(key) for key in REFINE_KEYS},
+               'weights': dict(self.weights), 'via_t1w': bool(via)}
+        return json.loads(json.dumps(out))  # as read back from a sidecar (tuples as lists)
 
 
 @dataclass(frozen=True)
