@@ -149,14 +149,15 @@ def test_a_set_made_with_other_settings_is_redone_and_keeps_only_its_own_files(t
     old = derivative_paths(tmp_path, T1W, tpl, spec, lta_mode='affine')
     assert all(old[k].is_file() for k in (*kinds, 'before_after'))
     assert is_complete(tmp_path, T1W, tpl, spec, lta_mode='affine', settings=affine)
-    # device and threads are not settings of the registration
-    same = RegistrationSettings(mode='affine', refine=15, device='cuda', omp_nthreads=8)
+    # device and threads are not settings of the registration, nor lambda of an affine one
+    same = RegistrationSettings(mode='affine', refine=15, device='cuda', omp_nthreads=8,
+                                lam=0.9)
     assert is_complete(tmp_path, T1W, tpl, spec, lta_mode='affine',
                        settings=same.signature())
     joint = RegistrationSettings(mode='joint', lam=0.3, refine=15).signature()
     assert not is_complete(tmp_path, T1W, tpl, spec, lta_mode='affine', settings=joint)
     assert settings_changes(recorded_settings(tmp_path, T1W, tpl, spec), joint) == {
-        'mode': ('affine', 'joint'), 'lambda': (0.5, 0.3)}
+        'mode': ('affine', 'joint')}
 
     save_derivatives(tmp_path, DEMO_DIR, T1W, tpl, spec, files, metadata={'mode': 'joint'},
                      qc={}, registration_settings=joint)

@@ -7,6 +7,8 @@
 True
 >>> sorted(RegistrationSettings(device='cuda').signature())[:4]
 ['cross_contrast', 'extent', 'init_method', 'lambda']
+>>> 'lambda' in RegistrationSettings(mode='affine').signature()
+False
 """
 
 from __future__ import annotations
@@ -52,13 +54,19 @@ class RegistrationSettings:
         with another signature. ``via``: the image goes through the T1w of its session.
 
         The device, the threads and the cache folder are left out: they do not change what
-        is computed.
+        is computed; so are, in the linear modes, lambda, the passes of the deformable network
+        and the deformable refinement's levels.
         """
+        from ..interfaces.derivatives import LINEAR_MODES
+
         options = dict(self.refine_options)
         out = {'mode': self.mode, 'lambda': self.lam, 'extent': self.extent,
                'passes': self.passes, 'refine': self.refine,
                **{key: options.get(key) for key in REFINE_KEYS},
                'weights': dict(self.weights), 'via_t1w': bool(via)}
+        if self.mode in LINEAR_MODES:
+            for key in ('lambda', 'passes', 'refine_levels'):
+                del out[key]
         return json.loads(json.dumps(out))  # as read back from a sidecar (tuples as lists)
 
 
