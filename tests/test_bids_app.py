@@ -423,3 +423,32 @@ def test_lesion_mask_is_found_used_and_recorded(tmp_path):
     assert meta['Type'] == 'Lesion' and uri in meta['Sources']
     assert meta['SpatialReference'] == 'MNI152NLin6Asym'
     assert not list((out / 'sub-02' / 'anat').glob('*lesion*'))
+
+
+def test_images_that_would_write_the_same_derivatives(tmp_path):
+    """The inversions of an MP2RAGE differ only in ``inv``: each gets its own derivatives
+    (they shared one name, and the workflow stopped with nipype's duplicate-node traceback).
+    A ``.nii`` beside a ``.nii.gz`` of the same name would: both fail by name, the rest run."""
+    bids = tmp_path / 'bids'
+    anat = bids / 'sub-01' / 'anat'
+    anat.mkdir(parents=True)
+    shutil.copy(DEMO_DIR / 'dataset_description.json', bids)
+    t1w = DEMO_DIR / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
+    for inv in (1, 2):
+        shutil.copy(t1w, anat / f'sub-01_inv-{inv}_MP2RAGE.nii.gz')
+    shutil.copy(t1w, anat / 'sub-01_T1w.nii.gz')
+    nb.save(nb.load(t1w), anat / 'sub-01_T1w.nii')
+    out = tmp_path / 'out'
+    res = _run([bids, out, 'participant', '--contrasts', 'T1w', 'MP2RAGE', '--mode', 'affine',
+                '--refine', '0', '--no-figures', '--no-via-t1w',
+                '-w', tmp_path / 'work', *FAST], tmp_path)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert 'Duplicate node name' not in res.stderr
+    assert 'sub-01_T1w.nii -> MNI152NLin6Asym:res-2 (NAME CLASH' in res.stdout
+    assert (f'<{anat / "sub-01_T1w.nii"}> and <{anat / "sub-01_T1w.nii.gz"}> would write the '
+            'same derivatives') in res.stderr
+    assert '2 image(s) FAILED' in res.stderr
+    names = sorted(p.name for p in (out / 'sub-01' / 'anat').glob('*_xfm.json'))
+    assert names == [f'sub-01_inv-{i}_from-{a}_to-{b}_mode-image_xfm.json'
+                     for i in (1, 2) for a, b in (('MNI152NLin6Asym', 'MP2RAGE'),
+                                                  ('MP2RAGE', 'MNI152NLin6Asym'))]

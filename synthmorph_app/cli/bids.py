@@ -381,12 +381,13 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     plan: dict[str, list[tuple[str, list[str]]]] = {}
     done: list[str] = []
     redone: dict[str, str] = {}  # image -> the settings that changed since its derivatives
+    clashes = _name_clashes(subjects)  # images that would write the same derivatives
     for sub, images in subjects.items():
         for image in images:
             signature = _signature(settings, image, args)
             todo = []
             for lab, (n, s) in zip(labels, spaces):
-                if args.resume and is_complete(out_dir, image, n, s, lta_mode=lta_mode,
+                if str(image) not in clashes and args.resume and is_complete(out_dir, image, n, s, lta_mode=lta_mode,
                                                lesion=image_lesion(image) is not None,
                                                settings=signature):
                     continue
@@ -416,10 +417,11 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
             if lesion:
                 through += f' (lesion mask {lesion.name})'
                 lesions.append(str(lesion))
-            reason = _unreadable(image, via, lesion)
+            reason = clashes.get(image) or _unreadable(image, via, lesion)
             if reason:
                 unreadable[image] = reason
-                through += ' (NOT READABLE: fails, see below)'
+                through += (' (NAME CLASH: fails, see below)' if image in clashes
+                            else ' (NOT READABLE: fails, see below)')
             if image in redone:
                 through += f' (other settings: {redone[image]})'
             print(f'  sub-{sub}: {Path(image).name} -> {", ".join(todo)}{through}')
@@ -498,6 +500,29 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         for reason in missing.values():
             print(f'  {reason}', file=sys.stderr)
     return EXIT_FAILURE if failures or missing else EXIT_OK
+
+
+def _name_clashes(subjects: dict) -> dict[str, str]:
+    """``{image: why}`` for selected images whose derivatives would have the same names as
+    another's (``sub-01_T1w.nii`` beside ``sub-01_T1w.nii.gz``, or names that differ only in
+    entities a derivative name sets, such as ``desc``): which of them the files came from could
+    not be told, so none is registered."""
+    from ..utils.bids import image_id, parse_entities
+
+    groups: dict[str, list[Path]] = {}
+    for images in subjects.values():
+        for image in images:
+            groups.setdefault(image_id(parse_entities(image)), []).append(Path(image))
+    out = {}
+    for group in groups.values():
+        for image in group if len(group) > 1 else ():
+            others = ', '.join(f'<{p}>' for p in group if p != image)
+            out[str(image)] = (
+                f'<{image}> and {others} would write the same derivatives (their names differ '
+                'only in the extension or in entities a derivative name sets: space, res, '
+                'label, desc); none of them is registered. Remove, rename or .bidsignore all '
+                'but one, or select one with --bids-filter-file.')
+    return out
 
 
 def _unreadable(image, via, lesion) -> str | None:

@@ -36,8 +36,12 @@ ANAT_CONTRASTS = ('T1w', 'T2w', 'PDw', 'FLAIR', 'T2starw', 'inplaneT1', 'inplane
 #: 0.673 onto MNI152NLin6Asym, as another contrast (MIND, smoother) 0.656, lower on all 12
 #: (``benchmarks/README.md``, "Session 31").
 T1_LIKE = ('T1w', 'UNIT1', 'inplaneT1')
-#: Entities of an input name kept in derivative names, in BIDS order.
-KEPT_ENTITIES = ('sub', 'ses', 'acq', 'ce', 'rec', 'run', 'echo', 'part', 'chunk')
+#: Entities of an input name kept in derivative names, in BIDS order (``flip``, ``inv``,
+#: ``mt``: the images of one MP2RAGE, VFA or MTS collection differ only in them).
+KEPT_ENTITIES = ('sub', 'ses', 'acq', 'ce', 'rec', 'run', 'echo', 'flip', 'inv', 'mt', 'part',
+                 'chunk')
+#: Entities a derivative name sets itself: an input's own are not carried over.
+DERIVATIVE_ENTITIES = ('space', 'cohort', 'res', 'label', 'desc', 'from', 'to', 'mode')
 #: Labels of ``[project.urls]`` (pyproject.toml) tried in turn for ``GeneratedBy.CodeURL``.
 CODE_URL_LABELS = ('source', 'repository', 'homepage')
 #: Derivatives outside the BIDS specification (reports, figures, group QC), for ``.bidsignore``.
@@ -119,7 +123,12 @@ def _is_lesion_roi(name: str) -> bool:
 
 
 def _prefix(entities: dict) -> str:
-    return '_'.join(f'{k}-{entities[k]}' for k in KEPT_ENTITIES if entities.get(k))
+    """The input's entities as derivative names begin: :data:`KEPT_ENTITIES` in BIDS order,
+    then any other (outside the specification) in the input's order, so that images whose
+    names differ get derivatives whose names differ."""
+    other = [k for k in entities
+             if k not in (*KEPT_ENTITIES, *DERIVATIVE_ENTITIES, 'suffix') and entities[k]]
+    return '_'.join(f'{k}-{entities[k]}' for k in (*KEPT_ENTITIES, *other) if entities.get(k))
 
 
 def xfm_name(entities: dict, template: str, *, inverse: bool = False, ext: str = '.h5',
