@@ -452,3 +452,35 @@ def test_images_that_would_write_the_same_derivatives(tmp_path):
     assert names == [f'sub-01_inv-{i}_from-{a}_to-{b}_mode-image_xfm.json'
                      for i in (1, 2) for a, b in (('MNI152NLin6Asym', 'MP2RAGE'),
                                                   ('MP2RAGE', 'MNI152NLin6Asym'))]
+
+
+def test_an_output_folder_of_another_dataset_is_left_alone(tmp_path):
+    """An output folder that holds another pipeline's derivatives (or raw data) keeps its
+    dataset_description.json: the run stops with the reason before anything is written (our
+    description replaced fMRIPrep's). Our own folder keeps a user's .bidsignore lines."""
+    other = tmp_path / 'fmriprep'
+    other.mkdir()
+    desc = {'Name': 'fMRIPrep - fMRI PREProcessing workflow', 'BIDSVersion': '1.8.0',
+            'DatasetType': 'derivative', 'GeneratedBy': [{'Name': 'fMRIPrep',
+                                                          'Version': '24.1.1'}]}
+    (other / 'dataset_description.json').write_text(json.dumps(desc))
+    for level in ('participant', 'group'):
+        res = _run([DEMO_DIR, other, level, '-w', tmp_path / 'work'], tmp_path)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert (f'the output directory <{other}> holds a derivative dataset (fMRIPrep 24.1.1'
+                in res.stderr) and str(tmp_path / 'synthmorph') in res.stderr
+        assert json.loads((other / 'dataset_description.json').read_text()) == desc
+        assert sorted(p.name for p in other.iterdir()) == ['dataset_description.json']
+
+    from synthmorph_app.utils.bids import BIDSIGNORE, write_dataset_description
+
+    ours = tmp_path / 'ours'
+    ours.mkdir()
+    (ours / '.bidsignore').write_text('extra/\n*.html\n')
+    write_dataset_description(ours, DEMO_DIR)
+    write_dataset_description(ours, DEMO_DIR)  # a rerun adds nothing twice
+    lines = (ours / '.bidsignore').read_text().splitlines()
+    assert lines == ['extra/', '*.html', *(b for b in BIDSIGNORE if b != '*.html')]
+    res = _run([DEMO_DIR, ours, 'participant', '--dry-run', '-w', tmp_path / 'work'],
+               tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]

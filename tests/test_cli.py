@@ -47,6 +47,27 @@ def test_help_texts(capsys):
     assert 'fixed -> moving' in out and '.lta' in out and 'mri_synthmorph' in out
     # the top-level page teaches the BIDS-App and the demo, which are not subcommands
     assert 'BIDS_DIR OUTPUT_DIR participant' in out and 'demo OUTPUT_DIR' in out
+    # each command's page names its own usage (it began with the whole top-level usage)
+    for command in ('register', 'apply', 'train', 'synth', 'evaluate'):
+        with pytest.raises(SystemExit):
+            main([command, '--help'])
+        page = capsys.readouterr().out
+        assert page.startswith(f'usage: synthmorph-app {command} [-h]'), page[:300]
+
+
+def test_output_into_a_reader_that_stops_early_is_no_traceback(tmp_path):
+    """``synthmorph-app ... --dry-run | head -1``: the reader goes away, the app stops
+    quietly (it ended in a BrokenPipeError traceback)."""
+    from synthmorph_app.cli.bids import DEMO_DIR
+
+    proc = subprocess.Popen([sys.executable, '-m', 'synthmorph_app', str(DEMO_DIR),
+                             str(tmp_path / 'out'), 'participant', '--dry-run', '-w',
+                             str(tmp_path / 'work')],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the app has written anything
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1
+    assert 'Traceback' not in err and 'BrokenPipeError' not in err, err[-2000:]
 
 
 def test_refine_options_parse_in_both_apps():

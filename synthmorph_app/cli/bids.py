@@ -61,8 +61,9 @@ examples:
   synthmorph-app /data/bids /data/out group           # qc.tsv and a QC page over subjects
 
 exit codes: 0 success, 1 some image failed, a selected subject has no image of the
-asked contrasts, or a --participant-label is not in the dataset (see the summary), 16 invalid BIDS input,
-18 nothing to process.
+asked contrasts, or a --participant-label is not in the dataset (see the summary), 2 bad
+arguments (also an OUTPUT_DIR that holds another dataset: raw data, another pipeline's
+derivatives), 16 invalid BIDS input, 18 nothing to process.
 """
 
 
@@ -276,6 +277,15 @@ def run_bids(args: argparse.Namespace) -> int:
     if out_dir == bids_dir or bids_dir in out_dir.parents and out_dir.parent == bids_dir:
         print(f'synthmorph-app: error: the output directory <{out_dir}> must not be the input '
               'dataset itself; use e.g. <BIDS_DIR>/derivatives/synthmorph', file=sys.stderr)
+        return EXIT_USAGE
+    from ..utils.bids import foreign_dataset
+
+    other = foreign_dataset(out_dir)
+    if other:  # its description (and .bidsignore) would be replaced by ours
+        print(f'synthmorph-app: error: the output directory <{out_dir}> holds {other}. '
+              'synthmorph-app writes a derivatives dataset of its own, with its own '
+              'dataset_description.json: give it a folder of its own, e.g. '
+              f'<{out_dir.parent / "synthmorph"}>', file=sys.stderr)
         return EXIT_USAGE
     run_id = time.strftime('%Y%m%d-%H%M%S') + f'_{uuid.uuid4().hex[:8]}'
     work_dir = Path(args.work_dir).expanduser().absolute() if args.work_dir else \

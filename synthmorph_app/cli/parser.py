@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument('--version', action='version', version=f'synthmorph-app {__version__}')
-    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True,
+                                prog='synthmorph-app')
     add_register_parser(sub)
     add_apply_parser(sub)
     from .train import add_synth_parser, add_train_parser

@@ -18,6 +18,17 @@ LOGGER = logging.getLogger('synthmorph_app.cli')
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the output went into a reader that stopped early (``--dry-run | head``): stop
+        # quietly, as other command-line tools do, without a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault('NIPYPE_NO_ET', '1')
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] == 'demo':  # the BIDS-App on the packaged dataset

@@ -512,13 +512,41 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def foreign_dataset(out_dir: str | os.PathLike) -> str | None:
+    """What other dataset ``out_dir`` holds (its ``dataset_description.json`` is not one
+    synthmorph-app wrote: raw data, another pipeline's derivatives), or None (no description,
+    or ours)."""
+    path = Path(out_dir) / 'dataset_description.json'
+    if not path.is_file():
+        return None
+    try:
+        desc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f'a dataset_description.json that is not JSON (<{path}>)'
+    if not isinstance(desc, dict):
+        return f'a dataset_description.json that is not a JSON object (<{path}>)'
+    generated = [g for g in desc.get('GeneratedBy') or [] if isinstance(g, dict)]
+    if desc.get('DatasetType') == 'derivative' and generated and \
+            generated[0].get('Name') == 'synthmorph-app':
+        return None
+    who = ', '.join(' '.join(str(g[k]) for k in ('Name', 'Version') if g.get(k))
+                    for g in generated)
+    kind = desc.get('DatasetType') or 'raw'
+    return (f'a {kind} dataset ({who or desc.get("Name") or "unnamed"}; '
+            f'<{path}>)')
+
+
 def write_dataset_description(out_dir: str | os.PathLike, bids_dir: str | os.PathLike) -> Path:
     """Write ``<out_dir>/dataset_description.json`` and ``.bidsignore`` atomically.
 
     Concurrent runs write the same content, so either write wins. ``.bidsignore`` lists the
     files that BIDS does not specify (:data:`BIDSIGNORE`: HTML reports, their figures, the
-    group QC), so the BIDS validator checks only the derivatives themselves.
+    group QC), so the BIDS validator checks only the derivatives themselves; lines already
+    there (a user's own) are kept.
     """
-    write_text_atomic(Path(out_dir) / '.bidsignore', '\n'.join(BIDSIGNORE) + '\n')
+    ignore = Path(out_dir) / '.bidsignore'
+    lines = ignore.read_text().splitlines() if ignore.is_file() else []
+    lines += [line for line in BIDSIGNORE if line not in lines]
+    write_text_atomic(ignore, '\n'.join(lines) + '\n')
     return write_json_atomic(Path(out_dir) / 'dataset_description.json',
                              dataset_description(bids_dir))
