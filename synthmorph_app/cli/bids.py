@@ -108,16 +108,18 @@ def build_bids_parser() -> argparse.ArgumentParser:
         description=(
             'SynthMorph BIDS-App: register every anatomical image of a BIDS dataset to '
             'TemplateFlow templates (any MRI contrast, with or without skull) and write BIDS '
-            'derivatives that fMRIPrep-like pipelines reuse. The commands "register", "apply" '
-            'and "demo" are described by "synthmorph-app COMMAND --help".'
+            'derivatives that fMRIPrep-like pipelines reuse. The commands "demo", "register", '
+            '"apply", "evaluate", "train" and "synth" are described by "synthmorph-app '
+            'COMMAND --help".'
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument('bids_dir', type=Path, help='root of the input BIDS dataset')
     parser.add_argument('output_dir', type=Path,
-                        help='where derivatives go (created; safe to share between runs on '
-                             'different participants)')
+                        help='where derivatives go: a folder of their own (created; safe '
+                             'to share between runs on different participants; one that '
+                             'holds another dataset is refused)')
     parser.add_argument('analysis_level', choices=('participant', 'group'),
                         help='participant: register images; group: collect QC into group/')
     parser.add_argument('--version', action='version', version=f'synthmorph-app {__version__}')
