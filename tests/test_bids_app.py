@@ -484,3 +484,22 @@ def test_an_output_folder_of_another_dataset_is_left_alone(tmp_path):
     res = _run([DEMO_DIR, ours, 'participant', '--dry-run', '-w', tmp_path / 'work'],
                tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_weights_named_relative_to_the_working_folder(tmp_path):
+    """``--weights affine.pt`` from the folder that holds it: the registration runs in a
+    node folder of its own and failed with "Model file <affine.json> does not exist"."""
+    from synthmorph_app.engine.weights import _packaged_dir
+
+    here = tmp_path / 'models'
+    here.mkdir()
+    for ext in ('.pt', '.json'):
+        shutil.copy(_packaged_dir() / f'affine{ext}', here / f'my_affine{ext}')
+    out = tmp_path / 'out'
+    res = _run([DEMO_DIR, out, 'participant', '--participant-label', '01', '--mode', 'affine',
+                '--refine', '0', '--no-figures', '--weights', 'my_affine.pt', '-w',
+                tmp_path / 'work', *FAST], tmp_path, cwd=here)
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((out / 'sub-01' / 'anat' /
+                       'sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json').read_text())
+    assert meta['RegistrationSettings']['weights'] == {'affine': str(here / 'my_affine.pt')}

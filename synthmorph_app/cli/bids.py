@@ -387,6 +387,10 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         except SynthMorphError as err:
             print(f'synthmorph-app: error: {err}', file=sys.stderr)
             return EXIT_FAILURE
+        # the registrations run in folders of their own: a file named relative to here is
+        # given by its absolute path (a packaged model's name stays a name)
+        weights = {kind: str(Path(spec).absolute()) if Path(spec).is_file() else spec
+                   for kind, spec in weights.items()}
     settings = _registration_settings(args, weights)
     labels = [space_label(n, s) for n, s in spaces]
     lta_mode = args.mode if args.output_lta else None
