@@ -503,3 +503,50 @@ def test_weights_named_relative_to_the_working_folder(tmp_path):
     meta = json.loads((out / 'sub-01' / 'anat' /
                        'sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json').read_text())
     assert meta['RegistrationSettings']['weights'] == {'affine': str(here / 'my_affine.pt')}
+
+
+@pytest.mark.slow
+def test_resolutions_of_one_template_share_one_registration(tmp_path, shared_data):
+    """``--output-spaces MNI152NLin6Asym:res-2 MNI152NLin6Asym:res-1``: the transform files
+    are named by the template alone, so both spaces come from one registration (to res-2,
+    listed first); each image is that transform resampled onto its grid. Each space ran its
+    own registration, and the last one's transform overwrote the other's."""
+    from synthmorph_app.engine.register import moved_image
+    from synthmorph_app.io.images import Geometry
+    from synthmorph_app.io.transforms import load_transform
+
+    home = tmp_path / 'templateflow'
+    shutil.copytree(TEMPLATE.parent, home / TEMPLATE.parent.name)
+    tpl1 = home / TEMPLATE.parent.name / 'tpl-MNI152NLin6Asym_res-01_T1w.nii.gz'
+    shutil.copy(shared_data / 'templateflow' / 'tpl-MNI152NLin6Asym' /
+                'tpl-MNI152NLin6Asym_res-01_desc-brain_T1w.nii.gz', tpl1)
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    spaces = ['MNI152NLin6Asym:res-2', 'MNI152NLin6Asym:res-1']
+
+    def run(*extra):
+        return subprocess.run(
+            [sys.executable, '-m', 'synthmorph_app', str(DEMO_DIR), str(out), 'participant',
+             '--participant-label', '01', '--mode', 'affine', '--refine', '0', '--no-figures',
+             '-w', str(work), *FAST, '--output-spaces', *spaces, *extra],
+            env=_env(tmp_path) | {'TEMPLATEFLOW_HOME': str(home)}, capture_output=True,
+            text=True, timeout=600, check=False)
+
+    res = run()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((work / 'registrations').iterdir())) == 1  # one registration
+    anat = out / 'sub-01' / 'anat'
+    xfm = anat / 'sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5'
+    meta = json.loads(xfm.with_suffix('.json').read_text())
+    assert meta['TemplateSpec'] == {'res': '2'} and meta['Sources'][1].endswith(TEMPLATE.name)
+    forward = load_transform(xfm)
+    t1w = nb.load(DEMO_DIR / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz')
+    for res_, grid in (('2', TEMPLATE), ('1', tpl1)):
+        written = nb.load(anat / f'sub-01_space-MNI152NLin6Asym_res-{res_}_T1w.nii.gz')
+        again = moved_image(t1w, forward, Geometry.from_image(nb.load(grid)))
+        assert written.shape == nb.load(grid).shape
+        a, b = written.get_fdata(), again.get_fdata()
+        assert np.abs(a - b).max() <= 1e-4 * np.ptp(a), res_
+    # one space of the template missing: both are made again, from one registration
+    (anat / 'sub-01_space-MNI152NLin6Asym_res-1_T1w.nii.gz').unlink()
+    res = run('--dry-run')
+    assert 'sub-01_T1w.nii.gz -> MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-1' in res.stdout

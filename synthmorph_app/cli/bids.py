@@ -412,6 +412,10 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
                 if args.resume and changes:
                     redone[str(image)] = ', '.join(f'{k} {_shown(old)} -> {_shown(new)}'
                                                    for k, (old, new) in changes.items())
+            # resolutions of one template share its transform files: all are made again
+            # from one registration when one of them is
+            again = {lab.split(':')[0] for lab in todo}
+            todo = [lab for lab in labels if lab.split(':')[0] in again]
             if todo:
                 plan.setdefault(sub, []).append((str(image), todo))
             else:
@@ -663,8 +667,8 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
     settings = replace(
         settings, device=device, omp_nthreads=omp,
         # the T1w's registration serves its own job and those that go through it
-        cache_dir=str(work_dir / 'registrations') if args.via_t1w and _other_contrasts(args)
-        else '',
+        cache_dir=str(work_dir / 'registrations')
+        if args.via_t1w and _other_contrasts(args) or _shared_templates(plan) else '',
     )
     outputs = OutputSettings(figures=args.figures, command_line=command_line,
                              output_lta=args.output_lta)
@@ -763,6 +767,13 @@ def _crash_reasons(crash_dir: Path) -> dict[str, str]:
         if wf and wf not in out:
             out[wf] = f'{reason} (crash file <{crash}>)'
     return out
+
+
+def _shared_templates(plan: dict) -> bool:
+    """Whether some image goes to several resolutions of one template (they share one
+    registration, which the cache then computes once)."""
+    return any(len({lab.split(':')[0] for lab in todo}) < len(todo)
+               for images in plan.values() for _, todo in images)
 
 
 def _other_contrasts(args) -> bool:

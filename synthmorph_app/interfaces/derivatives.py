@@ -115,7 +115,10 @@ def is_complete(out_dir, in_file, template: str, spec: dict, *,
     (:func:`settings_changes`), so a rerun with another ``--mode`` or ``--lambda`` redoes it.
     """
     paths = derivative_paths(out_dir, in_file, template, spec, lta_mode=lta_mode, lesion=lesion)
-    done = sidecar(paths['forward_xfm']).is_file()
+    # the transforms are named by the template alone: the image on this resolution's grid
+    # tells whether this space was made
+    done = all(p.is_file() for p in (sidecar(paths['forward_xfm']), paths['space_image'],
+                                     sidecar(paths['space_image'])))
     done = done and all(paths[k].is_file() for k in ('forward_lta', 'inverse_lta', 'lesion_mask')
                         if k in paths)
     return done and not (settings is not None and settings_changes(
@@ -197,10 +200,12 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
     sources = [bids_uri(in_file, bids_dir)]
     home = templateflow_home or os.environ.get('TEMPLATEFLOW_HOME')
     masked = 'fixed' in metadata.get('refine', {}).get('masks', [])
+    def template_uri(path):
+        return (bids_uri(path, home, 'templateflow') if home else None) or str(path)
+
     for path in (template_file, template_mask if masked else None):
         if path:
-            uri = bids_uri(path, home, 'templateflow') if home else None
-            sources.append(uri or str(path))
+            sources.append(template_uri(path))
     lesion = metadata.get('lesion_mask')
     if lesion:  # filled and left out of the similarity (engine.register.register)
         lesion = bids_uri(lesion, bids_dir)
@@ -248,10 +253,23 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
                        for kind, card in via.get('models', {}).items()},
             'Refinement': via.get('refine', {'iterations': 0}),
         }
+    # the transforms are the registration's, whose fixed image may be another resolution of
+    # the template than this space's (workflows.registration.registration_spaces)
+    xfm_sources, xfm_common = sources, common
+    fixed = metadata.get('fixed_image')
+    if fixed and template_file and Path(fixed).name != Path(template_file).name:
+        xfm_sources = [template_uri(fixed) if s == template_uri(template_file) else s
+                       for s in sources]
+        res = parse_entities(fixed).get('res', '')
+        fixed_spec = {k: v for k, v in spec.items() if k != 'res'}
+        xfm_common = {k: v for k, v in common.items() if k != 'Resolution'}
+        if res.isdigit():
+            fixed_spec['res'] = xfm_common['Resolution'] = str(int(res))
+        xfm_common['TemplateSpec'] = fixed_spec
     plan = []  # (final path, source file or None, sidecar dict or None)
     plan.append((dest['space_image'], files['space_image'],
                  {'Sources': sources, 'SpatialReference': template, **common}))
-    xfm_meta = {'Sources': sources, 'Type': 'ITK composite [affine, displacement field]'
+    xfm_meta = {'Sources': xfm_sources, 'Type': 'ITK composite [affine, displacement field]'
                 if metadata.get('mode') in ('joint', 'deform') else 'ITK composite [affine]'}
     linear_lta = output_lta and lta_desc(mode) is None
     if linear_lta:  # same name as the .h5 up to the extension: the sidecar serves both
@@ -259,7 +277,7 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
                            'FreeSurfer LTA (LINEAR_RAS_TO_RAS; src = the FromSpace image grid, '
                            'dst = the ToSpace grid).')
     plan.append((dest['inverse_xfm'], files['inverse_xfm'],
-                 {**xfm_meta, 'FromSpace': template, 'ToSpace': ent['suffix'], **common}))
+                 {**xfm_meta, 'FromSpace': template, 'ToSpace': ent['suffix'], **xfm_common}))
     for key in ('before_after', 'jacobian_figure'):
         if files.get(key):
             plan.append((dest[key], files[key], None))
@@ -285,11 +303,11 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
                 f'composite {dest[key.replace("_lta", "_xfm")].name}, without its '
                 'displacement field. It is NOT the full transform from '
                 f'{src_space} to {dst_space}; resample with the .h5 for that.'),
-            'FromSpace': src_space, 'ToSpace': dst_space, **common,
+            'FromSpace': src_space, 'ToSpace': dst_space, **xfm_common,
         }
         plan.append((dest[key], files[key], meta))
     plan.append((dest['forward_xfm'], files['forward_xfm'],
-                 {**xfm_meta, 'FromSpace': ent['suffix'], 'ToSpace': template, **common,
+                 {**xfm_meta, 'FromSpace': ent['suffix'], 'ToSpace': template, **xfm_common,
                   'Timings': metadata.get('timings', {}), 'QC': qc}))
 
     staged = []

@@ -50,6 +50,9 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
                                  'init_method, refine_metric, refine_levels, refine_weight, '
                                  'cross_contrast '
                                  '(keywords of engine.register.register)')
+    reference_image = File(exists=True, desc='grid of moved_image, moved_lesion and '
+                           'log_jacobian (default: the fixed image\'s): another resolution of '
+                           'the same template, so that one registration serves several')
     fixed_mask = File(exists=True, desc='brain mask of the fixed image (e.g. the template\'s '
                       'desc-brain_mask): weights the refinement in place of refine_weight')
     moving_mask = File(exists=True, desc='brain mask of the moving image (weights the affine '
@@ -79,11 +82,13 @@ class _SynthMorphRegisterOutputSpec(TraitedSpec):
     forward_xfm = File(exists=True, desc='ITK composite .h5: moves MOVING onto FIXED '
                        '(fixed -> moving points, e.g. from-T1w_to-<tpl>)')
     inverse_xfm = File(exists=True, desc='ITK composite .h5: moves FIXED onto MOVING')
-    moved_image = File(exists=True, desc='moving image resampled on the fixed grid')
-    moved_lesion = File(exists=True, desc='lesion_mask resampled on the fixed grid (uint8, 1 in '
-                        'the lesion), where a lesion mask was given')
-    log_jacobian = File(desc='Jacobian determinant of the forward map on the fixed grid '
-                        '(deformable modes only)')
+    moved_image = File(exists=True, desc='moving image resampled on the fixed grid (or '
+                       'reference_image\'s)')
+    moved_lesion = File(exists=True, desc='lesion_mask resampled on the fixed grid (or '
+                        'reference_image\'s; uint8, 1 in the lesion), where a lesion mask was '
+                        'given')
+    log_jacobian = File(desc='Jacobian determinant of the forward map on the fixed grid (or '
+                        'reference_image\'s; deformable modes only)')
     metadata = traits.Dict(desc='mode, lambda, device, model cards (name, sha256), timings')
 
 
@@ -109,6 +114,7 @@ class SynthMorphRegister(SimpleInterface):
                 moved_image=cwd / self.inputs.moved_image_name,
                 moved_lesion=cwd / 'moved_lesion.nii.gz',
                 jacobian=cwd / 'jacobian.nii.gz',
+                reference_image=_defined(self.inputs.reference_image),
                 mode=self.inputs.mode,
                 lam=self.inputs.lam,
                 steps=self.inputs.steps,
@@ -142,6 +148,7 @@ def register_files(
     moved_image: str | os.PathLike | None = None,
     moved_lesion: str | os.PathLike | None = None,
     jacobian: str | os.PathLike | None = None,
+    reference_image: str | os.PathLike | None = None,
     mode: str = 'joint',
     lam: float = 0.5,
     steps: int = 7,
@@ -170,6 +177,8 @@ def register_files(
     lesion in template space, as lesion-symptom mapping needs it). ``via_image``:
     register through that image of the same person (``engine.register.register_via``);
     ``metadata['via']`` then names it.
+    ``reference_image``: the grid of the moved image, the moved lesion and the Jacobian
+    (default: the fixed image's).
     ``cache_dir``: keep the registration of the two images (of ``via_image`` and the fixed
     image) there, and read it from there when an earlier job stored it (``engine.cache``).
     Input problems raise :class:`~synthmorph_app.errors.InputImageError` naming the file.
@@ -228,18 +237,19 @@ def register_files(
         'forward_xfm': str(save_transform(result.forward, forward_xfm)),
         'inverse_xfm': str(save_transform(result.inverse, inverse_xfm)),
     }
+    grid = Geometry.from_image(
+        load_image(reference_image, kind='reference image') if reference_image else fixed)
     if moved_image:
-        img = resample(moving, result.forward, Geometry.from_image(fixed), dtype=np.float32,
-                       device=device)
+        img = resample(moving, result.forward, grid, dtype=np.float32, device=device)
         out['moved_image'] = str(save_image(img, moved_image))
     if moved_lesion and lesion:
-        moved = resample(_lesion_share(lesion['moving_lesion_mask']), lesion_xfm,
-                         Geometry.from_image(fixed), dtype=np.float32, device=device)
+        moved = resample(_lesion_share(lesion['moving_lesion_mask']), lesion_xfm, grid,
+                         dtype=np.float32, device=device)
         inside = (np.asarray(moved.dataobj) >= 0.5).astype(np.uint8)
         out['moved_lesion'] = str(save_image(nb.Nifti1Image(inside, moved.affine),
                                              moved_lesion))
     if jacobian and result.forward.field is not None:
-        geom = Geometry.from_image(fixed)  # the field sampled on the fixed grid
+        geom = grid  # the field sampled on the output grid
         ijk = np.indices(geom.shape).reshape(3, -1).T
         points = ijk @ geom.affine[:3, :3].T + geom.affine[:3, 3]
         field = result.forward.displacement_at(points).reshape(*geom.shape, 3)
@@ -249,6 +259,7 @@ def register_files(
     timings['total'] = time.perf_counter() - start
     if lesion_mask:
         result.info['lesion_mask'] = str(lesion_mask)
+    result.info['fixed_image'] = str(fixed_image)
     out['metadata'] = {**result.info, 'timings': {k: round(v, 3) for k, v in timings.items()},
                        'threads': torch.get_num_threads()}
     return out

@@ -59,7 +59,9 @@ def init_register_template_wf(
     Parameters
     ----------
     templates
-        Output spaces in fMRIPrep syntax (``MNI152NLin6Asym:res-2``).
+        Output spaces in fMRIPrep syntax (``MNI152NLin6Asym:res-2``). Several resolutions of
+        one template share one registration, to the first listed of them (the transform files
+        are named by the template alone, as sMRIPrep's): the image is resampled onto each.
     mode, lam, extent, passes, refine, refine_options, weights, device
         Passed to :class:`~synthmorph_app.interfaces.synthmorph.SynthMorphRegister`.
     omp_nthreads
@@ -151,6 +153,11 @@ accessed offline through *TemplateFlow* [@templateflow].
     tf_select = pe.Node(niu.Function(function=_select_template,
                                      output_names=['t1w_file', 'brain_mask']),
                         name='tf_select', run_without_submitting=True)
+    # what the image is registered to: the first listed resolution of the template
+    reg_target = pe.Node(niu.Function(function=_registration_target,
+                                      output_names=['t1w_file', 'brain_mask']),
+                         name='reg_target', run_without_submitting=True)
+    reg_target.inputs.firsts = registration_spaces(templates)
     tunables = load_tunables()
     on_gpu = device == 'cuda'
     # through the T1w, the deformable step registers a T1w to the (T1w) template
@@ -167,11 +174,13 @@ accessed offline through *TemplateFlow* [@templateflow].
     )
     workflow.connect([
         (inputnode, split_desc, [('template', 'template')]),
+        (inputnode, reg_target, [('template', 'template')]),
         (inputnode, registration, [('moving_image', 'moving_image'),
                                    ('moving_mask', 'moving_mask'),
                                    ('lesion_mask', 'lesion_mask')]),
         (split_desc, tf_select, [('name', 'name'), ('spec', 'spec')]),
-        (tf_select, registration, [('t1w_file', 'fixed_image')]),
+        (reg_target, registration, [('t1w_file', 'fixed_image')]),
+        (tf_select, registration, [('t1w_file', 'reference_image')]),
         (split_desc, poutputnode, [('name', 'template'), ('spec', 'template_spec')]),
         (tf_select, poutputnode, [('t1w_file', 'template_file'),
                                   ('brain_mask', 'template_mask')]),
@@ -188,7 +197,7 @@ accessed offline through *TemplateFlow* [@templateflow].
     if refine and (refine_options or {}).get('refine_weight', 'brain') == 'brain':
         # the template's own brain mask weights the refinement (the exact brain, cortex
         # included): mean Dice +0.007 on whole-head T1w pairs (benchmarks/README.md)
-        workflow.connect(tf_select, 'brain_mask', registration, 'fixed_mask')
+        workflow.connect(reg_target, 'brain_mask', registration, 'fixed_mask')
     return workflow
 
 
@@ -243,6 +252,30 @@ def _split_template(template):
     from synthmorph_app.utils.templates import parse_output_spaces
 
     return parse_output_spaces([template])[0]
+
+
+def registration_spaces(templates: list[str]) -> dict[str, str]:
+    """``{space: the space it is registered to}``: the first listed resolution of its
+    template (one registration per template, as its transform files are named).
+
+    >>> registration_spaces(['MNI152NLin6Asym:res-2', 'MNI152NLin2009cAsym',
+    ...                      'MNI152NLin6Asym:res-1'])['MNI152NLin6Asym:res-1']
+    'MNI152NLin6Asym:res-2'
+    """
+    firsts: dict[str, str] = {}
+    for space in templates:
+        firsts.setdefault(space.split(':')[0], space)
+    return {space: firsts[space.split(':')[0]] for space in templates}
+
+
+def _registration_target(template, firsts):
+    """The head T1w and brain mask ``template`` is registered to (``firsts[template]``)."""
+    from synthmorph_app.workflows.registration import (
+        _select_template,
+        _split_template,
+    )
+
+    return _select_template(*_split_template(firsts[template]))
 
 
 def _select_template(name, spec):
