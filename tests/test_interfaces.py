@@ -175,3 +175,21 @@ def test_a_set_made_with_other_settings_is_redone_and_keeps_only_its_own_files(t
                      qc={})
     assert recorded_settings(tmp_path, T1W, tpl, spec) is None
     assert is_complete(tmp_path, T1W, tpl, spec, lta_mode='joint', settings=affine)
+
+
+def test_cohorts_of_one_template_get_transforms_of_their_own(tmp_path):
+    """MNIInfant:cohort-1 and :cohort-2 are two templates (two ages): their transforms were
+    named ``to-MNIInfant`` both; now as NiBabies names them, ``to-MNIInfant+1``. Resolutions of
+    one template share one registration, cohorts do not."""
+    from synthmorph_app.workflows.registration import registration_spaces
+
+    one = derivative_paths(tmp_path, T1W, 'MNIInfant', {'cohort': '1', 'res': '1'})
+    two = derivative_paths(tmp_path, T1W, 'MNIInfant', {'cohort': '2', 'res': '1'})
+    assert one['forward_xfm'].name == 'sub-01_from-T1w_to-MNIInfant+1_mode-image_xfm.h5'
+    assert two['inverse_xfm'].name == 'sub-01_from-MNIInfant+2_to-T1w_mode-image_xfm.h5'
+    assert one['space_image'].name == 'sub-01_space-MNIInfant_cohort-1_res-1_T1w.nii.gz'
+    spaces = ['MNIInfant:cohort-1:res-2', 'MNIInfant:cohort-2:res-1', 'MNIInfant:cohort-1:res-1']
+    assert registration_spaces(spaces) == {
+        'MNIInfant:cohort-1:res-2': 'MNIInfant:cohort-1:res-2',
+        'MNIInfant:cohort-2:res-1': 'MNIInfant:cohort-2:res-1',
+        'MNIInfant:cohort-1:res-1': 'MNIInfant:cohort-1:res-2'}

@@ -341,7 +341,13 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         write_dataset_description,
         write_json_atomic,
     )
-    from ..utils.templates import DEFAULT_SPACE, get_template, parse_output_spaces, space_label
+    from ..utils.templates import (
+        DEFAULT_SPACE,
+        get_template,
+        parse_output_spaces,
+        space_label,
+        template_of,
+    )
 
     try:
         if not args.skip_bids_validation:
@@ -414,8 +420,8 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
                                                    for k, (old, new) in changes.items())
             # resolutions of one template share its transform files: all are made again
             # from one registration when one of them is
-            again = {lab.split(':')[0] for lab in todo}
-            todo = [lab for lab in labels if lab.split(':')[0] in again]
+            again = {template_of(lab) for lab in todo}
+            todo = [lab for lab in labels if template_of(lab) in again]
             if todo:
                 plan.setdefault(sub, []).append((str(image), todo))
             else:
@@ -772,7 +778,9 @@ def _crash_reasons(crash_dir: Path) -> dict[str, str]:
 def _shared_templates(plan: dict) -> bool:
     """Whether some image goes to several resolutions of one template (they share one
     registration, which the cache then computes once)."""
-    return any(len({lab.split(':')[0] for lab in todo}) < len(todo)
+    from ..utils.templates import template_of
+
+    return any(len({template_of(lab) for lab in todo}) < len(todo)
                for images in plan.values() for _, todo in images)
 
 

@@ -75,10 +75,12 @@ def derivative_paths(out_dir, in_file, template: str, spec: dict, *,
     anat = sub_dir / (f'ses-{ent["ses"]}' if ent.get('ses') else '') / 'anat'
     figs = sub_dir / 'figures'
     fig_spec = {k: v for k, v in spec.items() if k == 'cohort'}
+    # a cohort is another template (an infant age): named as NiBabies names it, MNIInfant+1
+    xfm_space = f'{template}+{spec["cohort"]}' if spec.get('cohort') else template
     paths = {
         'space_image': anat / space_name(ent, template, spec),
-        'inverse_xfm': anat / xfm_name(ent, template, inverse=True),
-        'forward_xfm': anat / xfm_name(ent, template),
+        'inverse_xfm': anat / xfm_name(ent, xfm_space, inverse=True),
+        'forward_xfm': anat / xfm_name(ent, xfm_space),
         'before_after': figs / space_name(ent, template, fig_spec, desc='reg', ext='.svg'),
         'jacobian_figure': figs / space_name(ent, template, fig_spec, desc='jacobian',
                                              ext='.svg'),
@@ -88,9 +90,9 @@ def derivative_paths(out_dir, in_file, template: str, spec: dict, *,
                                                  suffix='mask')
     if lta_mode:
         desc = lta_desc(lta_mode)
-        paths['inverse_lta'] = anat / xfm_name(ent, template, inverse=True, ext='.lta',
+        paths['inverse_lta'] = anat / xfm_name(ent, xfm_space, inverse=True, ext='.lta',
                                                desc=desc)
-        paths['forward_lta'] = anat / xfm_name(ent, template, ext='.lta', desc=desc)
+        paths['forward_lta'] = anat / xfm_name(ent, xfm_space, ext='.lta', desc=desc)
     return paths
 
 

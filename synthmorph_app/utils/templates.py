@@ -253,3 +253,13 @@ def get_template_metadata(name: str) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def template_of(space: str) -> str:
+    """An output space less its resolution, which names its transform files
+    (a cohort is another template).
+
+    >>> template_of('MNIInfant:cohort-1:res-2')
+    'MNIInfant:cohort-1'
+    """
+    return ':'.join(part for part in space.split(':') if not part.startswith('res-'))

@@ -261,11 +261,15 @@ def registration_spaces(templates: list[str]) -> dict[str, str]:
     >>> registration_spaces(['MNI152NLin6Asym:res-2', 'MNI152NLin2009cAsym',
     ...                      'MNI152NLin6Asym:res-1'])['MNI152NLin6Asym:res-1']
     'MNI152NLin6Asym:res-2'
+    >>> registration_spaces(['MNIInfant:cohort-1:res-1', 'MNIInfant:cohort-2:res-1'])
+    {'MNIInfant:cohort-1:res-1': 'MNIInfant:cohort-1:res-1', 'MNIInfant:cohort-2:res-1': 'MNIInfant:cohort-2:res-1'}
     """
+    from ..utils.templates import template_of
+
     firsts: dict[str, str] = {}
     for space in templates:
-        firsts.setdefault(space.split(':')[0], space)
-    return {space: firsts[space.split(':')[0]] for space in templates}
+        firsts.setdefault(template_of(space), space)
+    return {space: firsts[template_of(space)] for space in templates}
 
 
 def _registration_target(template, firsts):
