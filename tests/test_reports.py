@@ -106,3 +106,25 @@ def test_the_figures_read_a_moving_image_stored_with_a_fourth_axis_of_one(tmp_pa
     out = image_qc(files['moving'], files['tpl'], files['tpl'], files['brain'], None, tmp_path)
     svg = (tmp_path / 'before_after.svg').read_text()
     assert out['before_after'] == str(tmp_path / 'before_after.svg') and '<svg' in svg
+
+
+def test_the_subject_page_finds_the_figures_where_the_sink_writes_them(tmp_path):
+    """A cohort template's figures are named with the cohort (``space-MNIInfant_cohort-1``)
+    and the entities in BIDS order; the page looked for ``space-MNIInfant_desc-reg`` under
+    the source's own entity order and showed no figure."""
+    from synthmorph_app.interfaces.derivatives import derivative_paths, sidecar
+    from synthmorph_app.reports.subject import collect_subject
+
+    source = 'sub-01_rec-norm_ce-gd_T1w.nii.gz'  # entities out of BIDS order
+    spec = {'cohort': '1', 'res': '1'}
+    paths = derivative_paths(tmp_path, source, 'MNIInfant', spec)
+    for key in ('before_after', 'jacobian_figure'):
+        paths[key].parent.mkdir(parents=True, exist_ok=True)
+        paths[key].write_text('<svg/>')
+    paths['forward_xfm'].parent.mkdir(parents=True)
+    sidecar(paths['forward_xfm']).write_text(json.dumps({
+        'Sources': [f'bids:raw:sub-01/anat/{source}'], 'FromSpace': 'T1w',
+        'ToSpace': 'MNIInfant', 'Template': 'MNIInfant', 'TemplateSpec': spec}))
+    [item] = collect_subject(tmp_path, '01')
+    assert item['before_after'] == paths['before_after'] and item['before_after'].is_file()
+    assert item['jacobian'] == paths['jacobian_figure']

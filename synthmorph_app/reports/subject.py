@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..utils.bids import uri_name, write_text_atomic
+from ..utils.bids import parse_entities, space_name, uri_name, write_text_atomic
 
 STYLE = """
 body { font-family: Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px; }
@@ -32,15 +32,16 @@ def collect_subject(out_dir: str | os.PathLike, subject: str) -> list[dict]:
         if meta.get('ToSpace') != meta.get('Template'):
             continue  # the inverse
         src = uri_name(meta['Sources'][0])
-        stem = src.split('.nii')[0]
-        prefix, suffix = stem.rsplit('_', 1)
         figs = out_dir / f'sub-{subject}' / 'figures'
-        tpl = meta['Template']
+        tpl, spec = meta['Template'], meta.get('TemplateSpec', {})
+        # named as interfaces.derivatives.derivative_paths names them (a cohort, no res)
+        fig_spec = {k: v for k, v in spec.items() if k == 'cohort'}
+        ent = parse_entities(src)
         items.append({
-            'source': src, 'template': tpl, 'spec': meta.get('TemplateSpec', {}),
+            'source': src, 'template': tpl, 'spec': spec,
             'qc': meta.get('QC', {}), 'meta': meta, 'xfm': side.with_suffix('.h5'),
-            'before_after': figs / f'{prefix}_space-{tpl}_desc-reg_{suffix}.svg',
-            'jacobian': figs / f'{prefix}_space-{tpl}_desc-jacobian_{suffix}.svg',
+            'before_after': figs / space_name(ent, tpl, fig_spec, desc='reg', ext='.svg'),
+            'jacobian': figs / space_name(ent, tpl, fig_spec, desc='jacobian', ext='.svg'),
         })
     return items
 
