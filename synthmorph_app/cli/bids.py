@@ -407,11 +407,12 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     for sub, images in subjects.items():
         for image in images:
             signature = _signature(settings, image, args)
+            lesion = image_lesion(image) is not None
             todo = []
             for lab, (n, s) in zip(labels, spaces):
-                if str(image) not in clashes and args.resume and is_complete(out_dir, image, n, s, lta_mode=lta_mode,
-                                               lesion=image_lesion(image) is not None,
-                                               settings=signature):
+                if args.resume and str(image) not in clashes and is_complete(
+                        out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion,
+                        settings=signature):
                     continue
                 todo.append(lab)
                 changes = settings_changes(recorded_settings(out_dir, image, n, s), signature)
