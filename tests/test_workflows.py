@@ -106,7 +106,9 @@ def test_the_template_brain_mask_weights_the_refinement(refine, options, connect
                                    refine_options=options)
     into = {(u.name, d) for u, v, data in wf._graph.edges(data=True) if v.name == 'registration'
             for _, d in data['connect']}
-    assert (('tf_select', 'fixed_mask') in into) == connected
+    # the mask of the template registered to (the first listed resolution of it)
+    assert (('reg_target', 'fixed_mask') in into) == connected
+    assert ('reg_target', 'fixed_image') in into and ('tf_select', 'reference_image') in into
     assert ('inputnode', 'moving_mask') in into
     assert ("template's brain mask" in wf.__desc__) == connected
 
