@@ -410,12 +410,12 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
             lesion = image_lesion(image) is not None
             todo = []
             for lab, (n, s) in zip(labels, spaces):
-                if args.resume and str(image) not in clashes and is_complete(
-                        out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion,
-                        settings=signature):
+                # the sidecar read once: the settings it records decide with the files
+                changes = settings_changes(recorded_settings(out_dir, image, n, s), signature)
+                if args.resume and str(image) not in clashes and not changes and is_complete(
+                        out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion):
                     continue
                 todo.append(lab)
-                changes = settings_changes(recorded_settings(out_dir, image, n, s), signature)
                 if args.resume and changes:
                     redone[str(image)] = ', '.join(f'{k} {_shown(old)} -> {_shown(new)}'
                                                    for k, (old, new) in changes.items())
