@@ -200,6 +200,14 @@ def test_failure_isolation_and_rerun(tmp_path):
     fourth = _run([*rigid, '--omp-nthreads', '2'], tmp_path)
     assert fourth.returncode == 0, fourth.stderr[-3000:]
     assert '0 image(s) to register' in fourth.stdout and '1 already finished' in fourth.stdout
+    # derivatives removed, the work directory kept: Nipype's cached registration serves, and
+    # the progress line says so (it said "registered in -0 s")
+    done.unlink()
+    fifth = _run(rigid, tmp_path)
+    assert fifth.returncode == 0, fifth.stderr[-3000:]
+    assert ('[1/1] sub-01_T1w.nii.gz -> MNI152NLin6Asym:res-2: registered (reused from the work '
+            'directory)') in fifth.stdout
+    assert done.is_file()
 
 
 @pytest.mark.slow

@@ -744,12 +744,17 @@ def _progress(plan: dict):
         if status == 'start':
             started[key] = time.time()
             return
-        took = time.time() - started.pop(key, time.time())
+        began = started.pop(key, None)  # Nipype reports a node found in its cache as ended only
         space = next((spaces[p] for p in params if p in spaces), None)
         job = f'{image} -> {space}' if space else image
         if status == 'end':
             counts[what] += 1
-            detail = f'registered in {took:.0f} s' if what == 'registered' else 'written'
+            if what == 'written':
+                detail = 'written'
+            elif began is None:
+                detail = 'registered (reused from the work directory)'
+            else:
+                detail = f'registered in {time.time() - began:.0f} s'
             print(f'  [{counts[what]}/{total}] {job}: {detail}', flush=True)
         elif status == 'exception' and what == 'registered':
             print(f'  {job}: registration FAILED (the summary at the end says why)', flush=True)

@@ -383,6 +383,9 @@ class _DerivativesSinkOutputSpec(TraitedSpec):
 class DerivativesSink(SimpleInterface):
     """Write a registration's derivatives (sMRIPrep names) atomically."""
 
+    # always write, as Nipype's DataSink: a node found in the work directory's cache would
+    # otherwise skip writing derivatives removed from the output folder since
+    _always_run = True
     input_spec = _DerivativesSinkInputSpec
     output_spec = _DerivativesSinkOutputSpec
 
