@@ -6,6 +6,7 @@ unwritable and ``TEMPLATEFLOW_HOME`` unset, so the packaged template must serve.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -172,6 +173,7 @@ def test_failure_isolation_and_rerun(tmp_path):
     assert (f'<{unfetched}>: The image <{unfetched}> is a link to a file that does not exist '
             '(../../.git/annex/') in first.stderr and 'datalad get' in first.stderr
     done = out / 'sub-01' / 'anat' / 'sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json'
+    t1w = bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
     assert done.is_file()
     assert not (out / 'sub-02' / 'anat').exists() or not list(
         (out / 'sub-02' / 'anat').glob('*xfm.json'))
@@ -208,6 +210,15 @@ def test_failure_isolation_and_rerun(tmp_path):
     assert ('[1/1] sub-01_T1w.nii.gz -> MNI152NLin6Asym:res-2: registered (reused from the work '
             'directory)') in fifth.stdout
     assert done.is_file()
+    assert json.loads(done.read_text())['RegistrationSettings']['inputs'] == {
+        'sub-01_T1w.nii.gz': hashlib.sha256(t1w.read_bytes()).hexdigest()}
+    # the image replaced under the same name (a rescan): registered again, not skipped
+    img = nb.load(t1w)
+    nb.save(nb.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine, img.header), t1w)
+    sixth = _run([*rigid, '--dry-run'], tmp_path)
+    assert sixth.returncode == 0, sixth.stderr[-3000:]
+    assert '1 image(s) to register' in sixth.stdout and '0 already finished' in sixth.stdout
+    assert '(changed: sub-01_T1w.nii.gz)' in sixth.stdout
 
 
 @pytest.mark.slow

@@ -197,8 +197,9 @@ def build_bids_parser() -> argparse.ArgumentParser:
                    help='skip images whose derivatives are complete and were made with the '
                         'same registration settings (mode, lambda, refinement, weights, '
                         'extent, passes, the route through the T1w: the sidecars record them '
-                        'as RegistrationSettings); an image made with other ones is '
-                        'registered again and its derivatives replaced (default: --resume)')
+                        'as RegistrationSettings, with the sha256 of the files read); an '
+                        'image made with other ones, or replaced since, is registered again '
+                        'and its derivatives replaced (default: --resume)')
     g.add_argument('--notrack', action='store_true',
                    help='accepted for compatibility: synthmorph-app never sends telemetry')
     g.add_argument('--dry-run', action='store_true',
@@ -417,8 +418,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
                     continue
                 todo.append(lab)
                 if args.resume and changes:
-                    redone[str(image)] = ', '.join(f'{k} {_shown(old)} -> {_shown(new)}'
-                                                   for k, (old, new) in changes.items())
+                    redone[str(image)] = _changes_shown(changes)
             # resolutions of one template share its transform files: all are made again
             # from one registration when one of them is
             again = {template_of(lab) for lab in todo}
@@ -432,8 +432,9 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
           f'{", ".join(labels)}; {len(done)} already finished (skipped).')
     if redone:
         print(f'synthmorph-app: {len(redone)} image(s) were registered before with other '
-              'settings: they are registered again and their derivatives replaced (marked '
-              '"other settings" below; --no-resume redoes everything)')
+              'settings or from files that changed since: they are registered again and their '
+              'derivatives replaced (marked "other settings" or "changed" below; --no-resume '
+              'redoes everything)')
     lesions = []
     unreadable: dict[str, str] = {}  # jobs that cannot start: {image: why}
     for sub, images in plan.items():
@@ -450,7 +451,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
                 through += (' (NAME CLASH: fails, see below)' if image in clashes
                             else ' (NOT READABLE: fails, see below)')
             if image in redone:
-                through += f' (other settings: {redone[image]})'
+                through += f' ({redone[image]})'
             print(f'  sub-{sub}: {Path(image).name} -> {", ".join(todo)}{through}')
     no_cuda = args.device == 'cuda' and _resolve_device('auto') != 'cuda'
     if args.dry_run:
@@ -635,9 +636,25 @@ def _registration_settings(args, weights):
 
 def _signature(settings, image, args) -> dict:
     """The registration signature of ``image`` in this run (its sidecars' record)."""
-    from ..utils.bids import session_t1w
+    from ..utils.bids import input_checksums, session_t1w
 
-    return settings.signature(via=bool(args.via_t1w and session_t1w(image) is not None))
+    via = bool(args.via_t1w and session_t1w(image) is not None)
+    return settings.signature(via=via, inputs=input_checksums(image, via))
+
+
+def _changes_shown(changes: dict) -> str:
+    """What changed since an image's derivatives were made, as the plan marks it:
+    ``(other settings: mode "affine" -> "joint")``, ``(changed: sub-01_T1w.nii.gz)``."""
+    shown = []
+    settings = {k: v for k, v in changes.items() if k != 'inputs'}
+    if settings:
+        shown.append('other settings: ' + ', '.join(
+            f'{k} {_shown(old)} -> {_shown(new)}' for k, (old, new) in settings.items()))
+    if 'inputs' in changes:  # file name -> checksum
+        old, new = changes['inputs']
+        names = [n for n in new if old.get(n) != new[n]] + [n for n in old if n not in new]
+        shown.append('changed: ' + ', '.join(names))
+    return ' ('.join(shown)
 
 
 def _shown(value) -> str:

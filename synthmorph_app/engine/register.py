@@ -2,8 +2,12 @@
 
 >>> from synthmorph_app.engine.register import register          # doctest: +SKIP
 >>> result = register(moving_img, fixed_img, mode='joint')        # doctest: +SKIP
->>> result.forward   # Transform: fixed RAS -> moving RAS (pulls moving onto the fixed grid)
->>> result.inverse   # Transform: moving RAS -> fixed RAS (pulls fixed onto the moving grid)
+>>> fixed_to_moving = result.forward    # doctest: +SKIP
+>>> moving_to_fixed = result.inverse    # doctest: +SKIP
+
+``result.forward`` maps fixed RAS to moving RAS (it pulls the moving image onto the fixed
+grid), ``result.inverse`` moving RAS to fixed RAS (it pulls the fixed image onto the moving
+grid).
 
 How a joint registration runs (as ``mri_synthmorph``'s, in world space throughout):
 

@@ -116,6 +116,45 @@ def image_lesion(path: str | os.PathLike, via: str | os.PathLike | None = None) 
     return session_lesion(path) if parse_entities(path).get('suffix') == 'T1w' else None
 
 
+def input_checksums(path: str | os.PathLike, via_t1w: bool = False) -> dict[str, str]:
+    """``{file name: sha256}`` of the files an image's registration reads: the image, the T1w
+    it goes through (``via_t1w``, where its session has one) and its lesion mask, if any.
+
+    The BIDS-App records them with the derivatives, so an image replaced under the same name
+    (a rescan, a corrected header) is registered again instead of skipped as finished. A file
+    that cannot be read counts as ``'unreadable'`` (its job fails with its own message).
+
+    >>> input_checksums('/nonexistent/sub-01_T1w.nii.gz')
+    {'sub-01_T1w.nii.gz': 'unreadable'}
+    """
+    via = session_t1w(path) if via_t1w else None
+    files = [Path(path), via, image_lesion(path, via)]
+    return {f.name: _sha256(f) for f in files if f is not None}
+
+
+def _sha256(path: Path) -> str:
+    try:
+        stat = path.stat()
+    except OSError:
+        return 'unreadable'
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, computed once per path, size and modification time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, 'rb') as stream:
+            for block in iter(lambda: stream.read(1 << 20), b''):
+                digest.update(block)
+    except OSError:
+        return 'unreadable'
+    return digest.hexdigest()
+
+
 def _is_lesion_roi(name: str) -> bool:
     """A lesion mask's name as fMRIPrep reads it: ``sub-X[_ses-Y]..._label-lesion_roi.nii[.gz]``
     (outside the BIDS schema: the validator rejects it, :func:`validate_dataset` accepts it)."""

@@ -15,7 +15,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..interfaces.reports import ImageQC
-from ..utils.bids import image_id, image_lesion, parse_entities, session_t1w
+from ..utils.bids import image_id, image_lesion, input_checksums, parse_entities, session_t1w
 from .outputs import init_ds_registration_wf
 from .registration import init_register_template_wf
 from .settings import OutputSettings, RegistrationSettings
@@ -166,7 +166,8 @@ def init_anat_image_wf(
                                     command_line=outputs.command_line,
                                     output_lta=outputs.output_lta,
                                     registration_settings=settings.signature(
-                                        via=via is not None))
+                                        via=via is not None,
+                                        inputs=input_checksums(in_file, via is not None)))
     gather = pe.JoinNode(niu.IdentityInterface(fields=['out_files']), name='gather',
                          joinsource='register_template_wf.inputnode', joinfield=['out_files'])
     workflow.connect([

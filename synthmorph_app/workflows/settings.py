@@ -48,10 +48,12 @@ class RegistrationSettings:
         out['cache_dir'] = self.cache_dir or None
         return out
 
-    def signature(self, *, via: bool = False) -> dict:
+    def signature(self, *, via: bool = False, inputs: dict | None = None) -> dict:
         """What decides an image's registration, as its sidecars record it
         (``RegistrationSettings``): the BIDS-App redoes an image whose derivatives were made
-        with another signature. ``via``: the image goes through the T1w of its session.
+        with another signature. ``via``: the image goes through the T1w of its session;
+        ``inputs``: the checksums of the files read
+        (:func:`~synthmorph_app.utils.bids.input_checksums`), recorded as ``inputs``.
 
         The device, the threads and the cache folder are left out: they do not change what
         is computed; so are, in the linear modes, lambda, the passes of the deformable network
@@ -67,6 +69,8 @@ class RegistrationSettings:
         if self.mode in LINEAR_MODES:
             for key in ('lambda', 'passes', 'refine_levels'):
                 del out[key]
+        if inputs:
+            out['inputs'] = dict(inputs)
         return json.loads(json.dumps(out))  # as read back from a sidecar (tuples as lists)
 
 
