@@ -76,6 +76,9 @@ SLAB_MM = 90.0
 SLAB_SEARCH_MM = 4.0
 #: An image smaller than this (mm) along two axes is warned about: not a head, not a slab.
 SMALL_FOV_MM = 60.0
+#: An image larger than this (mm) along two axes is warned about too: no scan of a head is
+#: (a body coil's field of view is about 500 mm); most likely its voxel sizes are wrong.
+LARGE_FOV_MM = 600.0
 #: An image whose field of view cuts its head (the head mask, cut to the top 140 mm, meets a
 #: face of the image over more than this many cm^2) takes the slab's path too: a cut 50 mm
 #: into the brain from below misled the 8 mm level into a pose shrunk by a quarter, which the
@@ -281,12 +284,21 @@ def register(
     fixed_out, moving_out = Geometry.from_image(fixed), Geometry.from_image(moving)
     info = {'mode': mode, 'lambda': float(lam), 'device': str(device), 'models': {}}
     for image, grid, side in ((moving, moving_out, 'moving'), (fixed, fixed_out, 'fixed')):
-        if np.sort(_fov_mm(grid))[1] < SMALL_FOV_MM:
+        fov = _fov_mm(grid)
+        size = ' x '.join(f'{v:.0f}' for v in fov)
+        if np.sort(fov)[1] < SMALL_FOV_MM:
             LOGGER.warning(
                 '%s covers only %s mm: less than a head along two axes, so there is little '
                 'anatomy to align and the result may be far off (a slab needs two axes of a '
-                'head, and -m rigid)', _named(image, f'the {side} image'),
-                ' x '.join(f'{v:.0f}' for v in _fov_mm(grid)),
+                'head, and -m rigid; or are the voxel sizes in its header too small?)',
+                _named(image, f'the {side} image'), size,
+            )
+        elif np.sort(fov)[1] > LARGE_FOV_MM:
+            LOGGER.warning(
+                '%s covers %s mm: more than any head along two axes. Are the voxel sizes in '
+                'its header right (%s mm)? The networks see %.0f mm around its centre, so the '
+                'result may be far off', _named(image, f'the {side} image'), size,
+                ' x '.join(f'{v:.3g}' for v in grid.voxel_sizes), extent,
             )
 
     with torch.inference_mode():
