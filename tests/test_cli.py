@@ -55,6 +55,30 @@ def test_help_texts(capsys):
         assert page.startswith(f'usage: synthmorph-app {command} [-h]'), page[:300]
 
 
+def test_help_pages_fit_a_terminal(monkeypatch, capsys):
+    """Descriptions are wrapped to the terminal (they came out as one line of 200-400
+    characters); examples stay as written, each under 100 characters; a literal per cent sign
+    reads as one."""
+    monkeypatch.setenv('COLUMNS', '80')
+    for argv in (['--help'], ['register', '--help'], ['apply', '--help'], ['train', '--help'],
+                 ['synth', '--help'], ['evaluate', '--help'], ['demo', '--help'],
+                 ['bids', 'out', 'participant', '--help']):
+        with pytest.raises(SystemExit):
+            main(argv)
+        page = capsys.readouterr().out
+        long = [line for line in page.splitlines() if len(line) >= 100]
+        assert not long, (argv, long)
+        assert '%%' not in page
+        # a description's paragraph: wrapped (unindented lines of prose are at most 80 wide)
+        prose = [line for line in page.split('\n\n')[1].splitlines()]
+        assert all(len(line) <= 80 for line in prose), (argv, prose)
+    with pytest.raises(SystemExit):
+        main(['apply', '--help'])
+    page = capsys.readouterr().out
+    # an example continued on the next line keeps its backslash
+    assert 'image_xfm.txt \\\n      sub-01_from-T1w' in page
+
+
 def test_output_into_a_reader_that_stops_early_is_no_traceback(tmp_path):
     """``synthmorph-app ... --dry-run | head -1``: the reader goes away, the app stops
     quietly (it ended in a BrokenPipeError traceback)."""

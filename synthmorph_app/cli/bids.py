@@ -22,7 +22,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import SynthMorphError
-from .parser import CROSS_CONTRAST, _at_least, _unit_interval, add_refine_arguments
+from .parser import (
+    CROSS_CONTRAST,
+    HelpFormatter,
+    _at_least,
+    _unit_interval,
+    add_refine_arguments,
+)
 
 LOGGER = logging.getLogger('synthmorph_app.cli.bids')
 
@@ -113,7 +119,7 @@ def build_bids_parser() -> argparse.ArgumentParser:
             'COMMAND --help".'
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument('bids_dir', type=Path, help='root of the input BIDS dataset')
     parser.add_argument('output_dir', type=Path,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SynthMorphError
+from .parser import HelpFormatter
 
 
 def _labels(text: str) -> list[int]:
@@ -29,7 +30,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
             'Evaluate one registration with the metrics of the SynthMorph paper: Dice of label '
             'maps (per label and mean), NCC of MIND descriptors between the moved and the fixed '
             'image (contrast-independent: fair for FLAIR to T1w), the standard deviation of the '
-            'log Jacobian determinant of the transform and the %% of voxels where it is <= 0 '
+            'log Jacobian determinant of the transform and the % of voxels where it is <= 0 '
             '(folding). Everything is measured on the fixed image\'s grid: the moving image and '
             'labels are resampled through the transform (-t; labels by nearest neighbour), or '
             'through their headers when no transform is given (e.g. an image already moved by '
@@ -44,7 +45,7 @@ examples:
   # an already moved FLAIR against its T1w, inside a brain mask, JSON for a script
   synthmorph-app evaluate -f t1w.nii.gz -m flair_moved.nii.gz --mask brain.nii.gz -j out.json
 """,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument('-f', '--fixed', required=True, metavar='IMAGE',
                    help='fixed image: defines the grid of every figure')

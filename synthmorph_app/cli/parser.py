@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
 from .. import __version__
 
@@ -26,6 +27,24 @@ mri_synthmorph; -T files are the same with the roles swapped):
                 ITK/ANTs convention (LPS, 5D) by default, or in mri_synthmorph's convention
                 (RAS mm) with --field-convention synthmorph
 """
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as a terminal shows them best: a paragraph of plain lines is
+    wrapped to the width; one with indented lines (examples, a table of formats) is kept as
+    written."""
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for para in text.split('\n\n'):
+            lines = para.splitlines()
+            if lines and not any(line[:1] in (' ', '\t', '-', '*', '#') for line in lines):
+                paragraphs.append(textwrap.fill(' '.join(line.strip() for line in lines), width,
+                                                initial_indent=indent, subsequent_indent=indent))
+            else:
+                paragraphs.append(''.join(indent + line
+                                          for line in para.splitlines(keepends=True)))
+        return '\n\n'.join(paragraphs)
 
 
 class _AppendStep(argparse.Action):
@@ -157,7 +176,7 @@ examples:
   synthmorph-app register -o moved.nii.gz -t fwd.h5 -x mni_brain_mask.nii.gz t1w.nii.gz mni.nii.gz
   synthmorph-app register --via t1w.nii.gz -o flair_mni.nii.gz -t fwd.h5 flair.nii.gz mni.nii.gz
 """,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument('moving', help='moving image (NIfTI or MGZ, 3D)')
     p.add_argument('fixed', help='fixed image (NIfTI or MGZ, 3D)')
@@ -258,10 +277,10 @@ def add_apply_parser(subparsers) -> argparse.ArgumentParser:
 examples:
   synthmorph-app apply fwd.h5 moving.nii.gz moved.nii.gz
   synthmorph-app apply -m nearest fwd.h5 aseg.mgz aseg_moved.mgz
-  synthmorph-app apply --before sub-01_from-boldref_to-T1w_mode-image_xfm.txt \
+  synthmorph-app apply --before sub-01_from-boldref_to-T1w_mode-image_xfm.txt \\
       sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5 bold.nii.gz bold_mni.nii.gz
 """,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument('trans', help='transform file (fixed -> moving, see below)')
     p.add_argument('pairs', nargs='+', metavar='IMAGE OUT',
@@ -323,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
             '      dataset that ships with the package\n\n'
             'Run "synthmorph-app COMMAND --help" for the options of each command.'
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument('--version', action='version', version=f'synthmorph-app {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True,

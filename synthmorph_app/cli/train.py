@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .parser import _at_least, _positive_float
+from .parser import HelpFormatter, _at_least, _positive_float
 
 LOGGER = logging.getLogger('synthmorph_app.cli.train')
 
@@ -73,7 +73,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
             'artefacts and spatial transforms. Seeded and resumable.'
         ),
         epilog=TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument('task', choices=TASKS, help='what to train (joint: affine then deformable)')
     p.add_argument('--label-maps', required=True, metavar='DIR',
