@@ -569,3 +569,27 @@ def test_resolutions_of_one_template_share_one_registration(tmp_path, shared_dat
     (anat / 'sub-01_space-MNI152NLin6Asym_res-1_T1w.nii.gz').unlink()
     res = run('--dry-run')
     assert 'sub-01_T1w.nii.gz -> MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-1' in res.stdout
+
+
+@pytest.mark.slow
+def test_warnings_are_kept_with_the_derivatives_and_summed_up(tmp_path):
+    """An image the engine warns about (a sform scaled against its voxel sizes, which ANTs
+    would not read) is named in the run's summary, and its sidecars and report carry the
+    warning; an image without any carries none."""
+    bids = tmp_path / 'bids'
+    shutil.copytree(DEMO_DIR, bids)
+    odd = bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'
+    img = nb.load(odd)
+    img.set_sform(img.affine @ np.diag([1.03, 1.0, 1.0, 1.0]), code=1)  # qform kept
+    nb.save(img, odd)
+    out = tmp_path / 'out'
+    res = _run([bids, out, 'participant', '--mode', 'affine', '--no-figures', '-w',
+                tmp_path / 'work', *FAST], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ('1 image(s) registered with warnings (see their reports, or "Warnings" in the '
+            'sidecars): sub-02_T1w.nii.gz') in res.stdout
+    name = '_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json'
+    warned = json.loads((out / 'sub-02' / 'anat' / f'sub-02{name}').read_text())['Warnings']
+    assert len(warned) == 1 and 'qform and an sform' in warned[0] and str(odd) in warned[0]
+    assert 'Warnings' not in json.loads((out / 'sub-01' / 'anat' / f'sub-01{name}').read_text())
+    assert 'qform and an sform' in (out / 'sub-02.html').read_text()

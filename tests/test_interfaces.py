@@ -193,3 +193,47 @@ def test_cohorts_of_one_template_get_transforms_of_their_own(tmp_path):
         'MNIInfant:cohort-1:res-2': 'MNIInfant:cohort-1:res-2',
         'MNIInfant:cohort-2:res-1': 'MNIInfant:cohort-2:res-1',
         'MNIInfant:cohort-1:res-1': 'MNIInfant:cohort-1:res-2'}
+
+
+def test_warnings_reach_the_sidecars_and_the_reports(tmp_path):
+    """What the engine warns about an image (here a field of view smaller than a head: voxel
+    sizes a fifth of the truth) is kept with its derivatives, also when the registration
+    comes from the cache: the sidecars, the subject report and the group QC show it (it was
+    only printed, among the lines of every other subject)."""
+    from synthmorph_app.interfaces.derivatives import save_derivatives
+    from synthmorph_app.interfaces.synthmorph import register_files
+    from synthmorph_app.reports.group import write_group_report
+    from synthmorph_app.reports.subject import write_subject_report
+
+    img = nb.load(str(T1W))
+    bids = tmp_path / 'bids'
+    small = bids / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
+    small.parent.mkdir(parents=True)
+    (bids / 'dataset_description.json').write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
+    nb.save(nb.Nifti1Image(np.asanyarray(img.dataobj), np.diag([0.2] * 3 + [1]) @ img.affine),
+            str(small))
+    runs = []
+    for run in ('computed', 'cached'):
+        work = tmp_path / run
+        runs.append(register_files(
+            small, TPL, forward_xfm=work / 'fwd.h5', inverse_xfm=work / 'inv.h5',
+            moved_image=work / 'moved.nii.gz', mode='rigid', refine=0, extent=192,
+            cache_dir=tmp_path / 'cache'))
+    assert runs[1]['metadata']['cache'] == 'read'
+    for out in runs:
+        warned = out['metadata']['warnings']
+        assert len(warned) == 1 and 'less than a head' in warned[0] and str(small) in warned[0]
+    out = tmp_path / 'deriv'
+    files = {'space_image': runs[1]['moved_image'], 'forward_xfm': runs[1]['forward_xfm'],
+             'inverse_xfm': runs[1]['inverse_xfm']}
+    save_derivatives(out, bids, small, 'MNI152NLin6Asym', {'res': '2'}, files,
+                     metadata=runs[1]['metadata'], qc={})
+    paths = derivative_paths(out, small, 'MNI152NLin6Asym', {'res': '2'})
+    for key in ('space_image', 'forward_xfm'):
+        assert json.loads(sidecar(paths[key]).read_text())['Warnings'] == warned
+    page = write_subject_report(out, '01').read_text()
+    assert 'Warnings' in page and 'less than a head' in page
+    tsv, html = write_group_report(out)
+    header, row = tsv.read_text().splitlines()
+    assert dict(zip(header.split('\t'), row.split('\t')))['warnings'] == '1'
+    assert 'less than a head' in html.read_text()

@@ -512,8 +512,8 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
 
     from ..reports.subject import collect_subject
 
-    untrained = sorted({card.get('name', kind) for sub in subjects
-                        for item in collect_subject(out_dir, sub)
+    finished = [item for sub in subjects for item in collect_subject(out_dir, sub)]
+    untrained = sorted({card.get('name', kind) for item in finished
                         for kind, card in item['meta'].get('Models', {}).items()
                         if card.get('trained') is False})
     if untrained:
@@ -523,6 +523,13 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     print(f'synthmorph-app: finished in {time.time() - start:.0f} s; derivatives in <{out_dir}>')
     for report in reports:
         print(f'  report: {report}')
+    # this run's registrations that logged warnings (a field of view smaller than a head...)
+    planned = {Path(image).name for images in plan.values() for image, _ in images}
+    warned = sorted({item['source'] for item in finished
+                     if item['source'] in planned and item['meta'].get('Warnings')})
+    if warned:
+        print(f'synthmorph-app: {len(warned)} image(s) registered with warnings (see their '
+              f'reports, or "Warnings" in the sidecars): {", ".join(warned)}')
     if failures:
         print(f'synthmorph-app: {len(failures)} image(s) FAILED (the others are complete):',
               file=sys.stderr)

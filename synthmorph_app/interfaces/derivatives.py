@@ -241,6 +241,8 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
         common['NoiseBackgroundCleared'] = metadata['noise_background_cleared']
     if lesion:
         common['LesionMask'] = lesion
+    if metadata.get('warnings'):  # what the registration logged about these images
+        common['Warnings'] = list(metadata['warnings'])
     via = metadata.get('via')
     if via:  # registered through the T1w of its session (engine.register.register_via)
         uri = bids_uri(via['image'], bids_dir) if via.get('image') else None

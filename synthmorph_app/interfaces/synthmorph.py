@@ -183,32 +183,58 @@ def register_files(
     image) there, and read it from there when an earlier job stored it (``engine.cache``).
     Input problems raise :class:`~synthmorph_app.errors.InputImageError` naming the file.
     """
+    import torch
+
+    from ..utils.logs import collected_warnings, merged
+
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    with collected_warnings() as warned:
+        out = _register_files(
+            moving_image, fixed_image, forward_xfm=forward_xfm, inverse_xfm=inverse_xfm,
+            moved_image=moved_image, moved_lesion=moved_lesion, jacobian=jacobian,
+            reference_image=reference_image, fixed_mask=fixed_mask, moving_mask=moving_mask,
+            lesion_mask=lesion_mask, via_image=via_image, cache_dir=cache_dir,
+            options=dict(mode=mode, lam=lam, steps=steps, extent=extent, passes=passes,
+                         weights=weights, refine=refine, device=device,
+                         **(refine_options or {})),
+        )
+    # what this job logged, and what the run that computed a cached registration logged
+    out['metadata']['warnings'] = merged(warned, out['metadata'].get('warnings'))
+    out['metadata']['threads'] = torch.get_num_threads()
+    return out
+
+
+def _register_files(moving_image, fixed_image, *, forward_xfm, inverse_xfm, moved_image,
+                    moved_lesion, jacobian, reference_image, fixed_mask, moving_mask,
+                    lesion_mask, via_image, cache_dir, options) -> dict:
+    """:func:`register_files`' work, its options gathered (``options``: the engine's)."""
     import nibabel as nb
     import numpy as np
-    import torch
 
     from ..engine.register import moved_image as resample
     from ..engine.register import register, register_via
     from ..evaluate import jacobian_determinant
     from ..io.images import Geometry, load_image, load_masks, save_image
     from ..io.transforms import save_transform
+    from ..utils.logs import collected_warnings
 
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
+    device = options['device']
     start = time.perf_counter()
     moving = load_image(moving_image, kind='moving image')
     fixed = load_image(fixed_image, kind='fixed image')
     masks = load_masks(fixed_mask, moving_mask)
     lesion = load_masks(moving_lesion=lesion_mask)
-    options = dict(mode=mode, lam=lam, steps=steps, extent=extent, passes=passes,
-                   weights=weights, refine=refine, device=device, **(refine_options or {}))
 
     def registration(source, source_file, source_mask):
         """``source`` to the fixed image, through the cache when there is one."""
         kept = {k: v for k, v in masks.items() if k == 'fixed_mask' or source_mask}
 
         def compute():
-            return register(source, fixed, **options, **kept, **lesion)
+            with collected_warnings() as warned:  # stored with a cached result
+                result = register(source, fixed, **options, **kept, **lesion)
+            result.info['warnings'] = warned
+            return result
 
         if not cache_dir:
             return compute()
@@ -260,8 +286,7 @@ def register_files(
     if lesion_mask:
         result.info['lesion_mask'] = str(lesion_mask)
     result.info['fixed_image'] = str(fixed_image)
-    out['metadata'] = {**result.info, 'timings': {k: round(v, 3) for k, v in timings.items()},
-                       'threads': torch.get_num_threads()}
+    out['metadata'] = {**result.info, 'timings': {k: round(v, 3) for k, v in timings.items()}}
     return out
 
 

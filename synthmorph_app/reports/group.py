@@ -6,6 +6,7 @@ and, for folding, any value above 0.1 %.
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from .metrics import QC_KEYS
 
 METRICS = (*QC_KEYS, 'time_s')
 COLUMNS = ('participant_id', 'image', 'template', 'mode', 'lambda', 'via', *METRICS,
-           'outlier')
+           'warnings', 'outlier')
 
 
 def collect_qc(out_dir: str | os.PathLike) -> list[dict]:
@@ -40,6 +41,8 @@ def collect_qc(out_dir: str | os.PathLike) -> list[dict]:
             'via': uri_name(meta['Via']['Image'])
             if (meta.get('Via') or {}).get('Image') else None,
             **{key: qc.get(key) for key in QC_KEYS}, 'time_s': meta.get('ElapsedTime'),
+            # what the registration logged about these images (sidecar "Warnings")
+            'warnings': len(meta.get('Warnings') or []), 'warning_texts': meta.get('Warnings'),
         })
     return rows
 
@@ -90,6 +93,11 @@ def write_group_report(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     page.append('<h2>Outliers</h2>' + ('<ul>' + ''.join(
         f'<li>{r["image"]} ({r["template"]}): {r["outlier"]}</li>' for r in flagged) + '</ul>'
         if flagged else '<p>None.</p>'))
+    warned = [r for r in rows if r['warnings']]
+    page.append('<h2>Warnings</h2>' + ('<ul>' + ''.join(
+        f'<li>{html.escape(r["image"])} ({html.escape(r["template"])}): '
+        + '; '.join(html.escape(str(w)) for w in r['warning_texts']) + '</li>' for r in warned)
+        + '</ul>' if warned else '<p>None.</p>'))
     page.append('</body></html>\n')
     html_path = write_text_atomic(out_dir / 'group' / 'qc.html', '\n'.join(page))
     return tsv, html_path

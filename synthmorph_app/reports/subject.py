@@ -78,6 +78,9 @@ def write_subject_report(out_dir: str | os.PathLike, subject: str, *,
         parts.append('<table>' + ''.join(
             f'<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>'
             for k, v in rows.items()) + '</table>')
+        if meta.get('Warnings'):
+            parts.append('<div class="warn"><b>Warnings</b><ul>' + ''.join(
+                f'<li>{html.escape(str(w))}</li>' for w in meta['Warnings']) + '</ul></div>')
         for key, caption in (('before_after', ('Before/after (hover to flicker): the image '
                               'placed by its header, then registered, under the template brain '
                               'outline.')),
