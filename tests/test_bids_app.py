@@ -593,3 +593,25 @@ def test_warnings_are_kept_with_the_derivatives_and_summed_up(tmp_path):
     assert len(warned) == 1 and 'qform and an sform' in warned[0] and str(odd) in warned[0]
     assert 'Warnings' not in json.loads((out / 'sub-01' / 'anat' / f'sub-01{name}').read_text())
     assert 'qform and an sform' in (out / 'sub-02.html').read_text()
+
+
+@pytest.mark.slow
+def test_the_default_work_folder_keeps_only_what_failed(tmp_path):
+    """Without -w, the temp work folder would grow by tens of MB per image over runs: the
+    files of finished images are removed at the end, a failed image's stay; with -w all stay."""
+    bids = tmp_path / 'bids'
+    shutil.copytree(DEMO_DIR, bids)
+    bad = bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'
+    bad.write_bytes(bad.read_bytes()[:5000])  # truncated
+    args = [bids, tmp_path / 'out', 'participant', '--mode', 'rigid', '--no-figures', *FAST]
+    res = _run(args, tmp_path)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert 'sub-02_T1w.nii.gz' in res.stderr and 'FAILED' in res.stderr
+    work = tmp_path / f'synthmorph-app-work-{os.getuid()}' / 'synthmorph_wf'  # TMPDIR=tmp
+    assert not (work / 'sub_01_wf').exists()
+    assert (work / 'sub_02_wf' / 'anat_sub02_T1w_wf').is_dir()
+    kept = tmp_path / 'kept'
+    res = _run([bids, tmp_path / 'out2', *args[2:], '--participant-label', '01', '-w', kept],
+               tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (kept / 'synthmorph_wf' / 'sub_01_wf' / 'anat_sub01_T1w_wf').is_dir()

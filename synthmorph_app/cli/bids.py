@@ -189,7 +189,10 @@ def build_bids_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('resources and execution')
     g.add_argument('-w', '--work-dir', type=Path, metavar='DIR',
-                   help='intermediate files (default: a folder in the system temp dir)')
+                   help='intermediate files, kept: a rerun finds finished steps there '
+                        '(default: a folder in the system temp dir, from which the files of '
+                        'the images that finished are removed at the end of the run; those '
+                        'of failed images stay for their crash reports)')
     g.add_argument('--nprocs', '--n-cpus', type=_positive_int, metavar='N',
                    help='processes run in parallel (default: the CPUs this process may run on: '
                         'a Slurm or container CPU allocation, else all)')
@@ -501,6 +504,8 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     if plan:
         failures |= _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line,
                             settings, device, nprocs, omp)
+    if plan and not args.work_dir:
+        _remove_finished_work(plan, failures, work_dir)
     _write_citation(out_dir, labels, args, lesions=bool(lesions))
     from ..reports.subject import write_subject_report
 
@@ -541,6 +546,25 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
         for reason in missing.values():
             print(f'  {reason}', file=sys.stderr)
     return EXIT_FAILURE if failures or missing else EXIT_OK
+
+
+def _remove_finished_work(plan: dict, failures: dict, work_dir: Path) -> None:
+    """Remove the intermediate files of the images that finished from the default work
+    folder, so a temp folder does not grow by tens of MB per image over runs (the
+    derivatives hold what they are for). Failed images keep theirs."""
+    import shutil
+
+    from ..workflows.base import image_work_dir
+
+    for sub, images in plan.items():
+        for image, _ in images:
+            if image not in failures:
+                folder = image_work_dir(work_dir, sub, image)
+                shutil.rmtree(folder, ignore_errors=True)
+                try:  # the subject's folder, once its last image is gone
+                    folder.parent.rmdir()
+                except OSError:
+                    pass
 
 
 def _name_clashes(subjects: dict) -> dict[str, str]:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
@@ -198,6 +200,18 @@ def init_anat_image_wf(
         workflow.connect(register_wf, 'poutputnode.std_lesion_mask', ds_wf,
                          'inputnode.lesion_mask')
     return workflow
+
+
+def image_work_dir(base_dir, subject_id: str, in_file, name: str = 'synthmorph_wf') -> Path:
+    """Where :func:`init_synthmorph_wf` (run with ``base_dir``) keeps the intermediate files of
+    one image: its :func:`init_anat_image_wf` folder.
+
+    >>> image_work_dir('/work', '01', '/data/sub-01/anat/sub-01_T1w.nii.gz').as_posix()
+    '/work/synthmorph_wf/sub_01_wf/anat_sub01_T1w_wf'
+    """
+    entities = parse_entities(in_file)
+    return (Path(base_dir) / name / f'sub_{_safe(subject_id)}_wf'
+            / f'anat_{image_id(entities)}_wf')
 
 
 def _safe(label: str) -> str:
