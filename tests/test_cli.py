@@ -329,31 +329,29 @@ def test_fsl_flirt_matrices_on_the_command_line(pair, tmp_path, capsys):
 
 
 def test_a_field_of_view_smaller_or_larger_than_a_head_is_warned_about(pair, tmp_path, caplog):
-    """A 25 mm cube is neither a head nor a slab: it registers, with a warning naming it and
-    its size; a head-sized pair draws none."""
+    """A 25 mm cube is neither a head nor a slab, and a 1 m one (voxel sizes in cm read as mm)
+    no head: each registers, with a warning naming it and its size; a head-sized pair draws
+    none."""
     moving, fixed = pair
-    small = tmp_path / 'small.nii.gz'
+    small, large = tmp_path / 'small.nii.gz', tmp_path / 'large.nii.gz'
     nb.save(_blobs(shape=(10, 10, 24), seed=3), str(small))  # 25 x 25 x 60 mm
-    with caplog.at_level(logging.WARNING, logger='synthmorph_app'):
-        assert main(['register', '-m', 'rigid', '--refine', '0', '-e', '128',
-                     str(small), str(fixed)]) == 0
-    warned = [r.getMessage() for r in caplog.records if 'less than a head' in r.getMessage()]
-    assert len(warned) == 1 and str(small) in warned[0] and '25 x 25 x 60 mm' in warned[0]
-    caplog.clear()
-    # voxel sizes ten times too large (cm read as mm): warned about, with the sizes
-    large = tmp_path / 'large.nii.gz'
     nb.save(_blobs(affine=np.diag([25.0, 25.0, 25.0, 1.0]), seed=3), str(large))
-    with caplog.at_level(logging.WARNING, logger='synthmorph_app'):
-        assert main(['register', '-m', 'rigid', '--refine', '0', '-e', '128',
-                     str(large), str(fixed)]) == 0
-    warned = [r.getMessage() for r in caplog.records if 'more than any head' in r.getMessage()]
+
+    def warnings_of(image):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger='synthmorph_app'):
+            assert main(['register', '-m', 'rigid', '--refine', '0', '-e', '128',
+                         str(image), str(fixed)]) == 0
+        return [r.getMessage() for r in caplog.records
+                if 'less than a head' in r.getMessage() or 'more than any head' in r.getMessage()]
+
+    warned = warnings_of(small)
+    assert len(warned) == 1 and str(small) in warned[0] and '25 x 25 x 60 mm' in warned[0]
+    assert 'less than a head' in warned[0]
+    warned = warnings_of(large)
     assert len(warned) == 1 and str(large) in warned[0] and '(25 x 25 x 25 mm)' in warned[0]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger='synthmorph_app'):
-        assert main(['register', '-m', 'rigid', '--refine', '0', '-e', '128',
-                     str(moving), str(fixed)]) == 0
-    assert not any('less than a head' in r.getMessage() or 'more than any head' in r.getMessage()
-                   for r in caplog.records)
+    assert 'more than any head' in warned[0]
+    assert not warnings_of(moving)
 
 
 @pytest.mark.parametrize('make_bad,message', [
