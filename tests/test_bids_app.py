@@ -615,3 +615,34 @@ def test_the_default_work_folder_keeps_only_what_failed(tmp_path):
                tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (kept / 'synthmorph_wf' / 'sub_01_wf' / 'anat_sub01_T1w_wf').is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path):
+    """A batch system's time limit (SIGTERM to every process of the job) ended the run on the
+    spot: no message, no exit code of its own. Now it stops as Ctrl-C does: within seconds,
+    the workers too, exit 143, one line saying what happened, nothing that looks complete."""
+    import signal
+    import time
+
+    out = tmp_path / 'out'
+    env = {**_env(tmp_path), 'PYTHONUNBUFFERED': '1'}
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'synthmorph_app', str(DEMO_DIR), str(out), 'participant',
+         '--no-figures', '-w', str(tmp_path / 'work'), *FAST],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    for line in proc.stdout:  # the plan is printed: the workflow is starting
+        if line.startswith('  sub-02:'):
+            break
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    start = time.time()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err[-3000:]
+    assert time.time() - start < 60
+    stopped = ('synthmorph-app: stopped by SIGTERM (a time limit?); finished images are kept, '
+               'a rerun completes the others.')
+    assert err.strip().splitlines() == [stopped], err[-3000:]
+    assert not list(out.glob('sub-*/anat/*xfm.json'))  # nothing looks complete
+    assert not list(out.glob('**/.*.tmp'))

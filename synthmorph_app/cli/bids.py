@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -69,7 +70,8 @@ examples:
 exit codes: 0 success, 1 some image failed, a selected subject has no image of the
 asked contrasts, or a --participant-label is not in the dataset (see the summary), 2 bad
 arguments (also an OUTPUT_DIR that holds another dataset: raw data, another pipeline's
-derivatives), 16 invalid BIDS input, 18 nothing to process.
+derivatives), 16 invalid BIDS input, 18 nothing to process, 130 interrupted (Ctrl-C),
+143 stopped by SIGTERM (a time limit; finished images are kept, a rerun completes the rest).
 """
 
 
@@ -314,15 +316,50 @@ def run_bids(args: argparse.Namespace) -> int:
     from ..utils.templates import setup_templateflow_home
 
     tf_home = setup_templateflow_home(work_dir)
+    previous = _stop_on_sigterm()
     try:
         if args.analysis_level == 'group':
             return _run_group(out_dir)
         return _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line,
                                 tf_home, start)
-    except KeyboardInterrupt:
-        print('synthmorph-app: interrupted; finished images are kept, a rerun completes the '
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        how = 'stopped by SIGTERM (a time limit?)' if terminated else 'interrupted'
+        print(f'synthmorph-app: {how}; finished images are kept, a rerun completes the '
               'others.', file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's time limit, ``docker stop``), raised where Ctrl-C would be."""
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM stop the run as Ctrl-C does (the summary is printed, the exit code says
+    so) instead of ending the process on the spot; return the handler it replaces (None where
+    signals cannot be set: not the main thread)."""
+    main = os.getpid()
+
+    def stop(signum, frame):
+        import multiprocessing
+
+        if os.getpid() != main:  # a Nipype worker (forked with this handler): end quietly
+            os._exit(128 + signum)
+        # the workers stop too (a batch system signals them all; `kill PID` only this one,
+        # which would otherwise wait for their registrations to end); the pool's complaints
+        # about them (BrokenProcessPool tracebacks) would only bury the message
+        logging.getLogger('concurrent.futures').setLevel(logging.CRITICAL)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _run_group(out_dir: Path) -> int:
