@@ -337,6 +337,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system's time limit, ``docker stop``), raised where Ctrl-C would be."""
 
 
+#: set when SIGTERM came: an exception raised by a signal handler can be swallowed (it lands in
+#: a garbage-collection callback, say), so the run also checks this before and after its
+#: workflow
+_TERMINATED: list[int] = []
+
+
+def _check_terminated() -> None:
+    if _TERMINATED:
+        raise Terminated()
+
+
 def _stop_on_sigterm():
     """Make SIGTERM stop the run as Ctrl-C does (the summary is printed, the exit code says
     so) instead of ending the process on the spot; return the handler it replaces (None where
@@ -348,6 +359,7 @@ def _stop_on_sigterm():
 
         if os.getpid() != main:  # a Nipype worker (forked with this handler): end quietly
             os._exit(128 + signum)
+        _TERMINATED.append(signum)
         # the workers stop too (a batch system signals them all; `kill PID` only this one,
         # which would otherwise wait for their registrations to end); the pool's complaints
         # about them (BrokenProcessPool tracebacks) would only bury the message
@@ -356,10 +368,18 @@ def _stop_on_sigterm():
             child.terminate()
         raise Terminated()
 
+    default_hook = sys.unraisablehook
+
+    def quiet(unraisable):  # raised inside a garbage-collection callback: _TERMINATED serves
+        if not isinstance(unraisable.exc_value, Terminated):
+            default_hook(unraisable)
+
     try:
-        return signal.signal(signal.SIGTERM, stop)
+        previous = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread
         return None
+    sys.unraisablehook = quiet
+    return previous
 
 
 def _run_group(out_dir: Path) -> int:
@@ -537,6 +557,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     }
     write_json_atomic(out_dir / 'logs' / f'config_{run_id}.json', config)
 
+    _check_terminated()
     failures: dict[str, str] = dict(unreadable)
     if plan:
         failures |= _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line,
@@ -785,10 +806,12 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
         plugin, plugin_args = 'Linear', {}
     plugin_args['status_callback'] = _progress(plan)
     LOGGER.info('running %s with %s (%s)', workflow.name, plugin, plugin_args)
+    _check_terminated()
     try:
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype: "Workflow did not execute cleanly"
         LOGGER.warning('some nodes failed: %s', str(err).splitlines()[0])
+    _check_terminated()  # its workers ended by SIGTERM, not by failing
     reasons = _crash_reasons(crash_dir)
     failures = {}
     for images in plan.values():
