@@ -83,7 +83,13 @@ def test_participant_derivatives(main_run, shared_data):
     assert desc['DatasetType'] == 'derivative'
     assert desc['GeneratedBy'][0]['Name'] == 'synthmorph-app'
     assert 'CodeURL' in desc['GeneratedBy'][0]
-    assert 'SynthMorph' in (out / 'logs' / 'CITATION.md').read_text()
+    methods = (out / 'logs' / 'CITATION.md').read_text()
+    assert 'SynthMorph' in methods
+    # the refinement that made the results is in the methods text (it was left out)
+    assert 'refined by test-time optimisation of the affine transform, then the stationary ' \
+        'velocity field' in methods and '15 iterations' in methods
+    assert '@heinrich2013' in methods
+    assert 'heinrich2013' in (out / 'logs' / 'CITATION.bib').read_text()
     assert list((out / 'logs').glob('config_*.json'))
     assert not list(out.glob('**/.*.tmp'))
     # pybids indexes the output as a derivatives dataset

@@ -90,7 +90,7 @@ def test_identity_networks_give_identity_transforms():
     fixed = _phantom(_grid('RAS'), CENTRES, SIGMAS)
     moving = _phantom(_grid('LPS', shape=(36, 40, 40), vox=2.2), CENTRES[::-1], SIGMAS)
     for mode in ('joint', 'affine', 'rigid', 'deform'):
-        res = register(moving, fixed, mode=mode, extent=128,
+        res = register(moving, fixed, mode=mode, extent=128, refine=0,
                        weights=_models(FixedAffine(), FixedVelocity()))
         pts = RNG.uniform(-40, 40, (500, 3))
         assert np.abs(res.forward.map_points(pts) - pts).max() < 1e-5, mode
@@ -102,7 +102,7 @@ def test_network_voxel_matrix_becomes_world_matrix():
     mat = np.eye(4)
     mat[0, 3] = 2.0
     fixed = _phantom(_grid('RAS'), CENTRES, SIGMAS)
-    res = register(fixed, fixed, mode='affine', extent=128,
+    res = register(fixed, fixed, mode='affine', extent=128, refine=0,
                    weights=_models(FixedAffine(mat), FixedVelocity()))
     expected = np.eye(4)
     expected[0, 3] = -8.0  # LIA: +i is towards Left, i.e. -x in RAS
@@ -116,7 +116,7 @@ def test_joint_forward_and_inverse_are_consistent():
     mat[:3, 3] = [1.0, -0.5, 0.7]
     fixed = _phantom(_grid('RAS'), CENTRES, SIGMAS)
     moving = _phantom(_grid('LIA', shape=(40, 40, 40)), CENTRES, SIGMAS[::-1])
-    res = register(moving, fixed, mode='joint', extent=128,
+    res = register(moving, fixed, mode='joint', extent=128, refine=0,
                    weights=_models(FixedAffine(mat), FixedVelocity(amplitude=0.1)))
     assert not res.forward.is_linear
     assert np.abs(res.forward.field).max() > 0.5  # the field moves things by mm
@@ -138,7 +138,7 @@ def test_mid_space_halves_the_transform():
     weights = _models(FixedAffine(mat), FixedVelocity(amplitude=0.1))
     pts = RNG.uniform(-20, 20, (300, 3))
     for mode in ('affine', 'joint'):
-        res = register(moving, fixed, mode=mode, extent=128, weights=weights)
+        res = register(moving, fixed, mode=mode, extent=128, refine=0, weights=weights)
         to_moving, to_fixed = res.mid_space()
         assert np.allclose(to_moving.affine @ to_moving.affine, res.forward.affine, atol=1e-8)
         assert to_moving.reference == to_fixed.reference
@@ -206,7 +206,7 @@ HEAD_SIGMAS = [np.full(3, s) for s in (40.0, 25.0, 28.0)]
 
 
 def _register_and_move(moving, fixed, reference):
-    res = register(moving, fixed, mode='joint', extent=192)  # packaged default weights
+    res = register(moving, fixed, mode='joint', extent=192, refine=0)  # packaged weights
     return moved_image(reference, res.forward).get_fdata()
 
 

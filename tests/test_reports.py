@@ -128,3 +128,23 @@ def test_the_subject_page_finds_the_figures_where_the_sink_writes_them(tmp_path)
     [item] = collect_subject(tmp_path, '01')
     assert item['before_after'] == paths['before_after'] and item['before_after'].is_file()
     assert item['jacobian'] == paths['jacobian_figure']
+
+
+def test_methods_text_names_the_refinement_that_was_run():
+    """The methods text a paper copies must describe what made the results: the test-time
+    refinement (on by default everywhere), its metric and its weight; and nothing of it where
+    it was off."""
+    from synthmorph_app.reports.boilerplate import citation_markdown
+
+    text, bib = citation_markdown(['MNI152NLin6Asym:res-2'])
+    assert 'test-time optimisation of the affine transform, then the stationary velocity field' \
+        in text and '(15 iterations at the finest level)' in text
+    assert "weighted by the template's brain mask" in text and 'lambda 0.7' in text
+    assert '@heinrich2013' in text and '@inproceedings{heinrich2013' in bib
+    text, _ = citation_markdown(['MNI152NLin6Asym:res-2'], mode='rigid', refine=5,
+                                refine_options={'refine_metric': 'lncc', 'refine_weight': 'none'})
+    assert ('refined by test-time optimisation of the rigid transform, coarse to fine (5 '
+            'iterations at the finest level), maximising local normalised cross-correlation.'
+            ) in text
+    text, bib = citation_markdown(['MNI152NLin6Asym:res-2'], refine=0)
+    assert 'test-time' not in text and 'heinrich2013' not in bib

@@ -849,6 +849,7 @@ def _progress(plan: dict):
     started: dict[tuple, float] = {}
 
     def callback(node, status):
+        _check_terminated()  # a SIGTERM swallowed where it landed stops at the next node
         what = {'registration': 'registered', 'ds_registration': 'written'}.get(node.name)
         image = next((names[p] for p in node.fullname.split('.') if p in names), None)
         if image is None or what is None:
@@ -917,7 +918,8 @@ def _write_citation(out_dir: Path, labels: list[str], args, lesions: bool = Fals
 
     text, bib = citation_markdown(labels, mode=args.mode, lam=args.lam,
                                   via_t1w=args.via_t1w and _other_contrasts(args),
-                                  lesions=lesions)
+                                  lesions=lesions, refine=args.refine,
+                                  refine_options=_registration_settings(args, {}).refine_options)
     write_text_atomic(out_dir / 'logs' / 'CITATION.md', text)
     write_text_atomic(out_dir / 'logs' / 'CITATION.bib', bib)
 

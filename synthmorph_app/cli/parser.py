@@ -10,6 +10,7 @@ import os
 import textwrap
 
 from .. import __version__
+from ..engine import DEFAULT_REFINE as _ENGINE_DEFAULT_REFINE
 
 TRANSFORM_FORMATS = """\
 transform files (the format follows the name; every file maps points of the FIXED space to the
@@ -90,7 +91,7 @@ def _positive_float(text: str) -> float:
 
 
 #: Default test-time optimisation iterations at the finest level ($SYNTHMORPH_REFINE overrides).
-DEFAULT_REFINE = 15
+DEFAULT_REFINE = _ENGINE_DEFAULT_REFINE
 
 
 def default_refine() -> int:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from ..errors import SynthMorphError
 from ..io.images import Geometry
 from ..io.transforms import Transform
-from . import spatial
+from . import DEFAULT_REFINE, spatial
 from .intensity import clean_intensities, clear_noisy_background, normalize_intensity
 
 LOGGER = logging.getLogger('synthmorph_app.engine.register')
@@ -175,7 +175,7 @@ def register(
     weights: dict | None = None,
     init: Transform | None = None,
     init_method: str = 'network',
-    refine: int = 0,
+    refine: int = DEFAULT_REFINE,
     refine_metric: str = 'auto',
     refine_levels: tuple | None = None,
     refine_weight: str = 'brain',
@@ -214,7 +214,8 @@ def register(
         only) or ``'identity'`` (from ``init``, or the identity, with no search). Without
         ``refine`` the network's prediction is used as it is.
     refine
-        Test-time optimisation iterations at the finest level (0: networks only). The affine
+        Test-time optimisation iterations at the finest level (default
+        :data:`DEFAULT_REFINE`; 0: the networks only, as ``mri_synthmorph``). The affine
         is optimised first (linear modes and joint), then the velocity field from the network's
         prediction, with the same lambda (:mod:`.optimise`).
     refine_metric

@@ -32,6 +32,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..engine import DEFAULT_REFINE
+
 
 class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
     moving_image = File(exists=True, mandatory=True, desc='image to move (any MRI contrast)')
@@ -45,7 +47,8 @@ class _SynthMorphRegisterInputSpec(BaseInterfaceInputSpec):
     passes = traits.Range(low=1, value=1, usedefault=True,
                           desc='runs of the deformable network, each on the image the runs '
                                'before moved (joint and deform modes)')
-    refine = traits.Int(0, usedefault=True, desc='test-time optimisation iterations')
+    refine = traits.Int(DEFAULT_REFINE, usedefault=True,
+                        desc='test-time optimisation iterations (0: the networks only)')
     refine_options = traits.Dict(traits.Str, traits.Any, desc='more refinement settings: '
                                  'init_method, refine_metric, refine_levels, refine_weight, '
                                  'cross_contrast '
@@ -154,7 +157,7 @@ def register_files(
     steps: int = 7,
     extent: float = 256.0,
     passes: int = 1,
-    refine: int = 0,
+    refine: int = DEFAULT_REFINE,
     refine_options: dict | None = None,
     fixed_mask: str | os.PathLike | None = None,
     moving_mask: str | os.PathLike | None = None,

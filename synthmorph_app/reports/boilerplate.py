@@ -15,15 +15,20 @@ BIB = Path(__file__).resolve().parents[1] / 'data' / 'boilerplate.bib'
 
 def citation_markdown(spaces: list[str], *, mode: str = 'joint', lam: float = 0.5,
                       image_type: str = 'anatomical', via_t1w: bool = False,
-                      lesions: bool = False) -> tuple[str, str]:
+                      lesions: bool = False, refine: int | None = None,
+                      refine_options: dict | None = None) -> tuple[str, str]:
     """Methods text (Markdown, pandoc citation keys) and the BibTeX entries it cites.
 
     ``via_t1w``: images of other contrasts went through the T1w of their session.
     ``lesions``: some images had a lesion mask (``label-lesion_roi``).
+    ``refine``, ``refine_options``: the test-time refinement (default: the default one).
     """
+    from ..engine import DEFAULT_REFINE
     from ..workflows.registration import init_register_template_wf
 
-    wf = init_register_template_wf(templates=spaces, mode=mode, lam=lam, image_type=image_type)
+    wf = init_register_template_wf(
+        templates=spaces, mode=mode, lam=lam, image_type=image_type,
+        refine=DEFAULT_REFINE if refine is None else refine, refine_options=refine_options)
     desc = ' '.join(wf.__desc__.split())
     if via_t1w:
         desc += (' Images of a contrast other than T1w were aligned rigidly to the T1w image of'

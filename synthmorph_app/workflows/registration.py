@@ -10,6 +10,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
+from ..engine import DEFAULT_REFINE
 from ..interfaces.synthmorph import SynthMorphRegister
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
@@ -32,7 +33,7 @@ def init_register_template_wf(
     lam: float = 0.5,
     extent: float = 256.0,
     passes: int = 1,
-    refine: int = 0,
+    refine: int = DEFAULT_REFINE,
     refine_options: dict | None = None,
     weights: dict | None = None,
     device: str = 'cpu',
@@ -133,7 +134,7 @@ The {image_type} image was {through}registered to {len(parsed)} standard space{'
 ({names}) with SynthMorph [@synthmorph; @hoffmann2024], using synthmorph-app {__version__}
 [@synthmorphapp],
 a PyTorch [@pytorch] re-implementation built on VoxelMorph [@voxelmorph].
-{_mode_text(mode, lam, passes)}{_refine_text(refine, refine_options)}{_via_text(via_t1w)} Templates were
+{_mode_text(mode, lam, passes)}{_refine_text(refine, refine_options, mode, lam)}{_via_text(via_t1w)} Templates were
 accessed offline through *TemplateFlow* [@templateflow].
 """
     inputnode = pe.Node(
@@ -230,14 +231,32 @@ def _mode_text(mode: str, lam: float, passes: int = 1) -> str:
     return f'The registration was {mode} ({"12" if mode == "affine" else "6"} degrees of freedom).'
 
 
-def _refine_text(refine: int, refine_options: dict | None) -> str:
+def _refine_text(refine: int, refine_options: dict | None, mode: str = 'joint',
+                 lam: float = 0.5) -> str:
+    """The methods sentence of the test-time refinement (what produced the results, so the
+    text a paper copies must name it)."""
+    from ..engine.optimise import cross_contrast_lambda
+
     if not refine:
         return ''
-    weight = (refine_options or {}).get('refine_weight', 'brain')
+    options = refine_options or {}
+    weight = options.get('refine_weight', 'brain')
     where = {'brain': ", weighted by the template's brain mask",
              'head': ' over the whole head', 'none': ''}[weight]
-    return (f' The networks\' result was refined by test-time optimisation ({refine} iterations '
-            f'at the finest level) of the image similarity{where}.')
+    lncc = 'local normalised cross-correlation'
+    mind = 'the agreement of MIND-SSC descriptors [@heinrich2013]'
+    similarity = {'lncc': lncc, 'mind': mind}.get(
+        options.get('refine_metric', 'auto'),
+        f'{lncc} between images of one contrast, else {mind}')
+    if mode in ('affine', 'rigid'):
+        what = f'the {mode} transform'
+    else:
+        what = 'the affine transform, then the stationary velocity field'
+        if options.get('cross_contrast') is not False and 0 < lam < 1:
+            similarity += (f' (across contrasts with the smoothness weighed more: lambda '
+                           f'{cross_contrast_lambda(lam):.2g})')
+    return (f' The networks\' result was refined by test-time optimisation of {what}, coarse to '
+            f'fine ({refine} iterations at the finest level), maximising {similarity}{where}.')
 
 
 def _via_text(via_t1w: bool) -> str:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..engine import DEFAULT_REFINE
+
 #: The ``refine_options`` that decide a registration (see :meth:`RegistrationSettings.signature`).
 REFINE_KEYS = ('init_method', 'refine_metric', 'refine_levels', 'refine_weight', 'cross_contrast')
 
@@ -30,7 +32,7 @@ class RegistrationSettings:
     lam: float = 0.5
     extent: float = 256.0
     passes: int = 1
-    refine: int = 0
+    refine: int = DEFAULT_REFINE
     refine_options: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
     device: str = 'cpu'
