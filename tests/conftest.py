@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault('NIPYPE_NO_ET', '1')
-# The CLIs default to 20 refinement iterations; tests of plumbing run the networks only (fast),
-# and the tests of refinement ask for it explicitly.
+# The CLIs default to 15 refinement iterations (engine.DEFAULT_REFINE); tests of plumbing
+# through the CLIs run the networks only (fast), and the tests of refinement ask for it. The
+# API's default is not the environment's: tests calling it say refine= where it matters.
 os.environ.setdefault('SYNTHMORPH_REFINE', '0')
 
 REPO = Path(__file__).resolve().parents[1]
