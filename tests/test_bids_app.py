@@ -212,8 +212,11 @@ def test_failure_isolation_and_rerun(tmp_path):
     assert ('[1/1] sub-01_T1w.nii.gz -> MNI152NLin6Asym:res-2: registered (reused from the work '
             'directory)') in fifth.stdout
     assert done.is_file()
-    assert json.loads(done.read_text())['RegistrationSettings']['inputs'] == {
-        'sub-01_T1w.nii.gz': hashlib.sha256(t1w.read_bytes()).hexdigest()}
+    meta = json.loads(done.read_text())
+    sha = hashlib.sha256(t1w.read_bytes()).hexdigest()
+    assert meta['RegistrationSettings']['inputs'] == {'sub-01_T1w.nii.gz': sha}
+    assert meta['InputFiles']['sub-01_T1w.nii.gz'] == {
+        'sha256': sha, 'size': t1w.stat().st_size, 'mtime_ns': t1w.stat().st_mtime_ns}
     # the image replaced under the same name (a rescan): registered again, not skipped
     img = nb.load(t1w)
     nb.save(nb.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine, img.header), t1w)

@@ -237,3 +237,23 @@ def test_warnings_reach_the_sidecars_and_the_reports(tmp_path):
     header, row = tsv.read_text().splitlines()
     assert dict(zip(header.split('\t'), row.split('\t')))['warnings'] == '1'
     assert 'less than a head' in html.read_text()
+
+
+def test_input_records_trust_an_unchanged_file_and_read_a_changed_one(tmp_path):
+    """A rerun over a large dataset must not read every image again to learn that nothing
+    changed: a file of the recorded size and modification time keeps its recorded checksum;
+    one written since is read."""
+    import hashlib
+
+    from synthmorph_app.utils.bids import input_checksums, input_records
+
+    image = tmp_path / 'sub-01_T1w.nii.gz'
+    image.write_bytes(b'first scan')
+    record = input_records(image)[image.name]
+    assert record['sha256'] == hashlib.sha256(b'first scan').hexdigest()
+    known = {image.name: {**record, 'sha256': 'as recorded'}}
+    assert input_checksums(image, known=known) == {image.name: 'as recorded'}  # not read
+    image.write_bytes(b'a rescan!!')  # the same size
+    os.utime(image, ns=(record['mtime_ns'] + 10**9,) * 2)
+    assert input_checksums(image, known=known) == {
+        image.name: hashlib.sha256(b'a rescan!!').hexdigest()}

@@ -473,7 +473,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     clashes = _name_clashes(subjects)  # images that would write the same derivatives
     for sub, images in subjects.items():
         for image in images:
-            signature = _signature(settings, image, args)
+            signature = _signature(settings, image, args, out_dir, spaces[0])
             lesion = image_lesion(image) is not None
             todo = []
             for lab, (n, s) in zip(labels, spaces):
@@ -729,12 +729,15 @@ def _registration_settings(args, weights):
     )
 
 
-def _signature(settings, image, args) -> dict:
-    """The registration signature of ``image`` in this run (its sidecars' record)."""
+def _signature(settings, image, args, out_dir, space: tuple) -> dict:
+    """The registration signature of ``image`` in this run (its sidecars' record); the files
+    it reads are hashed unless the sidecars of ``space`` record them unchanged since."""
+    from ..interfaces.derivatives import recorded_input_files
     from ..utils.bids import input_checksums, session_t1w
 
     via = bool(args.via_t1w and session_t1w(image) is not None)
-    return settings.signature(via=via, inputs=input_checksums(image, via))
+    known = recorded_input_files(out_dir, image, *space)
+    return settings.signature(via=via, inputs=input_checksums(image, via, known))
 
 
 def _changes_shown(changes: dict) -> str:
@@ -821,7 +824,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
             from ..utils.bids import image_id, image_lesion, parse_entities
 
             lesion = image_lesion(image) is not None
-            signature = _signature(settings, image, args)
+            signature = _signature(settings, image, args, out_dir, spaces[0])
             if all(is_complete(out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion,
                                settings=signature)
                    for n, s in spaces):

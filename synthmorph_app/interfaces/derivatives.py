@@ -138,6 +138,17 @@ def recorded_settings(out_dir, in_file, template: str, spec: dict) -> dict | Non
     return recorded if isinstance(recorded, dict) else None
 
 
+def recorded_input_files(out_dir, in_file, template: str, spec: dict) -> dict | None:
+    """The ``InputFiles`` recorded with the derivatives of ``in_file`` in ``template`` (the
+    ``known`` of :func:`~synthmorph_app.utils.bids.input_records`), or None."""
+    path = sidecar(derivative_paths(out_dir, in_file, template, spec)['forward_xfm'])
+    try:
+        recorded = json.loads(path.read_text()).get('InputFiles')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def settings_changes(recorded: dict | None, settings: dict) -> dict:
     """``{key: (recorded, asked)}`` for the settings that differ; keys only one side has are
     not compared (a sidecar from before a setting was recorded is not redone for it)."""
@@ -165,6 +176,7 @@ def save_derivatives(
     out_dir, bids_dir, in_file, template: str, spec: dict, files: dict, *, metadata: dict,
     qc: dict, template_file=None, template_mask=None, command_line: str = '',
     templateflow_home=None, output_lta: bool = False, registration_settings: dict | None = None,
+    input_files: dict | None = None,
 ) -> list[str]:
     """Copy ``files`` (keys as :func:`derivative_paths`) into ``out_dir`` with sidecars.
 
@@ -173,7 +185,8 @@ def save_derivatives(
     mask the registration used (``metadata['lesion_mask']``, also as ``LesionMask``).
 
     ``output_lta`` adds LTA files made from the ``.h5`` transforms (see the module docstring).
-    ``registration_settings`` (a signature) goes into the sidecars as ``RegistrationSettings``.
+    ``registration_settings`` (a signature) goes into the sidecars as ``RegistrationSettings``,
+    ``input_files`` (:func:`~synthmorph_app.utils.bids.input_records`) as ``InputFiles``.
     """
     with tempfile.TemporaryDirectory(prefix='synthmorph-lta-') as scratch:
         if output_lta:
@@ -186,12 +199,13 @@ def save_derivatives(
                                  metadata=metadata, qc=qc, template_file=template_file,
                                  template_mask=template_mask, command_line=command_line,
                                  templateflow_home=templateflow_home,
-                                 registration_settings=registration_settings)
+                                 registration_settings=registration_settings,
+                                 input_files=input_files)
 
 
 def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, metadata, qc,
                       template_file, template_mask, command_line,
-                      templateflow_home, registration_settings) -> list[str]:
+                      templateflow_home, registration_settings, input_files) -> list[str]:
     from .. import __version__
 
     mode = metadata.get('mode')
@@ -233,6 +247,8 @@ def _save_derivatives(out_dir, bids_dir, in_file, template, spec, files, *, meta
     }
     if registration_settings:
         common['RegistrationSettings'] = registration_settings
+    if input_files:
+        common['InputFiles'] = input_files
     if common['Resolution'] is None:
         common.pop('Resolution')
     if metadata.get('noise_background_cleared'):
@@ -372,6 +388,9 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     registration_settings = traits.Dict(
         desc='the settings that decided the registration (RegistrationSettings.signature), '
              'recorded in the sidecars; a rerun with other ones redoes the image')
+    input_files = traits.Dict(
+        desc='the files the registration read: {name: {sha256, size, mtime_ns}} '
+             '(utils.bids.input_records), recorded in the sidecars as InputFiles')
     output_lta = traits.Bool(False, usedefault=True,
                              desc='also write FreeSurfer LTA files (the linear part of '
                                   'deformable transforms, named desc-linear)')
@@ -405,6 +424,7 @@ class DerivativesSink(SimpleInterface):
             template_mask=opt('template_mask'), command_line=self.inputs.command_line,
             output_lta=self.inputs.output_lta,
             registration_settings=opt('registration_settings') or None,
+            input_files=opt('input_files') or None,
         )
         self._results['done'] = True
         return runtime

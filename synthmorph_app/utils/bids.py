@@ -116,28 +116,46 @@ def image_lesion(path: str | os.PathLike, via: str | os.PathLike | None = None) 
     return session_lesion(path) if parse_entities(path).get('suffix') == 'T1w' else None
 
 
-def input_checksums(path: str | os.PathLike, via_t1w: bool = False) -> dict[str, str]:
-    """``{file name: sha256}`` of the files an image's registration reads: the image, the T1w
-    it goes through (``via_t1w``, where its session has one) and its lesion mask, if any.
+def input_records(path: str | os.PathLike, via_t1w: bool = False,
+                  known: dict | None = None) -> dict[str, dict]:
+    """``{file name: {'sha256', 'size', 'mtime_ns'}}`` of the files an image's registration
+    reads: the image, the T1w it goes through (``via_t1w``, where its session has one) and its
+    lesion mask, if any.
 
-    The BIDS-App records them with the derivatives, so an image replaced under the same name
-    (a rescan, a corrected header) is registered again instead of skipped as finished. A file
-    that cannot be read counts as ``'unreadable'`` (its job fails with its own message).
+    The BIDS-App records them with the derivatives (``InputFiles``), so an image replaced under
+    the same name (a rescan, a corrected header) is registered again instead of skipped as
+    finished. ``known``: the records of an earlier run; a file of the same size and
+    modification time keeps its checksum unread (a rerun over a large dataset would otherwise
+    read every image again). A file that cannot be read counts as ``'unreadable'`` (its job
+    fails with its own message).
 
-    >>> input_checksums('/nonexistent/sub-01_T1w.nii.gz')
-    {'sub-01_T1w.nii.gz': 'unreadable'}
+    >>> input_records('/nonexistent/sub-01_T1w.nii.gz')
+    {'sub-01_T1w.nii.gz': {'sha256': 'unreadable'}}
     """
     via = session_t1w(path) if via_t1w else None
-    files = [Path(path), via, image_lesion(path, via)]
-    return {f.name: _sha256(f) for f in files if f is not None}
+    out = {}
+    for file in (Path(path), via, image_lesion(path, via)):
+        if file is None:
+            continue
+        try:
+            stat = file.stat()
+        except OSError:
+            out[file.name] = {'sha256': 'unreadable'}
+            continue
+        old = (known or {}).get(file.name) or {}
+        same = (old.get('size'), old.get('mtime_ns')) == (stat.st_size, stat.st_mtime_ns)
+        sha = old.get('sha256') if same and old.get('sha256') not in (None, 'unreadable') else \
+            _sha256_of(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+        out[file.name] = {'sha256': sha, 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+    return out
 
 
-def _sha256(path: Path) -> str:
-    try:
-        stat = path.stat()
-    except OSError:
-        return 'unreadable'
-    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+def input_checksums(path: str | os.PathLike, via_t1w: bool = False,
+                    known: dict | None = None) -> dict[str, str]:
+    """``{file name: sha256}`` of :func:`input_records` (what the registration signature
+    compares)."""
+    return {name: record['sha256'] for name, record in
+            input_records(path, via_t1w, known).items()}
 
 
 @lru_cache(maxsize=4096)
