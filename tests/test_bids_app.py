@@ -81,6 +81,10 @@ def test_participant_derivatives(main_run, shared_data):
                 f'sub-{sub}_space-MNI152NLin6Asym_desc-reg_T1w.svg').is_file()
     desc = json.loads((out / 'dataset_description.json').read_text())
     assert desc['DatasetType'] == 'derivative'
+    # every dataset a sidecar's BIDS URI names is linked (bids:raw:..., bids:templateflow:...)
+    uris = {s.split(':')[1] for side in out.glob('sub-*/anat/*.json')
+            for s in json.loads(side.read_text())['Sources'] if s.startswith('bids:')}
+    assert uris - {''} <= set(desc['DatasetLinks']) and {'raw', 'templateflow'} <= uris
     assert desc['GeneratedBy'][0]['Name'] == 'synthmorph-app'
     assert 'CodeURL' in desc['GeneratedBy'][0]
     methods = (out / 'logs' / 'CITATION.md').read_text()

@@ -545,7 +545,10 @@ def dataset_description(bids_dir: str | os.PathLike) -> dict:
         'DatasetType': 'derivative',
         'GeneratedBy': [generated],
         'HowToAcknowledge': 'Cite SynthMorph and synthmorph-app: see logs/CITATION.md.',
-        'DatasetLinks': {'raw': str(Path(bids_dir).absolute())},
+        # the dataset names of the sidecars' BIDS URIs (bids:raw:..., bids:templateflow:...),
+        # as fMRIPrep defines them
+        'DatasetLinks': {'raw': str(Path(bids_dir).absolute()),
+                         'templateflow': 'https://github.com/templateflow/templateflow'},
     }
 
 
