@@ -119,8 +119,15 @@ def test_register_writes_every_format_and_apply_matches(pair, tmp_path, capsys):
     from synthmorph_app.engine.weights import load_model
 
     untrained = [k for k in ('affine', 'deform') if not load_model('default', k)[1]['trained']]
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert ('UNTRAINED' in err) == bool(untrained)  # loud exactly when a default is untrained
+    # one line says what was done, how, and what was written (it ended without a word)
+    took = captured.out.split(' in ')[1].split(' s;')[0]
+    summary = ('synthmorph-app register: moving.nii.gz -> fixed.nii.gz (joint, lambda 0.5, '
+               f'networks only) in {took} s; wrote {outs["fwd.h5"]}, {outs["inv.h5"]}, '
+               f'{outs["moved.nii.gz"]}, {outs["inv.nii.gz"]}')
+    assert captured.out.splitlines() == [summary]
     for name in ('moved.nii.gz', 'inv.nii.gz', 'fwd.h5', 'inv.h5'):
         assert outs[name].exists(), name
     moved = nb.load(str(outs['moved.nii.gz']))

@@ -242,7 +242,23 @@ def run_register(args) -> int:
     result.timings['write'] = time.perf_counter() - write_start
     LOGGER.info('timings: %s', ', '.join(f'{k} {v:.2f} s' for k, v in result.timings.items()))
     LOGGER.info('done in %.2f s', time.perf_counter() - start)
+    print(_summary(args, result.info, time.perf_counter() - start, outputs.written), flush=True)
     return 0
+
+
+def _summary(args, info: dict, seconds: float, written: list) -> str:
+    """The line ``register`` ends with: what was registered, how, in how long, and the files
+    written (it ended silently after a minute of work)."""
+    how = [args.mode]
+    if args.mode in ('joint', 'deform'):
+        how.append(f'lambda {args.lam:g}')
+    refine = (info.get('refine') or {}).get('iterations', args.refine)
+    how.append(f'{refine} refinement iterations' if refine else 'networks only')
+    if args.via:
+        how.append(f'through {Path(args.via).name}')
+    files = ', '.join(str(p) for p in written) or 'nothing (no output asked for)'
+    return (f'synthmorph-app register: {Path(args.moving).name} -> {Path(args.fixed).name} '
+            f'({", ".join(how)}) in {seconds:.1f} s; wrote {files}')
 
 
 def run_apply(args) -> int:
