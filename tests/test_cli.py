@@ -168,7 +168,7 @@ def test_header_only_and_mid_space(pair, tmp_path):
     assert a.shape == b.shape and np.allclose(a.affine, b.affine)
 
 
-def test_apply_moves_a_4d_series_frame_by_frame(pair, tmp_path):
+def test_apply_moves_a_4d_series_frame_by_frame(pair, tmp_path, capsys):
     """``apply`` takes a 4D series (fMRI, tissue probability maps) as
     antsApplyTransforms -e 3 does: each frame lands where the same 3D image lands, the
     repetition time and its unit stay, through the CLI and the Nipype interface; MGZ too."""
@@ -198,6 +198,10 @@ def test_apply_moves_a_4d_series_frame_by_frame(pair, tmp_path):
     outs = [tmp_path / n for n in ('bold_moved.nii.gz', 'frame_moved.nii.gz', 'bold_moved.mgz')]
     assert main(['apply', str(xfm_path), str(series_path), str(outs[0]),
                  str(frame_path), str(outs[1]), str(series_path), str(outs[2])]) == 0
+    assert capsys.readouterr().out.splitlines() == [  # a line as each output is written
+        f'synthmorph-app apply: bold.nii.gz -> {outs[0]} (linear, 4 frames)',
+        f'synthmorph-app apply: frame.nii.gz -> {outs[1]} (linear)',
+        f'synthmorph-app apply: bold.nii.gz -> {outs[2]} (linear, 4 frames)']
     moved, single, mgz = (nb.load(str(o)) for o in outs)
     assert moved.shape == (*grid.shape, 4) and np.allclose(moved.affine, grid.affine)
     assert moved.header.get_zooms()[3] == pytest.approx(2.5)

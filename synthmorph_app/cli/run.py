@@ -332,6 +332,9 @@ def run_apply(args) -> int:
                                 mode=args.method, fill=args.fill, dtype=dtype,
                                 device=_device(args.gpu))
             outputs.add(save_image(moved, out))
+            frames = f', {img.shape[3]} frames' if len(img.shape) > 3 else ''
+            print(f'synthmorph-app apply: {Path(image).name} -> {out} ({args.method}{frames})',
+                  flush=True)
     except BaseException:
         outputs.rollback()
         raise
