@@ -130,20 +130,20 @@ def is_complete(out_dir, in_file, template: str, spec: dict, *,
 def recorded_settings(out_dir, in_file, template: str, spec: dict) -> dict | None:
     """The ``RegistrationSettings`` recorded with the derivatives of ``in_file`` in
     ``template`` (None: no such sidecar, or one without them)."""
-    path = sidecar(derivative_paths(out_dir, in_file, template, spec)['forward_xfm'])
-    try:
-        recorded = json.loads(path.read_text()).get('RegistrationSettings')
-    except (OSError, ValueError, AttributeError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
+    return _recorded(out_dir, in_file, template, spec, 'RegistrationSettings')
 
 
 def recorded_input_files(out_dir, in_file, template: str, spec: dict) -> dict | None:
     """The ``InputFiles`` recorded with the derivatives of ``in_file`` in ``template`` (the
     ``known`` of :func:`~synthmorph_app.utils.bids.input_records`), or None."""
+    return _recorded(out_dir, in_file, template, spec, 'InputFiles')
+
+
+def _recorded(out_dir, in_file, template: str, spec: dict, key: str) -> dict | None:
+    """The dict under ``key`` in the forward transform's sidecar, or None."""
     path = sidecar(derivative_paths(out_dir, in_file, template, spec)['forward_xfm'])
     try:
-        recorded = json.loads(path.read_text()).get('InputFiles')
+        recorded = json.loads(path.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     return recorded if isinstance(recorded, dict) else None
