@@ -257,3 +257,30 @@ def test_input_records_trust_an_unchanged_file_and_read_a_changed_one(tmp_path):
     os.utime(image, ns=(record['mtime_ns'] + 10**9,) * 2)
     assert input_checksums(image, known=known) == {
         image.name: hashlib.sha256(b'a rescan!!').hexdigest()}
+
+
+def test_a_first_plan_reads_no_image(tmp_path, monkeypatch):
+    """Planning a first run over a large dataset must not read every image (nothing recorded
+    to compare with); where the sidecars record checksums, the plan compares them."""
+    from types import SimpleNamespace
+
+    import synthmorph_app.utils.bids as bids_utils
+    from synthmorph_app.cli.bids import _signature
+    from synthmorph_app.interfaces.derivatives import save_derivatives
+    from synthmorph_app.workflows.settings import RegistrationSettings
+
+    settings, args = RegistrationSettings(), SimpleNamespace(via_t1w=False)
+    space = ('MNI152NLin6Asym', {'res': '2'})
+    read = []
+    real = bids_utils._sha256_of
+    monkeypatch.setattr(bids_utils, '_sha256_of', lambda *a: read.append(a[0]) or real(*a))
+    assert 'inputs' not in _signature(settings, T1W, args, tmp_path, space) and not read
+    files = {key: str(T1W) for key in ('space_image', 'forward_xfm', 'inverse_xfm')}
+    records = bids_utils.input_records(T1W)
+    save_derivatives(tmp_path, DEMO_DIR, T1W, *space, files, metadata={'mode': 'joint'}, qc={},
+                     registration_settings=settings.signature(inputs={
+                         n: r['sha256'] for n, r in records.items()}), input_files=records)
+    read.clear()
+    signature = _signature(settings, T1W, args, tmp_path, space)
+    assert signature['inputs'] == {T1W.name: records[T1W.name]['sha256']}
+    assert not read  # unchanged since it was recorded: trusted, not read again

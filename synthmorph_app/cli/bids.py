@@ -730,12 +730,16 @@ def _registration_settings(args, weights):
 
 
 def _signature(settings, image, args, out_dir, space: tuple) -> dict:
-    """The registration signature of ``image`` in this run (its sidecars' record); the files
-    it reads are hashed unless the sidecars of ``space`` record them unchanged since."""
-    from ..interfaces.derivatives import recorded_input_files
+    """The registration signature of ``image`` in this run, to compare with its sidecars'
+    record. The checksums of the files it reads are in it only where the sidecars of
+    ``space`` record some (a first run over a large dataset reads no image to plan), and a
+    file they record unchanged since (size, modification time) is not read again."""
+    from ..interfaces.derivatives import recorded_input_files, recorded_settings
     from ..utils.bids import input_checksums, session_t1w
 
     via = bool(args.via_t1w and session_t1w(image) is not None)
+    if 'inputs' not in (recorded_settings(out_dir, image, *space) or {}):
+        return settings.signature(via=via)
     known = recorded_input_files(out_dir, image, *space)
     return settings.signature(via=via, inputs=input_checksums(image, via, known))
 

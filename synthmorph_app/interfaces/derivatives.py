@@ -47,6 +47,7 @@ from nipype.interfaces.base import (
 
 from ..utils.bids import (
     bids_uri,
+    input_records,
     parse_entities,
     space_name,
     write_json_atomic,
@@ -387,10 +388,8 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     command_line = traits.Str('', usedefault=True, desc='command line of this run')
     registration_settings = traits.Dict(
         desc='the settings that decided the registration (RegistrationSettings.signature), '
-             'recorded in the sidecars; a rerun with other ones redoes the image')
-    input_files = traits.Dict(
-        desc='the files the registration read: {name: {sha256, size, mtime_ns}} '
-             '(utils.bids.input_records), recorded in the sidecars as InputFiles')
+             'recorded in the sidecars with the checksums of the files read (inputs; their '
+             'records as InputFiles); a rerun with other ones redoes the image')
     output_lta = traits.Bool(False, usedefault=True,
                              desc='also write FreeSurfer LTA files (the linear part of '
                                   'deformable transforms, named desc-linear)')
@@ -417,14 +416,18 @@ class DerivativesSink(SimpleInterface):
 
         files = {k: opt(k) for k in ('space_image', 'forward_xfm', 'inverse_xfm',
                                      'before_after', 'jacobian_figure', 'lesion_mask')}
+        settings, input_files = opt('registration_settings') or None, None
+        if settings:  # the files the registration read (utils.bids.input_records)
+            input_files = input_records(self.inputs.in_file, settings.get('via_t1w', False))
+            settings = {**settings, 'inputs': {name: record['sha256']
+                                               for name, record in input_files.items()}}
         self._results['out_files'] = save_derivatives(
             self.inputs.out_dir, self.inputs.bids_dir, self.inputs.in_file, self.inputs.template,
             opt('template_spec') or {}, files, metadata=opt('metadata') or {},
             qc=opt('qc') or {}, template_file=opt('template_file'),
             template_mask=opt('template_mask'), command_line=self.inputs.command_line,
             output_lta=self.inputs.output_lta,
-            registration_settings=opt('registration_settings') or None,
-            input_files=opt('input_files') or None,
+            registration_settings=settings, input_files=input_files,
         )
         self._results['done'] = True
         return runtime

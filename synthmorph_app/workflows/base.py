@@ -17,7 +17,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..interfaces.reports import ImageQC
-from ..utils.bids import image_id, image_lesion, input_records, parse_entities, session_t1w
+from ..utils.bids import image_id, image_lesion, parse_entities, session_t1w
 from .outputs import init_ds_registration_wf
 from .registration import init_register_template_wf
 from .settings import OutputSettings, RegistrationSettings
@@ -164,12 +164,11 @@ def init_anat_image_wf(
             'A lesion mask was used: the lesion was filled from the tissue around it and '
             'left out of the image similarity (cost-function masking [@brett2001]).\n')
     image_qc = pe.Node(ImageQC(figures=outputs.figures), name='image_qc', mem_gb=1.0)
-    read = input_records(in_file, via is not None)
+    # the checksums of the files read join the settings where the derivatives are written
     ds_wf = init_ds_registration_wf(
         out_dir=out_dir, bids_dir=bids_dir, in_file=in_file, command_line=outputs.command_line,
-        output_lta=outputs.output_lta, input_files=read,
-        registration_settings=settings.signature(
-            via=via is not None, inputs={name: r['sha256'] for name, r in read.items()}))
+        output_lta=outputs.output_lta,
+        registration_settings=settings.signature(via=via is not None))
     gather = pe.JoinNode(niu.IdentityInterface(fields=['out_files']), name='gather',
                          joinsource='register_template_wf.inputnode', joinfield=['out_files'])
     workflow.connect([

@@ -21,7 +21,6 @@ def init_ds_registration_wf(
     command_line: str = '',
     output_lta: bool = False,
     registration_settings: dict | None = None,
-    input_files: dict | None = None,
     name: str = 'ds_registration_wf',
 ):
     """Write one image's registration to one template as BIDS derivatives, atomically.
@@ -49,10 +48,8 @@ def init_ds_registration_wf(
     registration_settings
         The settings that decided the registration
         (:meth:`~synthmorph_app.workflows.settings.RegistrationSettings.signature`), recorded
-        in the sidecars as ``RegistrationSettings``.
-    input_files
-        The files the registration read, with their checksums
-        (:func:`~synthmorph_app.utils.bids.input_records`), recorded in the sidecars.
+        in the sidecars as ``RegistrationSettings``, with the checksums of the files the
+        registration read (``inputs``; their records as ``InputFiles``).
 
     Inputs
     ------
@@ -72,8 +69,7 @@ def init_ds_registration_wf(
     sink = pe.Node(
         DerivativesSink(out_dir=str(out_dir), bids_dir=str(bids_dir), in_file=str(in_file),
                         command_line=command_line, output_lta=output_lta,
-                        registration_settings=registration_settings or {},
-                        input_files=input_files or {}),
+                        registration_settings=registration_settings or {}),
         name='ds_registration', run_without_submitting=True,
     )
     workflow.connect([
