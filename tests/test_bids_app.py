@@ -151,6 +151,7 @@ def test_group_level(main_run):
     assert lines[0].split('\t')[:3] == ['participant_id', 'image', 'template']
     assert len(lines) == 3
     assert '<svg' in (out / 'group' / 'qc.html').read_text()
+    assert '  2 registration(s); 0 outlier(s); 0 with warnings' in group.stdout
 
 
 @pytest.mark.slow
@@ -602,6 +603,9 @@ def test_warnings_are_kept_with_the_derivatives_and_summed_up(tmp_path):
     assert len(warned) == 1 and 'qform and an sform' in warned[0] and str(odd) in warned[0]
     assert 'Warnings' not in json.loads((out / 'sub-01' / 'anat' / f'sub-01{name}').read_text())
     assert 'qform and an sform' in (out / 'sub-02.html').read_text()
+    group = _run([bids, out, 'group'], tmp_path)  # the group level counts and names it
+    assert group.returncode == 0, group.stderr
+    assert '; 1 with warnings: sub-02_T1w.nii.gz' in group.stdout
 
 
 @pytest.mark.slow

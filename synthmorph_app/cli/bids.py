@@ -391,6 +391,13 @@ def _run_group(out_dir: Path) -> int:
         print(f'synthmorph-app group: error: {err}', file=sys.stderr)
         return EXIT_NOTHING
     print(f'synthmorph-app group: QC table <{tsv}>, report <{html}>')
+    header, *lines = tsv.read_text().splitlines()
+    rows = [dict(zip(header.split('\t'), line.split('\t'))) for line in lines]
+    outliers = [r['image'] for r in rows if r.get('outlier')]
+    warned = [r['image'] for r in rows if r.get('warnings') not in (None, '', '0', 'n/a')]
+    print(f'  {len(rows)} registration(s); {len(outliers)} outlier(s)'
+          + (f': {", ".join(outliers)}' if outliers else '')
+          + f'; {len(warned)} with warnings' + (f': {", ".join(warned)}' if warned else ''))
     return EXIT_OK
 
 
