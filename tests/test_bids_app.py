@@ -57,6 +57,10 @@ def test_participant_derivatives(main_run, shared_data):
         assert f'/2] sub-{sub}_T1w.nii.gz -> MNI152NLin6Asym:res-2: registered in ' in proc.stdout
         assert f'/2] sub-{sub}_T1w.nii.gz -> MNI152NLin6Asym:res-2: written' in proc.stdout
     assert '[2/2]' in proc.stdout and '[3/2]' not in proc.stdout
+    # the first registration tells how long the rest will take; the last one does not
+    first = next(ln for ln in proc.stdout.splitlines() if '[1/2]' in ln and 'registered' in ln)
+    last = next(ln for ln in proc.stdout.splitlines() if '[2/2]' in ln and 'registered' in ln)
+    assert first.endswith((' under a minute left', ' min left')) and 'left' not in last
     for sub in ('01', 'chris'):  # 2 mm LPS and 0.88 mm RAS inputs
         anat = out / f'sub-{sub}' / 'anat'
         fwd = anat / f'sub-{sub}_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5'

@@ -861,9 +861,11 @@ def _progress(plan: dict):
     total = sum(len(todo) for images in plan.values() for _, todo in images)
     counts = {'registered': 0, 'written': 0}
     started: dict[tuple, float] = {}
+    run_start: list[float] = []
 
     def callback(node, status):
         _check_terminated()  # a SIGTERM swallowed where it landed stops at the next node
+        run_start[:] = run_start or [time.time()]
         what = {'registration': 'registered', 'ds_registration': 'written'}.get(node.name)
         image = next((names[p] for p in node.fullname.split('.') if p in names), None)
         if image is None or what is None:
@@ -884,11 +886,27 @@ def _progress(plan: dict):
                 detail = 'registered (reused from the work directory)'
             else:
                 detail = f'registered in {time.time() - began:.0f} s'
+            if what == 'registered' and counts[what] < total:
+                detail += _time_left((time.time() - run_start[0]) / counts[what]
+                                     * (total - counts[what]))
             print(f'  [{counts[what]}/{total}] {job}: {detail}', flush=True)
         elif status == 'exception' and what == 'registered':
             print(f'  {job}: registration FAILED (the summary at the end says why)', flush=True)
 
     return callback
+
+
+def _time_left(seconds: float) -> str:
+    """``'; about 12 min left'``: the rest of a run at the pace so far.
+
+    >>> _time_left(40), _time_left(700), _time_left(9000)
+    ('; under a minute left', '; about 12 min left', '; about 2.5 h left')
+    """
+    if seconds < 60:
+        return '; under a minute left'
+    if seconds < 90 * 60:
+        return f'; about {seconds / 60:.0f} min left'
+    return f'; about {seconds / 3600:.1f} h left'
 
 
 def _crash_reasons(crash_dir: Path) -> dict[str, str]:
