@@ -211,8 +211,20 @@ def get_template(name: str, spec: dict | None = None, *, suffix: str = 'T1w',
     """The path of one template file, found offline, or :class:`TemplateNotFoundError`.
 
     ``spec`` holds fMRIPrep entities (``res``, ``cohort``). Without ``res`` the finest
-    resolution present wins.
+    resolution present wins. A file found is remembered for the process (each query of the
+    TemplateFlow index takes about 25 ms, and a run over many images asks the same few).
     """
+    key = (os.environ.get('TEMPLATEFLOW_HOME'), name, tuple(sorted((spec or {}).items())),
+           suffix, desc)
+    if key not in _FOUND or not _FOUND[key].is_file():
+        _FOUND[key] = _find_template(name, spec, suffix=suffix, desc=desc)
+    return _FOUND[key]
+
+
+_FOUND: dict[tuple, Path] = {}
+
+
+def _find_template(name: str, spec: dict | None, *, suffix: str, desc: str | None) -> Path:
     from templateflow import api as tf
 
     spec = dict(spec or {})
