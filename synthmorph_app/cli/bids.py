@@ -826,6 +826,8 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype: "Workflow did not execute cleanly"
         LOGGER.warning('some nodes failed: %s', str(err).splitlines()[0])
+    finally:
+        gc.unfreeze()  # what the progress callback froze is collectable again
     _check_terminated()  # its workers ended by SIGTERM, not by failing
     reasons = _crash_reasons(crash_dir)
     failures = {}
