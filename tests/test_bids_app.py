@@ -668,11 +668,15 @@ def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path):
 def test_the_methods_text_follows_the_refinement_asked_for(tmp_path):
     """The refinement that made the results is in the methods text (it was left out): with
     --refine 3 and --refine-metric mind it is named, with its metric."""
-    from synthmorph_app.cli.bids import _write_citation, build_bids_parser
+    from synthmorph_app.cli.bids import (
+        _registration_settings,
+        _write_citation,
+        build_bids_parser,
+    )
 
     args = build_bids_parser().parse_args([str(DEMO_DIR), str(tmp_path), 'participant',
                                            '--refine', '3', '--refine-metric', 'mind'])
-    _write_citation(tmp_path, ['MNI152NLin6Asym:res-2'], args)
+    _write_citation(tmp_path, ['MNI152NLin6Asym:res-2'], args, _registration_settings(args, None))
     methods = (tmp_path / 'logs' / 'CITATION.md').read_text()
     assert ('test-time optimisation of the affine transform, then the stationary velocity field, '
             'coarse to fine (3 iterations at the finest level), maximising the agreement of '

@@ -266,7 +266,7 @@ def test_a_first_plan_reads_no_image(tmp_path, monkeypatch):
 
     import synthmorph_app.utils.bids as bids_utils
     from synthmorph_app.cli.bids import _signature
-    from synthmorph_app.interfaces.derivatives import save_derivatives
+    from synthmorph_app.interfaces.derivatives import forward_sidecar, save_derivatives
     from synthmorph_app.workflows.settings import RegistrationSettings
 
     settings, args = RegistrationSettings(), SimpleNamespace(via_t1w=False)
@@ -274,13 +274,13 @@ def test_a_first_plan_reads_no_image(tmp_path, monkeypatch):
     read = []
     real = bids_utils._sha256_of
     monkeypatch.setattr(bids_utils, '_sha256_of', lambda *a: read.append(a[0]) or real(*a))
-    assert 'inputs' not in _signature(settings, T1W, args, tmp_path, space) and not read
+    assert 'inputs' not in _signature(settings, T1W, args, forward_sidecar(tmp_path, T1W, *space)) and not read
     files = {key: str(T1W) for key in ('space_image', 'forward_xfm', 'inverse_xfm')}
     records = bids_utils.input_records(T1W)
     save_derivatives(tmp_path, DEMO_DIR, T1W, *space, files, metadata={'mode': 'joint'}, qc={},
                      registration_settings=settings.signature(inputs={
                          n: r['sha256'] for n, r in records.items()}), input_files=records)
     read.clear()
-    signature = _signature(settings, T1W, args, tmp_path, space)
+    signature = _signature(settings, T1W, args, forward_sidecar(tmp_path, T1W, *space))
     assert signature['inputs'] == {T1W.name: records[T1W.name]['sha256']}
     assert not read  # unchanged since it was recorded: trusted, not read again

@@ -317,7 +317,7 @@ def run_bids(args: argparse.Namespace) -> int:
     from ..utils.templates import setup_templateflow_home
 
     tf_home = setup_templateflow_home(work_dir)
-    previous = _stop_on_sigterm()
+    restore = _stop_on_sigterm()
     try:
         if args.analysis_level == 'group':
             return _run_group(out_dir)
@@ -330,8 +330,7 @@ def run_bids(args: argparse.Namespace) -> int:
               'others.', file=sys.stderr)
         return 143 if terminated else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore()
 
 
 class Terminated(KeyboardInterrupt):
@@ -351,8 +350,8 @@ def _check_terminated() -> None:
 
 def _stop_on_sigterm():
     """Make SIGTERM stop the run as Ctrl-C does (the summary is printed, the exit code says
-    so) instead of ending the process on the spot; return the handler it replaces (None where
-    signals cannot be set: not the main thread)."""
+    so) instead of ending the process on the spot; return what puts the process back as it
+    was (nothing to do where signals cannot be set: not the main thread)."""
     main = os.getpid()
 
     def stop(signum, frame):
@@ -378,9 +377,14 @@ def _stop_on_sigterm():
     try:
         previous = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread
-        return None
+        return lambda: None
     sys.unraisablehook = quiet
-    return previous
+
+    def restore():
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = default_hook
+
+    return restore
 
 
 def _run_group(out_dir: Path) -> int:
@@ -404,7 +408,7 @@ def _run_group(out_dir: Path) -> int:
 
 def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf_home,
                      start) -> int:
-    from ..interfaces.derivatives import is_complete, recorded_settings, settings_changes
+    from ..interfaces.derivatives import forward_sidecar, is_complete, settings_changes
     from ..utils.bids import (
         BIDSError,
         NothingToDoError,
@@ -481,12 +485,13 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     clashes = _name_clashes(subjects)  # images that would write the same derivatives
     for sub, images in subjects.items():
         for image in images:
-            signature = _signature(settings, image, args, out_dir, spaces[0])
+            # each space's sidecar read once: the settings it records decide with the files
+            records = [forward_sidecar(out_dir, image, n, s) for n, s in spaces]
+            signature = _signature(settings, image, args, records[0])
             lesion = image_lesion(image) is not None
             todo = []
-            for lab, (n, s) in zip(labels, spaces):
-                # the sidecar read once: the settings it records decide with the files
-                changes = settings_changes(recorded_settings(out_dir, image, n, s), signature)
+            for lab, (n, s), record in zip(labels, spaces, records):
+                changes = settings_changes(record.get('RegistrationSettings'), signature)
                 if args.resume and str(image) not in clashes and not changes and is_complete(
                         out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion):
                     continue
@@ -572,7 +577,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
                             settings, device, nprocs, omp)
     if plan and not args.work_dir:
         _remove_finished_work(plan, failures, work_dir)
-    _write_citation(out_dir, labels, args, lesions=bool(lesions))
+    _write_citation(out_dir, labels, args, settings, lesions=bool(lesions))
     from ..reports.subject import write_subject_report
 
     reports = []
@@ -737,18 +742,19 @@ def _registration_settings(args, weights):
     )
 
 
-def _signature(settings, image, args, out_dir, space: tuple) -> dict:
-    """The registration signature of ``image`` in this run, to compare with its sidecars'
-    record. The checksums of the files it reads are in it only where the sidecars of
-    ``space`` record some (a first run over a large dataset reads no image to plan), and a
-    file they record unchanged since (size, modification time) is not read again."""
-    from ..interfaces.derivatives import recorded_input_files, recorded_settings
+def _signature(settings, image, args, record: dict) -> dict:
+    """The registration signature of ``image`` in this run, to compare with ``record``, a
+    forward sidecar of its derivatives (:func:`.interfaces.derivatives.forward_sidecar`). The
+    checksums of the files it reads are in it only where the record has some (a first run
+    over a large dataset reads no image to plan), and a file recorded unchanged since (size,
+    modification time) is not read again."""
     from ..utils.bids import input_checksums, session_t1w
 
     via = bool(args.via_t1w and session_t1w(image) is not None)
-    if 'inputs' not in (recorded_settings(out_dir, image, *space) or {}):
+    recorded = record.get('RegistrationSettings')
+    if not isinstance(recorded, dict) or 'inputs' not in recorded:
         return settings.signature(via=via)
-    known = recorded_input_files(out_dir, image, *space)
+    known = record.get('InputFiles') if isinstance(record.get('InputFiles'), dict) else None
     return settings.signature(via=via, inputs=input_checksums(image, via, known))
 
 
@@ -778,9 +784,10 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
-    from ..interfaces.derivatives import is_complete
+    from ..interfaces.derivatives import forward_sidecar, is_complete
+    from ..utils.bids import image_lesion
     from ..utils.templates import parse_output_spaces
-    from ..workflows.base import init_synthmorph_wf
+    from ..workflows.base import image_wf_name, init_synthmorph_wf
     from ..workflows.settings import OutputSettings
 
     crash_dir = work_dir / 'crash' / run_id
@@ -835,18 +842,15 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
         for image, todo in images:
             spaces = parse_output_spaces(todo)
             lta_mode = args.mode if args.output_lta else None
-            from ..utils.bids import image_id, image_lesion, parse_entities
-
             lesion = image_lesion(image) is not None
-            signature = _signature(settings, image, args, out_dir, spaces[0])
+            signature = _signature(settings, image, args,
+                                   forward_sidecar(out_dir, image, *spaces[0]))
             if all(is_complete(out_dir, image, n, s, lta_mode=lta_mode, lesion=lesion,
                                settings=signature)
                    for n, s in spaces):
                 continue
-
-            key = f'anat_{image_id(parse_entities(image))}_wf'
-            failures[image] = reasons.get(key, 'did not finish; see the log in '
-                                               f'<{out_dir / "logs"}>')
+            failures[image] = reasons.get(
+                image_wf_name(image), f'did not finish; see the log in <{out_dir / "logs"}>')
     return failures
 
 
@@ -854,9 +858,9 @@ def _progress(plan: dict):
     """A Nipype ``status_callback`` that prints a line as each registration ends and as each
     image's derivatives are written for a template: ``[k/N] <image> -> <template>: ...``
     (a long run over many subjects is otherwise silent until its summary)."""
-    from ..utils.bids import image_id, parse_entities
+    from ..workflows.base import image_wf_name
 
-    names = {f'anat_{image_id(parse_entities(image))}_wf': Path(image).name
+    names = {image_wf_name(image): Path(image).name
              for images in plan.values() for image, _ in images}
     # the template iterable's parameterization, as Nipype names it, for each space label
     spaces = {'_template_' + label.replace(':', ''): label
@@ -950,16 +954,18 @@ def _other_contrasts(args) -> bool:
     return any(c != 'T1w' for c in (args.contrasts or ['T1w']))
 
 
-def _write_citation(out_dir: Path, labels: list[str], args, lesions: bool = False) -> None:
-    """``logs/CITATION.md`` (methods boilerplate) and ``logs/CITATION.bib``, atomically;
-    ``lesions``: some image of this run had a lesion mask."""
+def _write_citation(out_dir: Path, labels: list[str], args, settings,
+                    lesions: bool = False) -> None:
+    """``logs/CITATION.md`` (methods boilerplate) and ``logs/CITATION.bib``, atomically, for
+    the run's :class:`RegistrationSettings` ``settings``; ``lesions``: some image of this run
+    had a lesion mask."""
     from ..reports.boilerplate import citation_markdown
     from ..utils.bids import write_text_atomic
 
-    text, bib = citation_markdown(labels, mode=args.mode, lam=args.lam,
+    text, bib = citation_markdown(labels, mode=settings.mode, lam=settings.lam,
                                   via_t1w=args.via_t1w and _other_contrasts(args),
-                                  lesions=lesions, refine=args.refine,
-                                  refine_options=_registration_settings(args, {}).refine_options)
+                                  lesions=lesions, refine=settings.refine,
+                                  refine_options=settings.refine_options)
     write_text_atomic(out_dir / 'logs' / 'CITATION.md', text)
     write_text_atomic(out_dir / 'logs' / 'CITATION.bib', bib)
 

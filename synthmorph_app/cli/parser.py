@@ -10,7 +10,7 @@ import os
 import textwrap
 
 from .. import __version__
-from ..engine import DEFAULT_REFINE as _ENGINE_DEFAULT_REFINE
+from ..engine import DEFAULT_REFINE
 
 TRANSFORM_FORMATS = """\
 transform files (the format follows the name; every file maps points of the FIXED space to the
@@ -88,10 +88,6 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f'must be positive, got {value}')
     return value
-
-
-#: Default test-time optimisation iterations at the finest level ($SYNTHMORPH_REFINE overrides).
-DEFAULT_REFINE = _ENGINE_DEFAULT_REFINE
 
 
 def default_refine() -> int:

@@ -131,29 +131,29 @@ def is_complete(out_dir, in_file, template: str, spec: dict, *,
 def recorded_settings(out_dir, in_file, template: str, spec: dict) -> dict | None:
     """The ``RegistrationSettings`` recorded with the derivatives of ``in_file`` in
     ``template`` (None: no such sidecar, or one without them)."""
-    return _recorded(out_dir, in_file, template, spec, 'RegistrationSettings')
+    return _dict_or_none(forward_sidecar(out_dir, in_file, template, spec)
+                         .get('RegistrationSettings'))
 
 
-def recorded_input_files(out_dir, in_file, template: str, spec: dict) -> dict | None:
-    """The ``InputFiles`` recorded with the derivatives of ``in_file`` in ``template`` (the
-    ``known`` of :func:`~synthmorph_app.utils.bids.input_records`), or None."""
-    return _recorded(out_dir, in_file, template, spec, 'InputFiles')
-
-
-def _recorded(out_dir, in_file, template: str, spec: dict, key: str) -> dict | None:
-    """The dict under ``key`` in the forward transform's sidecar, or None."""
+def forward_sidecar(out_dir, in_file, template: str, spec: dict) -> dict:
+    """The forward transform's sidecar of ``in_file`` in ``template`` ({} where there is none
+    or it cannot be read): the record of what made the set."""
     path = sidecar(derivative_paths(out_dir, in_file, template, spec)['forward_xfm'])
     try:
-        recorded = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
+        return _dict_or_none(json.loads(path.read_text())) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _dict_or_none(value) -> dict | None:
+    return value if isinstance(value, dict) else None
 
 
 def settings_changes(recorded: dict | None, settings: dict) -> dict:
     """``{key: (recorded, asked)}`` for the settings that differ; keys only one side has are
-    not compared (a sidecar from before a setting was recorded is not redone for it)."""
-    if not recorded:
+    not compared (a sidecar from before a setting was recorded is not redone for it; one
+    whose record is not a JSON object records none)."""
+    if not isinstance(recorded, dict):
         return {}
     return {key: (recorded[key], value) for key, value in settings.items()
             if key in recorded and recorded[key] != value}

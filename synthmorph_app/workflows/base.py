@@ -88,7 +88,7 @@ def init_single_subject_wf(*, subject_id: str, images: list[tuple[str, list[str]
     kwargs
         Passed to :func:`init_anat_image_wf`.
     """
-    workflow = Workflow(name=name or f'sub_{_safe(subject_id)}_wf')
+    workflow = Workflow(name=name or subject_wf_name(subject_id))
     workflow.__desc__ = f"""
 Results included in this manuscript come from registration performed using *synthmorph-app*
 on subject {subject_id}'s anatomical images, executed with *Nipype* [@nipype1].
@@ -141,7 +141,7 @@ def init_anat_image_wf(
         Lists of written derivatives, one list per template.
     """
     entities = parse_entities(in_file)
-    workflow = Workflow(name=name or f'anat_{image_id(entities)}_wf')
+    workflow = Workflow(name=name or image_wf_name(in_file))
     inputnode = pe.Node(niu.IdentityInterface(fields=['in_file']), name='inputnode')
     inputnode.inputs.in_file = in_file
     outputnode = pe.Node(niu.IdentityInterface(fields=['out_files']), name='outputnode')
@@ -208,9 +208,18 @@ def image_work_dir(base_dir, subject_id: str, in_file, name: str = 'synthmorph_w
     >>> image_work_dir('/work', '01', '/data/sub-01/anat/sub-01_T1w.nii.gz').as_posix()
     '/work/synthmorph_wf/sub_01_wf/anat_sub01_T1w_wf'
     """
-    entities = parse_entities(in_file)
-    return (Path(base_dir) / name / f'sub_{_safe(subject_id)}_wf'
-            / f'anat_{image_id(entities)}_wf')
+    return Path(base_dir) / name / subject_wf_name(subject_id) / image_wf_name(in_file)
+
+
+def subject_wf_name(subject_id: str) -> str:
+    """The name of :func:`init_single_subject_wf` for a subject (``sub_01_wf``)."""
+    return f'sub_{_safe(subject_id)}_wf'
+
+
+def image_wf_name(in_file) -> str:
+    """The name of :func:`init_anat_image_wf` for an image (``anat_sub01_T1w_wf``): Nipype's
+    crash files and status callbacks name its nodes by it."""
+    return f'anat_{image_id(parse_entities(in_file))}_wf'
 
 
 def _safe(label: str) -> str:

@@ -11,6 +11,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
 from ..engine import DEFAULT_REFINE
+from ..interfaces.derivatives import LINEAR_MODES
 from ..interfaces.synthmorph import SynthMorphRegister
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
@@ -248,7 +249,7 @@ def _refine_text(refine: int, refine_options: dict | None, mode: str = 'joint',
     similarity = {'lncc': lncc, 'mind': mind}.get(
         options.get('refine_metric', 'auto'),
         f'{lncc} between images of one contrast, else {mind}')
-    if mode in ('affine', 'rigid'):
+    if mode in LINEAR_MODES:
         what = f'the {mode} transform'
     else:
         what = 'the affine transform, then the stationary velocity field'
