@@ -274,7 +274,8 @@ def test_a_first_plan_reads_no_image(tmp_path, monkeypatch):
     read = []
     real = bids_utils._sha256_of
     monkeypatch.setattr(bids_utils, '_sha256_of', lambda *a: read.append(a[0]) or real(*a))
-    assert 'inputs' not in _signature(settings, T1W, args, forward_sidecar(tmp_path, T1W, *space)) and not read
+    first = _signature(settings, T1W, args, forward_sidecar(tmp_path, T1W, *space))
+    assert 'inputs' not in first and not read
     files = {key: str(T1W) for key in ('space_image', 'forward_xfm', 'inverse_xfm')}
     records = bids_utils.input_records(T1W)
     save_derivatives(tmp_path, DEMO_DIR, T1W, *space, files, metadata={'mode': 'joint'}, qc={},
