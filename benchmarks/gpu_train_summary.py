@@ -25,10 +25,9 @@ def summary(run: Path) -> str:
     n = min(100, len(rows) // 2) or 1
     first = statistics.mean(float(r['overlap']) for r in rows[:n])
     last = statistics.mean(float(r['overlap']) for r in rows[-n:])
-    lines = [
-        f'{run.name}: {len(rows)} steps; median {step_s:.4f} s per step + {synth_s:.4f} s '
-        f'synthesis; overlap loss {first:.4f} (first {n}) -> {last:.4f} (last {n})'
-    ]
+    head = (f'{run.name}: {len(rows)} steps; median {step_s:.4f} s per step + {synth_s:.4f} s '
+            f'synthesis; overlap loss {first:.4f} (first {n}) -> {last:.4f} (last {n})')
+    lines = [head]
     val = run / 'validation.csv'
     if val.exists():
         for r in csv.DictReader(val.open()):
