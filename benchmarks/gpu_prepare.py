@@ -35,8 +35,14 @@ import _common as C
 #: Our dependencies missing from the GPU image (its KINDS.md package list), pinned as in our
 #: test environment. Pure Python unless the machine's Python (3.12) needs a binary wheel.
 PACKAGES = (
-   
-    'acres==0.5.0bids-validator==1.14.7.post0bidsschematools==2.0.1ci-info==0.4.0etelemetry==0.3.1frozendict==2.5.1importlib_resources==7.1.0looseversion==1.3.0neurite==0.3.4nibabel==5.4.2nilearn==0.14.1nipype==1.11.0nitransforms==25.1.0niworkflows==1.14.5num2words==0.5.14pathlib_abc==0.5.2platformdirs==4.14.9prov==3.2.3puremagic==1.30pybids==0.22.0pydot==4.0.1rdflib==7.6.0SQLAlchemy==2.1.9svgutils==0.3.4templateflow==25.1.2traits==7.3.0transforms3d==0.4.2universal_pathlib==0.3.10voxelmorph==0.3.4tzdata==2026.6',
+    'acres==0.5.0', 'bids-validator==1.14.7.post0', 'bidsschematools==2.0.1', 'ci-info==0.4.0',
+    'etelemetry==0.3.1', 'frozendict==2.5.1', 'importlib_resources==7.1.0',
+    'looseversion==1.3.0', 'neurite==0.3.4', 'nibabel==5.4.2', 'nilearn==0.14.1',
+    'nipype==1.11.0', 'nitransforms==25.1.0', 'niworkflows==1.14.5', 'num2words==0.5.14',
+    'pathlib_abc==0.5.2', 'platformdirs==4.14.9', 'prov==3.2.3', 'puremagic==1.30',
+    'pybids==0.22.0', 'pydot==4.0.1', 'rdflib==7.6.0', 'SQLAlchemy==2.1.9', 'svgutils==0.3.4',
+    'templateflow==25.1.2', 'traits==7.3.0', 'transforms3d==0.4.2',
+    'universal_pathlib==0.3.10', 'voxelmorph==0.3.4', 'tzdata==2026.6',
 )
 #: Published as source only: built into wheels here (pure Python).
 SOURCE_ONLY = ('docopt==0.6.2', 'pystrum==0.4')
