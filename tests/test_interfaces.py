@@ -285,3 +285,69 @@ def test_a_first_plan_reads_no_image(tmp_path, monkeypatch):
     signature = _signature(settings, T1W, args, forward_sidecar(tmp_path, T1W, *space))
     assert signature['inputs'] == {T1W.name: records[T1W.name]['sha256']}
     assert not read  # unchanged since it was recorded: trusted, not read again
+
+
+@pytest.mark.slow
+def test_registration_nodes_run_in_workers_of_the_gpu_fork_server(tmp_path):
+    """A ``--device cuda`` run's MultiProc workers come from a fork server that imported our
+    nodes (workers forked after torch touched CUDA cannot use it: every registration of the
+    first run on an H200 failed so). The same workers, pickled nodes and preloaded module,
+    here on the CPU, in a real Nipype MultiProc run."""
+    from nipype.pipeline import engine as pe
+
+    from synthmorph_app.cli.bids import CUDA_MP_CONTEXT, _gpu_worker_context
+
+    assert _gpu_worker_context('WARNING') == CUDA_MP_CONTEXT == 'forkserver'
+    assert os.environ['SYNTHMORPH_NIPYPE_LEVEL'] == 'WARNING'  # what the workers apply
+    node = pe.Node(SynthMorphRegister(moving_image=str(T1W), fixed_image=str(TPL),
+                                      mode='affine', refine=0, extent=192), name='registration')
+    wf = pe.Workflow(name='gpu_workers', base_dir=str(tmp_path))
+    wf.add_nodes([node])
+    graph = wf.run(plugin='MultiProc',
+                   plugin_args={'n_procs': 2, 'mp_context': CUDA_MP_CONTEXT})
+    (done,) = graph.nodes()
+    assert Path(done.result.outputs.forward_xfm).exists()
+    assert done.result.outputs.metadata['mode'] == 'affine'
+    # what the fork server imports first sets the run's Nipype level in its workers
+    import subprocess
+    import sys
+
+    code = ('import logging, synthmorph_app.cli.gpu_workers; '
+            "print(logging.getLogger('nipype.workflow').level)")
+    env = dict(os.environ, SYNTHMORPH_NIPYPE_LEVEL='ERROR')
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(40)]
+
+
+def test_the_gpu_slot_warning_of_nipype_is_dropped():
+    """Nipype counts a GPU node's CPU threads as GPU slots and warns on every run with more
+    than one thread per registration; the registrations take the GPU one at a time, as meant."""
+    import logging
+
+    from synthmorph_app.cli.bids import ONE_GPU_SLOT
+
+    def record(msg, *args):
+        return logging.LogRecord('nipype.workflow', logging.WARNING, __file__, 1, msg, args, None)
+
+    assert not ONE_GPU_SLOT.filter(record('Nodes demand more GPU than allowed (%d).', 1))
+    assert ONE_GPU_SLOT.filter(record('Nodes demand more memory than allowed (%0.2f).', 2.0))
+
+
+def test_asking_for_cuda_leaves_the_process_fork_safe():
+    """Importing synthmorph_app makes torch ask NVML whether there is a GPU, so the asking
+    process can still fork CUDA workers (Nipype's, or those of a pipeline embedding our nodes);
+    a value the user set is kept."""
+    import subprocess
+    import sys
+
+    code = ('import os, synthmorph_app; '
+            "print(os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'])")
+    env = {k: v for k, v in os.environ.items() if k != 'PYTORCH_NVML_BASED_CUDA_CHECK'}
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ['1']
+    env['PYTORCH_NVML_BASED_CUDA_CHECK'] = '0'
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ['0']

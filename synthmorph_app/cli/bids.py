@@ -715,6 +715,41 @@ def threads_per_registration(nprocs: int, n_jobs: int) -> int:
     return max(1, min(8, nprocs // max(1, n_jobs)))
 
 
+#: How Nipype's MultiProc starts its workers when they use the GPU. Forked from a process in
+#: which torch has touched CUDA (``torch.cuda.is_available()`` is enough, unless NVML answers
+#: it: ``PYTORCH_NVML_BASED_CUDA_CHECK``, set in ``synthmorph_app/__init__.py``), a worker
+#: cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess": every registration of
+#: a ``--device cuda`` run failed so on an H200, session 34). Workers from a fork server,
+#: a fresh process, can.
+CUDA_MP_CONTEXT = 'forkserver'
+
+
+def _gpu_worker_context(nipype_level: str) -> str:
+    """Prepare the fork server of a GPU run's workers; returns its context's name.
+
+    The server imports :mod:`synthmorph_app.cli.gpu_workers` first (our nodes, and the
+    Nipype logging level the run asked for, which its workers would not inherit).
+    """
+    import multiprocessing
+
+    os.environ['SYNTHMORPH_NIPYPE_LEVEL'] = nipype_level
+    multiprocessing.get_context(CUDA_MP_CONTEXT).set_forkserver_preload(
+        ['synthmorph_app.cli.gpu_workers'])
+    return CUDA_MP_CONTEXT
+
+
+class _OneGpuSlot(logging.Filter):
+    """Drop Nipype's "Nodes demand more GPU than allowed (1)": a GPU node's ``n_procs`` are
+    its CPU threads, which MultiProc also counts as GPU slots; with ``n_gpu_procs=1`` the
+    registrations take the GPU one at a time, as meant."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith('Nodes demand more GPU than allowed')
+
+
+ONE_GPU_SLOT = _OneGpuSlot()
+
+
 def _resolve_device(device: str) -> str:
     if device == 'auto':
         try:
@@ -805,6 +840,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
     ncfg.update_config({'logging': {'workflow_level': nlevel, 'interface_level': nlevel,
                                     'utils_level': 'WARNING'}})
     nlogging.update_logging(ncfg)
+    logging.getLogger('nipype.workflow').addFilter(ONE_GPU_SLOT)
     settings = replace(
         settings, device=device, omp_nthreads=omp,
         # the T1w's registration serves its own job and those that go through it
@@ -822,7 +858,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
         if args.mem_gb:
             plugin_args['memory_gb'] = args.mem_gb
         if device == 'cuda':
-            plugin_args['n_gpu_procs'] = 1
+            plugin_args.update(n_gpu_procs=1, mp_context=_gpu_worker_context(nlevel))
         plugin = 'MultiProc'
     else:
         plugin, plugin_args = 'Linear', {}
