@@ -1,4 +1,4 @@
-"""Pack what ``benchmarks/gpu_check.sh`` needs on a lent GPU machine into ``.gpu/``.
+r"""Pack what ``benchmarks/gpu_check.sh`` needs on a lent GPU machine into ``.gpu/``.
 
 The GPU machine has PyTorch with CUDA but none of our neuroimaging dependencies and no network,
 and only the repository travels to it (64 MiB at most). This script, run here, writes:
@@ -7,7 +7,7 @@ and only the repository travels to it (64 MiB at most). This script, run here, w
   templateflow, niworkflows, nitransforms, voxelmorph, neurite and theirs), unpacked from
   Python 3.12 wheels (``pip download`` for the machine's platform) without their test suites;
 - ``.gpu/data/``: the files of ``../shared/data`` the checks read (bert and fsaverage, the
-  MNI152NLin6Asym templates) and the 20 training label maps already on the 4 mm x 64 training
+  MNI152NLin6Asym templates, the 2 mm T1w images of ``bids/``, sub-01..12) and the 20 training label maps already on the 4 mm x 64 training
   grid (what ``synthesis.load_label_maps`` makes of them: about 30 kB each instead of 1.6 MB;
   loading them again gives the same arrays, checked here).
 
@@ -15,6 +15,15 @@ Run from the repository root (``.gpu/`` is ignored through ``.git/info/exclude``
 
     python benchmarks/gpu_prepare.py
     # then, with the device tool: carry [".gpu"], command "bash benchmarks/gpu_check.sh"
+    # (STAGES="demo bids" bash benchmarks/gpu_check.sh runs some stages only)
+
+The device tool sends the tracked files too, and the training checkpoints under ``training/``
+(about 85 MB) are over its 64 MiB with ``.gpu/`` (about 42 MB) and the rest (about 19 MB).
+Take them out of the index for the run, and put them back after it (nothing is deleted)::
+
+    echo /training/ >> .git/info/exclude && git rm -r -q --cached training
+    # ... the device run ...
+    git reset -q -- training && sed -i '\|^/training/$|d' .git/info/exclude
 """
 
 from __future__ import annotations
@@ -54,7 +63,6 @@ SHARED_FILES = (
     'freesurfer/fsaverage/mri/aseg.mgz',
     'templateflow/tpl-MNI152NLin6Asym/template_description.json',
     'templateflow/tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-02_T1w.nii.gz',
-    'templateflow/tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-02_T2w.nii.gz',
 )
 
 
@@ -95,6 +103,12 @@ def copy_data(data: Path) -> None:
         dest = data / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(C.DATA / rel, dest)
+    bids = data / 'bids'  # the BIDS dataset's T1w images, for the BIDS-App's timing
+    for src in [C.DATA / 'bids' / 'dataset_description.json',
+                *sorted((C.DATA / 'bids').glob('sub-[0-9]*/anat/sub-*_T1w.nii.gz'))]:
+        dest = bids / src.relative_to(C.DATA / 'bids')
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
     maps = sorted((C.DATA / 'label_maps').glob('training_seg_*.nii.gz'))
     small = data / 'label_maps'
     small.mkdir(parents=True, exist_ok=True)
@@ -120,7 +134,12 @@ def main(argv=None) -> int:
     copy_data(out / 'data')
     shutil.rmtree(out / 'wheels', ignore_errors=True)
     sizes = sum(p.stat().st_size for p in out.rglob('*') if p.is_file())
-    print(f'{out}: {sizes / 1e6:.1f} MB to carry')
+    tracked = subprocess.run(['git', 'ls-files', '-z'], cwd=REPO, capture_output=True,
+                             check=True).stdout.decode().split('\0')
+    rest = sum((REPO / f).stat().st_size for f in tracked
+               if f and not f.startswith('training/') and (REPO / f).is_file())
+    print(f'{out}: {sizes / 2**20:.1f} MiB to carry; the tracked files outside training/: '
+          f'{rest / 2**20:.1f} MiB (the device tool sends at most 64 MiB)')
     return 0
 
 
