@@ -470,10 +470,11 @@ def _weighted_centre(grid: Geometry, weight: torch.Tensor | None) -> np.ndarray:
     if weight is None:
         return spatial.fov_center(grid)
     w = weight[0, 0].detach()
-    # from the three marginal sums (accumulated in double): exact, and no index array or
-    # double copy the size of the image
-    sums = [w.sum(dim=tuple(d for d in range(3) if d != axis), dtype=torch.float64)
-            for axis in range(3)]
+    # from the three marginal sums: one axis summed in float32 (a few hundred values), the rest
+    # in double. Exact enough, and no index array; ``sum(dtype=float64)`` would copy the
+    # whole image to double first (about 60 ms a call at 256^3, nine calls a registration).
+    xy, xz = w.sum(2).double(), w.sum(1).double()
+    sums = [xy.sum(1), xy.sum(0), xz.sum(0)]
     total = max(float(sums[0].sum()), 1e-9)
     ijk = [float((m * torch.arange(len(m), dtype=m.dtype, device=m.device)).sum()) / total
            for m in sums]
