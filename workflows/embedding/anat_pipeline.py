@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--extent', type=float, default=256.0)
     parser.add_argument('-w', '--work-dir', type=Path, default=Path('work'))
     parser.add_argument('--nprocs', type=int, default=1)
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'),
+                        help='where the registration runs (default cpu)')
     parser.add_argument('-v', '--verbose', action='store_true', help="Nipype's INFO messages")
     args = parser.parse_args(argv)
     from nipype import config, logging
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     workflow = init_anat_preproc_wf(
         t1w=find_t1w(args.bids_dir.absolute(), label),
         output_dir=str(args.output_dir.absolute()), templates=args.output_spaces,
-        mode=args.mode, extent=args.extent, name=f'anat_preproc_sub_{label}_wf')
+        mode=args.mode, extent=args.extent, device=args.device,
+        name=f'anat_preproc_sub_{label}_wf')
     workflow.base_dir = str(work_dir)
     workflow.config['execution'].update(
         crashdump_dir=str(work_dir / 'crash'), poll_sleep_duration=0.1,
@@ -237,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     write_dataset_description(args.output_dir.absolute())
     print(workflow.visit_desc())
     plugin = ('MultiProc', {'n_procs': args.nprocs}) if args.nprocs > 1 else ('Linear', {})
+    if args.device == 'cuda' and args.nprocs > 1:
+        # workers forked after torch touched CUDA cannot use it: start them from a fork server,
+        # and let the registrations take the GPU one at a time (workflows/README.md)
+        plugin[1].update(mp_context='forkserver', n_gpu_procs=1)
     workflow.run(plugin=plugin[0], plugin_args=plugin[1])
     print(f'derivatives in <{args.output_dir.absolute()}>')
     return 0
