@@ -13,7 +13,8 @@ OUT=${OUT:-/tmp/gpu_out}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1}  # multiplies the time limits of the long stages (a short dry run: 0.2)
 STAGES=${STAGES:-tests demo template register official bids train}  # which stages run
-# (also: profile, where the time of bert -> fsaverage goes by torch operator)
+# (also: profile, where the time of bert -> fsaverage goes by torch operator; share, 12
+# registrations with 1, 2 or 4 at a time on the device)
 BUDGET=${BUDGET:-540}  # seconds for the whole script: the training burst gets what is left
 START=$(date +%s)
 mkdir -p "$OUT"
@@ -82,6 +83,11 @@ stage "profile of bert -> fsaverage on $DEVICE (benchmarks/profile_register.py)"
 timeout "$(secs 120)" python3 benchmarks/profile_register.py --device "$DEVICE" --threads 16 \
     > "$OUT/profile_register.txt" 2>&1
 echo "exit code $?"; head -n 60 "$OUT/profile_register.txt"
+fi
+
+if want share; then
+stage "registrations sharing the $DEVICE (benchmarks/gpu_share_bench.py)"
+timeout "$(secs 240)" python3 benchmarks/gpu_share_bench.py --device "$DEVICE" --jobs 1 2 4
 fi
 
 if want bids; then
