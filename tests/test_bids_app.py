@@ -682,3 +682,21 @@ def test_the_methods_text_follows_the_refinement_asked_for(tmp_path):
             'coarse to fine (3 iterations at the finest level), maximising the agreement of '
             'MIND-SSC descriptors [@heinrich2013]') in methods
     assert 'heinrich2013' in (tmp_path / 'logs' / 'CITATION.bib').read_text()
+
+
+def test_workers_from_a_fork_server_keep_the_run_quiet(tmp_path):
+    """Where MultiProc's workers come from a fork server (a ``--device cuda`` run; every run on
+    Python 3.14 and later, where it is the default start method), they do not inherit the
+    Nipype log level the run set: without the server's preload they printed Nipype's INFO
+    lines for every node. Here the default start method is made the fork server, as 3.14's."""
+    out = tmp_path / 'out'
+    code = ('import multiprocessing, sys; multiprocessing.set_start_method("forkserver"); '
+            'from synthmorph_app.cli.run import main; sys.exit(main(sys.argv[1:]))')
+    proc = subprocess.run(
+        [sys.executable, '-c', code, str(DEMO_DIR), str(out), 'participant', '--mode',
+         'affine', '--no-figures', '-w', str(tmp_path / 'work'), *FAST],
+        check=False, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(out.glob('sub-*/anat/*_xfm.h5'))) == 4
+    said = proc.stdout + proc.stderr
+    assert 'nipype.workflow INFO' not in said and '[Node]' not in said, said[-3000:]

@@ -295,9 +295,10 @@ def test_registration_nodes_run_in_workers_of_the_gpu_fork_server(tmp_path):
     here on the CPU, in a real Nipype MultiProc run."""
     from nipype.pipeline import engine as pe
 
-    from synthmorph_app.cli.bids import CUDA_MP_CONTEXT, _gpu_worker_context
+    from synthmorph_app.cli.bids import CUDA_MP_CONTEXT, _prepare_worker_start
 
-    assert _gpu_worker_context('WARNING') == CUDA_MP_CONTEXT == 'forkserver'
+    _prepare_worker_start('WARNING')
+    assert CUDA_MP_CONTEXT == 'forkserver'
     assert os.environ['SYNTHMORPH_NIPYPE_LEVEL'] == 'WARNING'  # what the workers apply
     node = pe.Node(SynthMorphRegister(moving_image=str(T1W), fixed_image=str(TPL),
                                       mode='affine', refine=0, extent=192), name='registration')
@@ -312,7 +313,7 @@ def test_registration_nodes_run_in_workers_of_the_gpu_fork_server(tmp_path):
     import subprocess
     import sys
 
-    code = ('import logging, synthmorph_app.cli.gpu_workers; '
+    code = ('import logging, synthmorph_app.cli.workers; '
             "print(logging.getLogger('nipype.workflow').level)")
     env = dict(os.environ, SYNTHMORPH_NIPYPE_LEVEL='ERROR')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,

@@ -720,22 +720,19 @@ def threads_per_registration(nprocs: int, n_jobs: int) -> int:
 #: it: ``PYTORCH_NVML_BASED_CUDA_CHECK``, set in ``synthmorph_app/__init__.py``), a worker
 #: cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess": every registration of
 #: a ``--device cuda`` run failed so on an H200, session 34). Workers from a fork server,
-#: a fresh process, can.
+#: a fresh process, can (:func:`_prepare_worker_start`).
 CUDA_MP_CONTEXT = 'forkserver'
 
 
-def _gpu_worker_context(nipype_level: str) -> str:
-    """Prepare the fork server of a GPU run's workers; returns its context's name.
-
-    The server imports :mod:`synthmorph_app.cli.gpu_workers` first (our nodes, and the
-    Nipype logging level the run asked for, which its workers would not inherit).
-    """
+def _prepare_worker_start(nipype_level: str) -> None:
+    """Have a fork server, where one starts the workers, import :mod:`synthmorph_app.cli.
+    workers` first: our nodes, and the Nipype logging level the run asked for, which its
+    workers would not inherit (a GPU run's workers; every run's on Python 3.14 and later)."""
     import multiprocessing
 
     os.environ['SYNTHMORPH_NIPYPE_LEVEL'] = nipype_level
-    multiprocessing.get_context(CUDA_MP_CONTEXT).set_forkserver_preload(
-        ['synthmorph_app.cli.gpu_workers'])
-    return CUDA_MP_CONTEXT
+    multiprocessing.get_context('forkserver').set_forkserver_preload(
+        ['synthmorph_app.cli.workers'])
 
 
 class _OneGpuSlot(logging.Filter):
@@ -857,8 +854,9 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
                        'maxtasksperchild': 1}
         if args.mem_gb:
             plugin_args['memory_gb'] = args.mem_gb
+        _prepare_worker_start(nlevel)
         if device == 'cuda':
-            plugin_args.update(n_gpu_procs=1, mp_context=_gpu_worker_context(nlevel))
+            plugin_args.update(n_gpu_procs=1, mp_context=CUDA_MP_CONTEXT)
         plugin = 'MultiProc'
     else:
         plugin, plugin_args = 'Linear', {}

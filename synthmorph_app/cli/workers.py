@@ -1,0 +1,20 @@
+"""Imported once by the fork server that starts Nipype's MultiProc workers.
+
+Workers from a fork server (those of a ``--device cuda`` run, :data:`synthmorph_app.cli.bids.
+CUDA_MP_CONTEXT`, and those of every run on Python 3.14 and later, where it is the default)
+do not inherit the Nipype logging levels the command set: this module applies them again from
+``$SYNTHMORPH_NIPYPE_LEVEL``. Importing our interfaces here (torch with them) lets every worker
+start without importing them again. Importing it touches no GPU.
+"""
+
+import os
+
+from nipype import config, logging
+
+from .. import interfaces  # noqa: F401  (torch, Nipype and our nodes, once for all workers)
+
+LEVEL = os.environ.get('SYNTHMORPH_NIPYPE_LEVEL')
+if LEVEL:
+    config.update_config({'logging': {'workflow_level': LEVEL, 'interface_level': LEVEL,
+                                      'utils_level': 'WARNING'}})
+    logging.update_logging(config)
