@@ -684,16 +684,21 @@ def test_the_methods_text_follows_the_refinement_asked_for(tmp_path):
     assert 'heinrich2013' in (tmp_path / 'logs' / 'CITATION.bib').read_text()
 
 
-def test_workers_from_a_fork_server_keep_the_run_quiet(tmp_path):
-    """Where MultiProc's workers come from a fork server (a ``--device cuda`` run; every run on
-    Python 3.14 and later, where it is the default start method), they do not inherit the
-    Nipype log level the run set: without the server's preload they printed Nipype's INFO
-    lines for every node. Here the default start method is made the fork server, as 3.14's."""
+@pytest.mark.parametrize('method', ['forkserver', 'spawn'])
+def test_workers_that_do_not_inherit_the_run_keep_it_quiet(tmp_path, method):
+    """MultiProc workers from a fork server (a ``--device cuda`` run; every run on Python 3.14
+    and later, where it is the default start method) or spawned (macOS, Windows) do not
+    inherit the Nipype log level the run set: they printed Nipype's INFO lines for every
+    node. Here the default start method is made each of them, as on those systems."""
     out = tmp_path / 'out'
-    code = ('import multiprocessing, sys; multiprocessing.set_start_method("forkserver"); '
-            'from synthmorph_app.cli.run import main; sys.exit(main(sys.argv[1:]))')
+    script = tmp_path / 'app.py'  # a main module, as the console script: spawn imports it again
+    script.write_text('import multiprocessing, sys\n'
+                      'from synthmorph_app.cli.run import main\n'
+                      "if __name__ == '__main__':\n"
+                      f'    multiprocessing.set_start_method({method!r})\n'
+                      '    sys.exit(main(sys.argv[1:]))\n')
     proc = subprocess.run(
-        [sys.executable, '-c', code, str(DEMO_DIR), str(out), 'participant', '--mode',
+        [sys.executable, str(script), str(DEMO_DIR), str(out), 'participant', '--mode',
          'affine', '--no-figures', '-w', str(tmp_path / 'work'), *FAST],
         check=False, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

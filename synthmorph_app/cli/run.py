@@ -16,6 +16,16 @@ from ..errors import SynthMorphError
 
 LOGGER = logging.getLogger('synthmorph_app.cli')
 
+if os.environ.get('SYNTHMORPH_NIPYPE_LEVEL'):
+    import multiprocessing
+
+    # (while a spawned process imports the main module it is named, not yet bootstrapped)
+    if multiprocessing.current_process().name != 'MainProcess':
+        # A MultiProc worker of a BIDS run started by ``spawn`` (macOS and Windows), which
+        # imports the command's main module, this one, first: the run's Nipype log level, as
+        # the fork server's workers get it (``workers``), instead of an INFO line per node.
+        from . import workers  # noqa: F401
+
 
 def main(argv: list[str] | None = None) -> int:
     try:
