@@ -53,6 +53,8 @@ def test_participant_derivatives(main_run, shared_data):
     proc, out, _ = main_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'report:' in proc.stdout
+    # where it runs, said before it starts (--nprocs 2 --omp-nthreads 1, 2 images)
+    assert 'registering on 2 CPU(s), 2 image(s) at a time with 1 thread(s) each' in proc.stdout
     for sub in ('01', 'chris'):  # progress as each job ends, numbered over the run's 2 jobs
         assert f'/2] sub-{sub}_T1w.nii.gz -> MNI152NLin6Asym:res-2: registered in ' in proc.stdout
         assert f'/2] sub-{sub}_T1w.nii.gz -> MNI152NLin6Asym:res-2: written' in proc.stdout

@@ -573,6 +573,7 @@ def _run_participant(args, bids_dir, out_dir, work_dir, run_id, command_line, tf
     _check_terminated()
     failures: dict[str, str] = dict(unreadable)
     if plan:
+        print(f'synthmorph-app: {_where(device, nprocs, omp, n_jobs)}')
         failures |= _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line,
                             settings, device, nprocs, omp)
     if plan and not args.work_dir:
@@ -745,6 +746,16 @@ class _OneGpuSlot(logging.Filter):
 
 
 ONE_GPU_SLOT = _OneGpuSlot()
+
+
+def _where(device: str, nprocs: int, omp: int, n_jobs: int) -> str:
+    """Where the registrations run, as the run says before it starts."""
+    if device == 'cuda':
+        return ('registering on the GPU, one image at a time (on many CPUs, many images may '
+                'finish sooner with --device cpu: README, "Performance")')
+    at_once = max(1, min(n_jobs, nprocs // max(1, omp)))
+    return (f'registering on {nprocs} CPU(s), {at_once} image(s) at a time with {omp} '
+            f'thread(s) each')
 
 
 def _resolve_device(device: str) -> str:
