@@ -9,11 +9,6 @@ import os
 # first imported, so it is set here, before any module of ours imports torch; a value the user
 # set is kept.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-# ``torch.cuda.is_available()`` initialises CUDA in the asking process unless NVML answers it
-# (this variable), and a process forked after that cannot use CUDA: Nipype's MultiProc
-# workers and those of any pipeline that embeds our nodes are forked (Linux, Python < 3.14).
-# Asking NVML keeps the asking process fork-safe; a value the user set is kept.
-os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')
 
 try:
     from ._version import __version__

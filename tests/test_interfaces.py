@@ -333,22 +333,3 @@ def test_the_gpu_slot_warning_of_nipype_is_dropped():
 
     assert not ONE_GPU_SLOT.filter(record('Nodes demand more GPU than allowed (%d).', 1))
     assert ONE_GPU_SLOT.filter(record('Nodes demand more memory than allowed (%0.2f).', 2.0))
-
-
-def test_asking_for_cuda_leaves_the_process_fork_safe():
-    """Importing synthmorph_app makes torch ask NVML whether there is a GPU, so the asking
-    process can still fork CUDA workers (Nipype's, or those of a pipeline embedding our nodes);
-    a value the user set is kept."""
-    import subprocess
-    import sys
-
-    code = ('import os, synthmorph_app; '
-            "print(os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'])")
-    env = {k: v for k, v in os.environ.items() if k != 'PYTORCH_NVML_BASED_CUDA_CHECK'}
-    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ['1']
-    env['PYTORCH_NVML_BASED_CUDA_CHECK'] = '0'
-    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ['0']
