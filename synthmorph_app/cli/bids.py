@@ -718,9 +718,9 @@ def threads_per_registration(nprocs: int, n_jobs: int) -> int:
 
 #: How Nipype's MultiProc starts its workers when they use the GPU. Forked from a process in
 #: which torch has touched CUDA (``torch.cuda.is_available()``, which ``--device auto`` asks,
-#: is enough), a worker cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess": every registration of
-#: a ``--device cuda`` run failed so on an H200, session 34). Workers from a fork server,
-#: a fresh process, can (:func:`_prepare_worker_start`).
+#: is enough), a worker cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess":
+#: every registration of a ``--device cuda`` run failed so on an H200, session 34). Workers
+#: from a fork server, a fresh process, can (:func:`_prepare_worker_start`).
 CUDA_MP_CONTEXT = 'forkserver'
 
 
