@@ -8,8 +8,9 @@ and only the repository travels to it (64 MiB at most). This script, run here, w
   Python 3.12 wheels (``pip download`` for the machine's platform) without their test suites;
 - ``.gpu/data/``: the files of ``../shared/data`` the checks read (bert and fsaverage, the
   MNI152NLin6Asym templates, the 2 mm T1w images of ``bids/``, sub-01..12) and the 20
-  training label maps already on the 4 mm x 64 training grid (what ``synthesis.load_label_maps`` makes of them: about 30 kB each instead of 1.6 MB;
-  loading them again gives the same arrays, checked here).
+  training label maps already on the 4 mm x 64 training grid (what
+  ``synthesis.load_label_maps`` makes of them: about 30 kB each instead of 1.6 MB; loading
+  them again gives the same arrays, checked here).
 
 Run from the repository root (``.gpu/`` is ignored through ``.git/info/exclude``)::
 
