@@ -46,8 +46,9 @@ python3 -c 'import sys, torch, nibabel, nipype, bids, voxelmorph; print(sys.vers
 
 if want tests; then
 stage 'CUDA tests (they skip without CUDA)'
-timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts='' -rs \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts='' -rs \
     tests/test_spatial.py tests/test_optimise.py tests/test_synthesis.py tests/test_workflows.py \
+    tests/test_register.py tests/test_bids_app.py \
     -k 'cuda or gpu'
 fi
 

@@ -707,3 +707,15 @@ def test_workers_that_do_not_inherit_the_run_keep_it_quiet(tmp_path, method):
     assert len(list(out.glob('sub-*/anat/*_xfm.h5'))) == 4
     said = proc.stdout + proc.stderr
     assert 'nipype.workflow INFO' not in said and '[Node]' not in said, said[-3000:]
+
+
+@pytest.mark.skipif(not __import__('torch').cuda.is_available(), reason='needs a CUDA device')
+def test_bids_app_on_cuda_writes_every_transform(tmp_path):
+    """The BIDS-App with --device cuda and MultiProc workers: every registration failed on
+    the first GPU it met (workers forked after torch touched CUDA), unnoticed on CPU-only CI."""
+    out = tmp_path / 'out'
+    res = _run([DEMO_DIR, out, 'participant', '--mode', 'affine', '--no-figures', '--device',
+                'cuda', '-w', tmp_path / 'work', *FAST], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'registering on the GPU' in res.stdout
+    assert len(list(out.glob('sub-*/anat/*_xfm.h5'))) == 4
