@@ -824,10 +824,10 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
              nprocs, omp) -> dict[str, str]:
     """Build and run the Nipype workflow; return ``{image: reason}`` for failed images."""
     from nipype import config as ncfg
-    from nipype import logging as nlogging
 
     from ..interfaces.derivatives import forward_sidecar, is_complete
     from ..utils.bids import image_lesion
+    from ..utils.logs import set_nipype_level
     from ..utils.templates import parse_output_spaces
     from ..workflows.base import image_wf_name, init_synthmorph_wf
     from ..workflows.settings import OutputSettings
@@ -844,9 +844,7 @@ def _execute(plan, args, out_dir, bids_dir, work_dir, run_id, command_line, sett
     })
     ncfg.enable_resource_monitor = False
     nlevel = 'INFO' if args.verbose >= 2 else 'WARNING'
-    ncfg.update_config({'logging': {'workflow_level': nlevel, 'interface_level': nlevel,
-                                    'utils_level': 'WARNING'}})
-    nlogging.update_logging(ncfg)
+    set_nipype_level(nlevel)
     logging.getLogger('nipype.workflow').addFilter(ONE_GPU_SLOT)
     settings = replace(
         settings, device=device, omp_nthreads=omp,

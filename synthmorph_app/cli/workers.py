@@ -9,12 +9,9 @@ start without importing them again. Importing it touches no GPU.
 
 import os
 
-from nipype import config, logging
-
 from .. import interfaces  # noqa: F401  (torch, Nipype and our nodes, once for all workers)
+from ..utils.logs import set_nipype_level
 
 LEVEL = os.environ.get('SYNTHMORPH_NIPYPE_LEVEL')
 if LEVEL:
-    config.update_config({'logging': {'workflow_level': LEVEL, 'interface_level': LEVEL,
-                                      'utils_level': 'WARNING'}})
-    logging.update_logging(config)
+    set_nipype_level(LEVEL)

@@ -51,3 +51,15 @@ def merged(*lists) -> list[str]:
     for messages in lists:
         out.extend(m for m in messages or () if m not in out)
     return out
+
+
+def set_nipype_level(level: str) -> None:
+    """Nipype's workflow and interface messages at ``level`` (its utils at WARNING), in this
+    process: the command's, and again in MultiProc workers that do not inherit it
+    (:mod:`synthmorph_app.cli.workers`)."""
+    from nipype import config
+    from nipype import logging as nlogging
+
+    config.update_config({'logging': {'workflow_level': level, 'interface_level': level,
+                                      'utils_level': 'WARNING'}})
+    nlogging.update_logging(config)
