@@ -14,7 +14,9 @@ carried onto it by antspyx ``Rigid`` from its T1w, as ``refine_bench.py --moving
 FLAIR`` does. The BIDS-App registers a FLAIR with ``--cross-contrast yes``, so give ours that
 option (``app="--cross-contrast yes"``); greedy then uses NMI, and ANTs SyN keeps its mutual
 information. ``--template-contrast T2w`` registers to the template's T2w (with head, the same
-grid) instead; greedy uses NMI wherever the two contrasts differ.
+grid) instead; greedy uses NMI wherever the two contrasts differ. ``--template-brain`` takes the
+template's skull-stripped 1 mm image (``res-01_desc-brain``) instead, as a user with
+skull-stripped scans (``strip_data.py``) would give the other tools.
 
 ``--settings NAME=OPTIONS`` runs ``register`` (``--mode``, joint by default) once per setting, each in its own
 process, with OPTIONS passed to it (``auto=`` for the defaults; ``{t1w}`` in OPTIONS stands for
@@ -73,6 +75,10 @@ def main(argv=None) -> int:
     parser.add_argument('--template-contrast', default='T1w', choices=('T1w', 'T2w'),
                         help="the fixed image: the template's T1w (default) or T2w, both "
                              'res-02 with head, one grid')
+    parser.add_argument('--template-brain', action='store_true',
+                        help="the fixed image: the template's skull-stripped res-01 "
+                             '(desc-brain) image of --template-contrast instead of the res-02 '
+                             'head, for skull-stripped inputs (strip_data.py)')
     parser.add_argument('--threads', type=int, default=1, help='threads (1)')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'mni_head_bench.json'), help='output JSON')
@@ -83,7 +89,9 @@ def main(argv=None) -> int:
     from synthmorph_app import evaluate
     from synthmorph_app.io.images import Geometry
 
-    fixed = str(MNI / f'tpl-MNI152NLin6Asym_res-02_{args.template_contrast}.nii.gz')
+    fixed = str(MNI / (f'tpl-MNI152NLin6Asym_res-01_desc-brain_{args.template_contrast}.nii.gz'
+                       if args.template_brain else
+                       f'tpl-MNI152NLin6Asym_res-02_{args.template_contrast}.nii.gz'))
     wmparc = nb.load(str(MNI / 'tpl-MNI152NLin6Asym_res-01_desc-wmparc_dseg.nii.gz'))
     fixed_labels = np.rint(np.asarray(wmparc.dataobj)).astype(np.int32)
     label_grid = Geometry.from_image(wmparc)
@@ -117,6 +125,7 @@ def main(argv=None) -> int:
                                  [o.replace('{t1w}', t1w) for o in options])
             row = {'subject': sub, 'contrast': args.contrast, 'setting': name,
                    'template_contrast': args.template_contrast,
+                   'template_brain': args.template_brain,
                    'mode': args.mode, 'options': options,
                    'time': res['time'],
                    'peak_mb': res['peak_mb'],
