@@ -396,6 +396,32 @@ def start_mirror(out) -> Path:
     return out / 'bids'
 
 
+def dlmuse_labels(sub: str) -> Path:
+    """The DLMUSE label map of ``bids/sub-<sub>`` (on its T1w's grid)."""
+    return (DATA / 'bids' / 'derivatives' / 'dlmuse' / f'sub-{sub}' / 'anat'
+            / f'sub-{sub}_space-T1w_desc-dlmuse_dseg.nii.gz')
+
+
+def mirror_t1w(out, alter) -> None:
+    """A mirror of the shared data (:func:`start_mirror`) in which every T1w of ``bids/`` that
+    has DLMUSE labels is replaced by ``alter(image, labels)`` (two nibabel images; it returns
+    the new image and a line to print); every other file of the subjects is linked."""
+    import nibabel as nb
+
+    mirror = start_mirror(out)
+    for subject in sorted(p for p in (DATA / 'bids').glob('sub-*') if p.is_dir()):
+        src, dst = subject / 'anat', mirror / subject.name / 'anat'
+        dst.mkdir(parents=True)
+        label_file = dlmuse_labels(subject.name[4:])
+        for image in sorted(src.iterdir()):
+            if not image.name.endswith('_T1w.nii.gz') or not label_file.exists():
+                os.symlink(image, dst / image.name)
+                continue
+            new, line = alter(nb.load(str(image)), nb.load(str(label_file)))
+            nb.save(new, str(dst / image.name))
+            print(f'{image.name}: {line}', flush=True)
+
+
 def superior_axis(image) -> int:
     """The voxel axis of a nibabel image that runs nearest to superior (world S)."""
     return int(np.argmax(np.abs(image.affine[2, :3]) / image.header.get_zooms()[:3]))

@@ -19,7 +19,6 @@ A script, not a test; see ``benchmarks/README.md`` ("Session 27: clipped fields 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +26,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
-import refine_bench
 
 
 def _cut(text: str) -> tuple[str, float]:
@@ -69,22 +67,14 @@ def main(argv=None) -> int:
     parser.add_argument('out', help='the mirror folder to write (replaced)')
     parser.add_argument('--cut', type=_cut, required=True, metavar='top:MM|bottom:MM')
     args = parser.parse_args(argv)
-    import nibabel as nb
 
     side, mm = args.cut
-    mirror = C.start_mirror(args.out)
-    for subject in sorted(p for p in (C.DATA / 'bids').glob('sub-*') if p.is_dir()):
-        src, dst = subject / 'anat', mirror / subject.name / 'anat'
-        dst.mkdir(parents=True)
-        label_file = Path(refine_bench.labels(subject.name[4:]))
-        for image in sorted(src.iterdir()):
-            if not image.name.endswith('_T1w.nii.gz') or not label_file.exists():
-                os.symlink(image, dst / image.name)
-                continue
-            cropped, share = crop(nb.load(str(image)), nb.load(str(label_file)), side, mm)
-            nb.save(cropped, str(dst / image.name))
-            print(f'{image.name}: {cropped.shape}, {100 * share:.1f} % of the brain cut',
-                  flush=True)
+
+    def alter(image, labels):
+        cropped, share = crop(image, labels, side, mm)
+        return cropped, f'{cropped.shape}, {100 * share:.1f} % of the brain cut'
+
+    C.mirror_t1w(args.out, alter)
     return 0
 
 

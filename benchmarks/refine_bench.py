@@ -72,14 +72,7 @@ def t1w(sub: str) -> Path:
 
 
 def labels(sub: str) -> Path:
-    return (
-        DATA
-        / 'derivatives'
-        / 'dlmuse'
-        / f'sub-{sub}'
-        / 'anat'
-        / f'sub-{sub}_space-T1w_desc-dlmuse_dseg.nii.gz'
-    )
+    return C.dlmuse_labels(sub)
 
 
 def moving_labels(sub: str, contrast: str, moving_grid) -> np.ndarray:

@@ -15,7 +15,6 @@ A script, not a test; see ``benchmarks/README.md`` ("Session 35: skull-stripped 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
-import refine_bench
 
 
 def strip(image, labels, margin_mm: float):
@@ -51,20 +49,12 @@ def main(argv=None) -> int:
     parser.add_argument('--margin', type=float, default=2.0,
                         help='mm grown around the labels (default 2)')
     args = parser.parse_args(argv)
-    import nibabel as nb
 
-    mirror = C.start_mirror(args.out)
-    for subject in sorted(p for p in (C.DATA / 'bids').glob('sub-*') if p.is_dir()):
-        src, dst = subject / 'anat', mirror / subject.name / 'anat'
-        dst.mkdir(parents=True)
-        label_file = Path(refine_bench.labels(subject.name[4:]))
-        for image in sorted(src.iterdir()):
-            if not image.name.endswith('_T1w.nii.gz') or not label_file.exists():
-                os.symlink(image, dst / image.name)
-                continue
-            stripped, ml = strip(nb.load(str(image)), nb.load(str(label_file)), args.margin)
-            nb.save(stripped, str(dst / image.name))
-            print(f'{image.name}: brain {ml:.0f} ml kept', flush=True)
+    def alter(image, labels):
+        stripped, ml = strip(image, labels, args.margin)
+        return stripped, f'brain {ml:.0f} ml kept'
+
+    C.mirror_t1w(args.out, alter)
     return 0
 
 
