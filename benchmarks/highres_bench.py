@@ -9,8 +9,9 @@ reports its peak resident memory (``VmHWM``):
 * ``fixed 0.4 mm``: the template onto the fine image (the moved template written on the
   0.4 mm grid, as a BIDS-App user asking for native-space outputs gets).
 
-Each child runs ``register`` (joint, the defaults) and then ``moved_image``; the time of each
-stage and the peak memory of the whole child are reported.
+Each child runs ``register`` (joint, the defaults; ``--refine-levels`` to change its levels) and
+then ``moved_image``; the time of each stage and the peak memory of the whole child are
+reported.
 
 Run from the repository root::
 
@@ -59,7 +60,7 @@ def fine_image(path: Path, voxel: float) -> tuple[int, ...]:
     return fine.shape
 
 
-def run_case(moving: str, fixed: str, threads: int) -> dict:
+def run_case(moving: str, fixed: str, threads: int, refine_levels=None) -> dict:
     """``register`` then ``moved_image`` of the moving image onto the fixed grid."""
     torch = C._torch_threads()
     torch.set_num_threads(threads)
@@ -68,7 +69,7 @@ def run_case(moving: str, fixed: str, threads: int) -> dict:
 
     mimg, fimg = load_image(moving), load_image(fixed)
     t0 = time.perf_counter()
-    result = register(mimg, fimg, refine=15)
+    result = register(mimg, fimg, refine=15, refine_levels=refine_levels)
     t1 = time.perf_counter()
     moved = moved_image(mimg, result.forward)
     np.asarray(moved.dataobj)
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--voxel', type=float, default=0.4, help='fine voxel size, mm (0.4)')
     parser.add_argument('--threads', type=int, default=1, help='threads (1)')
+    parser.add_argument('--refine-levels', type=lambda t: tuple(float(v) for v in t.split(',')),
+                        metavar='MM,MM,..', help="register's refinement levels (its default)")
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'highres_bench.json'), help='output JSON')
     args = parser.parse_args(argv)
@@ -92,8 +95,8 @@ def main(argv=None) -> int:
               flush=True)
         for case, moving, fixed in ((f'moving {args.voxel} mm', fine, TEMPLATE),
                                     (f'fixed {args.voxel} mm', TEMPLATE, fine)):
-            res = C.in_child(run_case, str(moving), str(fixed), args.threads)
-            row = {'case': case, 'shape': list(shape), **res}
+            res = C.in_child(run_case, str(moving), str(fixed), args.threads, args.refine_levels)
+            row = {'case': case, 'shape': list(shape), 'refine_levels': args.refine_levels, **res}
             rows.append(row)
             print(f"{case}: register {res['register_s']:.1f} s, moved_image "
                   f"{res['moved_image_s']:.1f} s, peak {res['peak_mb']:.0f} MB", flush=True)
