@@ -33,6 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
+# torch-free: the parser of `register --refine-levels` itself
+from synthmorph_app.cli.parser import _levels as register_levels
+
 BERT = C.DATA / 'freesurfer' / 'bert' / 'mri' / 'norm.mgz'
 TEMPLATE = (C.DATA / 'templateflow' / 'tpl-MNI152NLin6Asym' /
             'tpl-MNI152NLin6Asym_res-02_T1w.nii.gz')
@@ -81,8 +84,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--voxel', type=float, default=0.4, help='fine voxel size, mm (0.4)')
     parser.add_argument('--threads', type=int, default=1, help='threads (1)')
-    parser.add_argument('--refine-levels', type=lambda t: tuple(float(v) for v in t.split(',')),
-                        metavar='MM,MM,..', help="register's refinement levels (its default)")
+    parser.add_argument('--refine-levels', type=register_levels, metavar='MM,MM,..',
+                        help="register's refinement levels (its default)")
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'highres_bench.json'), help='output JSON')
     args = parser.parse_args(argv)
