@@ -348,7 +348,7 @@ def test_refine_registers_real_cross_subject_pair(shared_data):
     assert res.info['refine']['iterations'] == 10
     # auto: two T1w are one contrast (local NCC, lambda as asked)
     assert res.info['refine']['deformable'] == {'metric': 'lncc', 'cross_contrast': False,
-                                                'lambda': 0.5}
+                                                'lambda': 0.5, 'levels': [8.0, 4.0, 2.0, 1.5]}
     for kind, card in res.info['models'].items():  # random networks would be left out
         assert card['used'] is bool(card['trained']), kind
     pts = np.argwhere(flab.get_fdata() > 0)[::500] @ flab.affine[:3, :3].T + flab.affine[:3, 3]

@@ -67,6 +67,13 @@ AFFINE_ITERATIONS = (60, 40, 12)
 #: In joint mode the deformable step follows at 2 mm, so the affine stops at 4 mm: 2-3 s less
 #: per 2 mm pair (benchmarks/README.md, "Session 3 changes", has what it changes).
 JOINT_AFFINE_LEVELS = AFFINE_LEVELS[:2]
+#: Deformable refinement levels (mm) by default. The last, finer than the network's 2 mm grid,
+#: runs on a 1.5 mm mid-space grid: it raised every benchmark we run, 2 mm scans included (12
+#: cross-subject 2 mm T1w pairs 0.669 -> 0.681 mean Dice, the BIDS-App's T1w job 0.673 ->
+#: 0.678, bert -> T2w template 0.672 -> 0.691, sub-chris PDw -> T1w MIND-NCC 0.538 -> 0.589;
+#: benchmarks/README.md, "Session 35: a 1.5 mm finest level everywhere") for about 1.5x the
+#: refinement's time. ``(8, 4, 2)`` (``--refine-levels 8,4,2``) is the faster choice.
+DEFAULT_REFINE_LEVELS = (8.0, 4.0, 2.0, 1.5)
 JOINT_AFFINE_ITERATIONS = AFFINE_ITERATIONS[:2]
 #: An image whose field of view is thinner than this (mm) along one of its voxel axes is a
 #: slab: at 8 mm it is a few voxels thick, too few to judge a pose across contrasts, so the
@@ -221,9 +228,9 @@ def register(
     refine_metric
         ``'auto'``, ``'lncc'`` or ``'mind'`` (:mod:`.similarity`).
     refine_levels
-        Spacings (mm) of the deformable levels, coarse to fine (default ``(8, 4, 2)``). A
-        level finer than the network's grid (2 mm) makes the refinement run on a finer
-        mid-space grid of the same extent (e.g. ``(8, 4, 2, 1.5)`` for 1 mm inputs).
+        Spacings (mm) of the deformable levels, coarse to fine (default
+        :data:`DEFAULT_REFINE_LEVELS`). A level finer than the network's grid (2 mm) makes the
+        refinement run on a finer mid-space grid of the same extent.
     refine_weight
         Where the similarity counts: ``'brain'`` (a rough brain weight of our own, so neck and
         face do not pull), ``'head'`` or ``'none'``.
@@ -410,7 +417,7 @@ def register(
             from .optimise import optimise_svf
 
             with timer('refine'):
-                levels = tuple(refine_levels or (8.0, 4.0, 2.0))
+                levels = tuple(refine_levels or DEFAULT_REFINE_LEVELS)
                 iterations = _level_iterations(levels, refine)
                 net_grid = mid
                 if min(levels) < 0.99 * vox:
@@ -450,6 +457,7 @@ def register(
                         crop=True, cross_contrast=cross_contrast, report=used,
                         verbose=LOGGER.isEnabledFor(logging.INFO),
                     )
+                used['levels'] = [float(lev) for lev in levels]
                 info['refine']['deformable'] = used
                 velocity = velocity.detach()
 
