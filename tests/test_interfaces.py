@@ -158,6 +158,14 @@ def test_a_set_made_with_other_settings_is_redone_and_keeps_only_its_own_files(t
     assert not is_complete(tmp_path, T1W, tpl, spec, lta_mode='affine', settings=joint)
     assert settings_changes(recorded_settings(tmp_path, T1W, tpl, spec), joint) == {
         'mode': ('affine', 'joint')}
+    # the deformable levels left to the engine are recorded as its default, so that a set
+    # made under another default (null: 8,4,2 before session 36) is redone
+    assert joint['refine_levels'] == [8.0, 4.0, 2.0, 1.5]
+    assert settings_changes(dict(joint, refine_levels=None), joint) == {
+        'refine_levels': (None, [8.0, 4.0, 2.0, 1.5])}
+    chosen = RegistrationSettings(mode='joint', lam=0.3, refine=15,
+                                  refine_options={'refine_levels': (8.0, 4.0, 2.0)})
+    assert chosen.signature()['refine_levels'] == [8.0, 4.0, 2.0]
 
     save_derivatives(tmp_path, DEMO_DIR, T1W, tpl, spec, files, metadata={'mode': 'joint'},
                      qc={}, registration_settings=joint)

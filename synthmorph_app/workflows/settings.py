@@ -59,7 +59,8 @@ class RegistrationSettings:
 
         The device, the threads and the cache folder are left out: they do not change what
         is computed; so are, in the linear modes, lambda, the passes of the deformable network
-        and the deformable refinement's levels.
+        and the deformable refinement's levels. Levels left to the engine are recorded as its
+        default (:data:`~synthmorph_app.engine.register.DEFAULT_REFINE_LEVELS`).
         """
         from ..interfaces.derivatives import LINEAR_MODES
 
@@ -71,6 +72,12 @@ class RegistrationSettings:
         if self.mode in LINEAR_MODES:
             for key in ('lambda', 'passes', 'refine_levels'):
                 del out[key]
+        elif out['refine_levels'] is None:
+            # the engine's default as it is now: derivatives made under another default
+            # (8,4,2 before session 36, recorded as null) are redone
+            from ..engine.register import DEFAULT_REFINE_LEVELS
+
+            out['refine_levels'] = list(DEFAULT_REFINE_LEVELS)
         if inputs:
             out['inputs'] = dict(inputs)
         return json.loads(json.dumps(out))  # as read back from a sidecar (tuples as lists)
