@@ -16,8 +16,8 @@ Deformable (:func:`optimise_svf`)
     Both images on one grid. A stationary velocity field (SVF) in voxel units of that grid,
     exponentiated by scaling and squaring (``spatial.integrate_svf``, voxelmorph's
     ``integrate_vec``); the inverse is ``exp(-v)``. Coarse to fine over ``levels`` (the image
-    spacings, mm; default 8, 4, 2). Measured choices (cross-subject T1w pairs at 2 mm, one CPU
-    thread, ``benchmarks/refine_bench.py``):
+    spacings, mm; default 8, 4, 2 here, 8, 4, 2, 1.5 in ``register``). Measured choices
+    (cross-subject T1w pairs at 2 mm, one CPU thread, ``benchmarks/refine_bench.py``):
 
     * The field lives in the bounding box of ``weight`` plus ``margin_mm``, over which it tapers
       to zero, and the similarity is computed inside the weight's box only: neck, shoulders
