@@ -271,6 +271,21 @@ def test_moving_fov_leaves_out_what_the_moving_image_does_not_see():
     # through a shift of the moving image by 10 mm the window moves with it
     shifted = _moving_fov(torch.ones(1, 1, 20, 20, 20), moving, grid, _shift(10), erode_mm=4.0)
     assert shifted[0, 0, :, 15, 15].numpy()[x == -6] == 1
+    # erosion one axis at a time is the 3D box erosion, on an anisotropic grid and an oblique
+    # field of view too
+    from scipy.spatial.transform import Rotation
+
+    grid = Geometry((36, 30, 24), np.diag([1.5, 2.0, 2.5, 1.0]) @ _shift(-12))
+    turn = np.eye(4)
+    turn[:3, :3] = Rotation.from_rotvec([0.3, 0.2, -0.4]).as_matrix()
+    turn[:3, 3] = (19, 19, 19) - turn[:3, :3] @ (19, 19, 19)
+    found = _moving_fov(torch.ones(1, 1, 20, 20, 20), moving, grid, turn, erode_mm=4.0)
+    seen = (spatial.resample_linear(torch.ones(1, 1, 20, 20, 20), moving, grid, matrix=turn)
+            > 0.999).float()
+    # radii round(4 mm / voxel): 3, 2, 2
+    box = torch.nn.functional.max_pool3d(-seen, (7, 5, 5), stride=1, padding=(3, 2, 2))
+    assert 0 < float(found.sum()) < float(seen.sum())
+    assert torch.equal(found, -box)
 
 
 @pytest.mark.slow
