@@ -166,6 +166,8 @@ def test_a_set_made_with_other_settings_is_redone_and_keeps_only_its_own_files(t
     chosen = RegistrationSettings(mode='joint', lam=0.3, refine=15,
                                   refine_options={'refine_levels': (8.0, 4.0, 2.0)})
     assert chosen.signature()['refine_levels'] == [8.0, 4.0, 2.0]
+    # without refinement the levels decide nothing
+    assert RegistrationSettings(mode='joint', refine=0).signature()['refine_levels'] is None
 
     save_derivatives(tmp_path, DEMO_DIR, T1W, tpl, spec, files, metadata={'mode': 'joint'},
                      qc={}, registration_settings=joint)

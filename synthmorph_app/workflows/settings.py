@@ -72,7 +72,7 @@ class RegistrationSettings:
         if self.mode in LINEAR_MODES:
             for key in ('lambda', 'passes', 'refine_levels'):
                 del out[key]
-        elif out['refine_levels'] is None:
+        elif out['refine_levels'] is None and self.refine:
             # the engine's default as it is now: derivatives made under another default
             # (8,4,2 before session 36, recorded as null) are redone
             from ..engine.register import DEFAULT_REFINE_LEVELS
