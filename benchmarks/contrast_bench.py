@@ -56,8 +56,7 @@ def pair_files(name: str) -> dict:
         return {'moving': anat / 'sub-chris_PDw.nii.gz', 'fixed': anat / 'sub-chris_T1w.nii.gz',
                 'labels': None, 'what': 'sub-chris PDw -> T1w'}
     anat = BIDS / f'sub-{name}' / 'anat'
-    lab = (BIDS / 'derivatives' / 'dlmuse' / f'sub-{name}' / 'anat'
-           / f'sub-{name}_space-T1w_desc-dlmuse_dseg.nii.gz')
+    lab = C.dlmuse_labels(name)
     return {'moving': anat / f'sub-{name}_FLAIR.nii.gz', 'fixed': anat / f'sub-{name}_T1w.nii.gz',
             'labels': lab if lab.exists() else None, 'what': f'sub-{name} FLAIR -> T1w'}
 

@@ -81,8 +81,7 @@ def image_files(name: str) -> dict:
     if kind == 'flair':
         return {'image': anat / f'sub-{sub}_FLAIR.nii.gz', 'labels': None,
                 'what': f'sub-{sub} FLAIR (2 mm)'}
-    lab = (BIDS / 'derivatives' / 'dlmuse' / f'sub-{sub}' / 'anat'
-           / f'sub-{sub}_space-T1w_desc-dlmuse_dseg.nii.gz')
+    lab = C.dlmuse_labels(sub)
     return {'image': anat / f'sub-{sub}_T1w.nii.gz', 'labels': lab if lab.exists() else None,
             'what': f'sub-{sub} T1w (2 mm)'}
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import _common as C
-from refine_bench import PAIRS, labels, t1w
+from refine_bench import PAIRS, t1w
 
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     rows = []
     for mov, fix in PAIRS[: args.pairs]:
         moving, fixed = C.load(t1w(mov)), C.load(t1w(fix))
-        mlab, flab = C.load(labels(mov))[0], C.load(labels(fix))[0]
+        mlab, flab = C.load(C.dlmuse_labels(mov))[0], C.load(C.dlmuse_labels(fix))[0]
         brain = flab > 0
         for lam in lams:
             options = (['-r', str(lam)] + [x for w in args.weights or [] for x in ('-w', w)]

@@ -195,9 +195,7 @@ def main(argv=None) -> int:
         radius = args.radius[n % len(args.radius)]
         side = 1 if n % 2 == 0 else -1
         image = nb.load(C.DATA / 'bids' / f'sub-{subject}' / 'anat' / f'sub-{subject}_T1w.nii.gz')
-        labels = np.asarray(nb.load(
-            C.DATA / 'bids' / 'derivatives' / 'dlmuse' / f'sub-{subject}' / 'anat'
-            / f'sub-{subject}_space-T1w_desc-dlmuse_dseg.nii.gz').dataobj)
+        labels = np.asarray(nb.load(C.dlmuse_labels(subject)).dataobj)
         make = make_tumour if args.kind == 'tumour' else make_lesion
         lesioned, lesion, to_lesioned = make(image, labels, radius, side, seed=n)
         vox = np.asarray(image.header.get_zooms()[:3], dtype=float)

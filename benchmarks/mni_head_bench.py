@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         # DLMUSE on the moving image's grid (carried by a rigid map for a FLAIR)
         muse = np.rint(refine_bench.moving_labels(sub, args.contrast, moving_grid))
         # a T1w's labels stay on their own grid (a mirror may crop the image: fov_data.py)
-        labels_grid = (Geometry.from_image(nb.load(refine_bench.labels(sub)))
+        labels_grid = (Geometry.from_image(nb.load(C.dlmuse_labels(sub)))
                        if args.contrast == 'T1w' else moving_grid)
         moving_labels = np.zeros(muse.shape, np.float32)
         for a, b in MUSE_TO_FS.items():

@@ -71,10 +71,6 @@ def t1w(sub: str) -> Path:
     return anat(sub, 'T1w')
 
 
-def labels(sub: str) -> Path:
-    return C.dlmuse_labels(sub)
-
-
 def moving_labels(sub: str, contrast: str, moving_grid) -> np.ndarray:
     """``sub``'s DLMUSE labels on ``moving_grid``, the Geometry of its ``contrast`` image; for
     another contrast than T1w, carried by antspyx ``Rigid`` (in a child)."""
@@ -82,7 +78,7 @@ def moving_labels(sub: str, contrast: str, moving_grid) -> np.ndarray:
 
     from synthmorph_app.io.images import Geometry
 
-    img = nb.load(labels(sub))  # on the T1w grid
+    img = nb.load(C.dlmuse_labels(sub))  # on the T1w grid
     lab = np.asarray(img.dataobj).astype(np.float32)
     if contrast == 'T1w':
         return lab
@@ -164,7 +160,7 @@ def _runners(args) -> dict:
             own_t1w = str(t1w(Path(m).name.split('_')[0][len('sub-'):]))
             options = [o.replace('{t1w}', own_t1w) for o in args.register_options]
             if args.register_fixed_mask:  # the fixed subject's labels: non-zero is brain
-                options += ['-x', str(labels(Path(f).name.split('_')[0][len('sub-'):]))]
+                options += ['-x', str(C.dlmuse_labels(Path(f).name.split('_')[0][len('sub-'):]))]
             return C.in_child(C.run_register, str(m), str(f), args.register_mode,
                               args.threads, options)
 
@@ -293,7 +289,7 @@ def main(argv=None):
     for mov, fix in selected:
         pair = f'{mov}->{fix}' if contrast == 'T1w' else f'{mov} {contrast}->{fix}'
         moving_path = anat(mov, contrast)
-        flab = np.asarray(nb.load(labels(fix)).dataobj).astype(np.int32)
+        flab = np.asarray(nb.load(C.dlmuse_labels(fix)).dataobj).astype(np.int32)
         fixed, moving = C.load(t1w(fix)), C.load(moving_path)
         mlab = moving_labels(mov, contrast, moving[1])
         brain = flab > 0
