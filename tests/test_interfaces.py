@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nb
@@ -168,6 +170,11 @@ def test_a_set_made_with_other_settings_is_redone_and_keeps_only_its_own_files(t
     assert chosen.signature()['refine_levels'] == [8.0, 4.0, 2.0]
     # without refinement the levels decide nothing
     assert RegistrationSettings(mode='joint', refine=0).signature()['refine_levels'] is None
+    # the BIDS-App plans (and compares signatures) without loading torch
+    probe = ('import sys; from synthmorph_app.workflows.settings import RegistrationSettings; '
+             "RegistrationSettings(mode='joint', refine=15).signature(); "
+             "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, '-c', probe], check=True)
 
     save_derivatives(tmp_path, DEMO_DIR, T1W, tpl, spec, files, metadata={'mode': 'joint'},
                      qc={}, registration_settings=joint)

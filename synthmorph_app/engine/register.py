@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from ..errors import SynthMorphError
 from ..io.images import Geometry
 from ..io.transforms import Transform
-from . import DEFAULT_REFINE, spatial
+from . import DEFAULT_REFINE, DEFAULT_REFINE_LEVELS, spatial
 from .intensity import clean_intensities, clear_noisy_background, normalize_intensity
 
 LOGGER = logging.getLogger('synthmorph_app.engine.register')
@@ -68,14 +68,6 @@ AFFINE_ITERATIONS = (60, 40, 12)
 #: per 2 mm pair (benchmarks/README.md, "Session 3 changes", has what it changes).
 JOINT_AFFINE_LEVELS = AFFINE_LEVELS[:2]
 JOINT_AFFINE_ITERATIONS = AFFINE_ITERATIONS[:2]
-#: Deformable refinement levels (mm) by default. The last, finer than the network's 2 mm grid,
-#: runs on a 1.5 mm mid-space grid: it raised every benchmark we run but bert -> MNI (0.705 ->
-#: 0.703), 2 mm scans included (12 cross-subject 2 mm T1w pairs 0.669 -> 0.681 mean Dice, the
-#: BIDS-App's T1w job 0.673 -> 0.678, bert -> T2w template 0.672 -> 0.691, sub-chris PDw ->
-#: T1w MIND-NCC 0.538 -> 0.589; benchmarks/README.md, "Session 35: a 1.5 mm finest level
-#: everywhere" and "Session 36") for 1.5-2.5 times the refinement's time (MIND: about 2).
-#: ``(8, 4, 2)`` (``--refine-levels 8,4,2``) is the faster choice.
-DEFAULT_REFINE_LEVELS = (8.0, 4.0, 2.0, 1.5)
 #: An image whose field of view is thinner than this (mm) along one of its voxel axes is a
 #: slab: at 8 mm it is a few voxels thick, too few to judge a pose across contrasts, so the
 #: pose search runs at ``SLAB_SEARCH_MM`` and the affine levels start there (a 38 mm PDw slab

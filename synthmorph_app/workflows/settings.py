@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from ..engine import DEFAULT_REFINE
+from ..engine import DEFAULT_REFINE, DEFAULT_REFINE_LEVELS
 
 #: The ``refine_options`` that decide a registration (see :meth:`RegistrationSettings.signature`).
 REFINE_KEYS = ('init_method', 'refine_metric', 'refine_levels', 'refine_weight', 'cross_contrast')
@@ -60,7 +60,7 @@ class RegistrationSettings:
         The device, the threads and the cache folder are left out: they do not change what
         is computed; so are, in the linear modes, lambda, the passes of the deformable network
         and the deformable refinement's levels. Levels left to the engine are recorded as its
-        default (:data:`~synthmorph_app.engine.register.DEFAULT_REFINE_LEVELS`).
+        default (:data:`~synthmorph_app.engine.DEFAULT_REFINE_LEVELS`).
         """
         from ..interfaces.derivatives import LINEAR_MODES
 
@@ -75,8 +75,6 @@ class RegistrationSettings:
         elif out['refine_levels'] is None and self.refine:
             # the engine's default as it is now: derivatives made under another default
             # (8,4,2 before session 36, recorded as null) are redone
-            from ..engine.register import DEFAULT_REFINE_LEVELS
-
             out['refine_levels'] = list(DEFAULT_REFINE_LEVELS)
         if inputs:
             out['inputs'] = dict(inputs)
