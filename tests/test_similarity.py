@@ -132,3 +132,31 @@ def test_fast_box_sum_and_lncc_gradient_match_the_plain_ones(monkeypatch):
     S.weighted_mean(S.lncc_map(a2, b2, 2), weight).backward()
     assert torch.allclose(a.grad, a2.grad, atol=1e-10) and torch.allclose(b.grad, b2.grad,
                                                                           atol=1e-10)
+
+
+def test_lncc_with_precomputed_fixed_statistics_is_the_same():
+    """``b_stats`` of a fixed ``b`` give the same value and gradient for ``a``, flat windows
+    included, and refuse a ``b`` that wants a gradient or has another shape."""
+    import synthmorph_app.engine.similarity as S
+
+    rng = np.random.default_rng(7)
+    a0 = torch.tensor(rng.random((1, 1, 12, 11, 13)))
+    b = torch.tensor(rng.random((1, 1, 12, 11, 13)))
+    b[..., :5] = 0.25  # a flat slab: windows there count 0, with or without the statistics
+    weight = torch.tensor(rng.random((1, 1, 12, 11, 13)))
+    stats = S.window_stats(b, 2)
+    assert not stats.textured[..., :2].any() and stats.textured[..., -3:].all()
+    grads = []
+    for kwargs in ({}, {'b_stats': stats}):
+        a = a0.clone().requires_grad_()
+        value = S.lncc(a, b, 2, weight, **kwargs)
+        value.backward()
+        grads.append((value.detach(), a.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-12)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: S.lncc(x, b, 2, weight, b_stats=stats),
+                                    (a0.clone().requires_grad_(),))
+    with pytest.raises(ValueError, match='fixed b'):
+        S.lncc(a0, b.clone().requires_grad_(), 2, b_stats=stats)
+    with pytest.raises(ValueError, match='b_stats are of shape'):
+        S.lncc(a0[..., :-1], b[..., :-1], 2, b_stats=stats)

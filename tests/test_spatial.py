@@ -148,6 +148,34 @@ def test_svf_exp_inverse_consistency_and_resize():
     assert torch.allclose(big, torch.full_like(big, 2.0))
 
 
+@pytest.mark.parametrize('n_in', [1, 2, 7])
+def test_separable_resize_onto_a_box_is_trilinear_interpolation(n_in):
+    """Matrices per axis give ``F.interpolate`` (trilinear, corners aligned) on any box of the
+    output grid, forward and backward."""
+    gen = torch.Generator().manual_seed(3)
+    field = torch.randn((1, 3, n_in, 5, 6), generator=gen, dtype=torch.float64)
+    out_shape, lo, hi = (11, 9, 13), (2, 0, 4), (10, 9, 11)
+    full = torch.nn.functional.interpolate(field, size=out_shape, mode='trilinear',
+                                           align_corners=True)
+    mats = [spatial.interpolation_matrix(n, m, a, b, dtype=torch.float64)
+            for n, m, a, b in zip(field.shape[2:], out_shape, lo, hi)]
+    assert [tuple(m.shape) for m in mats] == [(8, n_in), (9, 5), (7, 6)]
+    assert all(torch.allclose(m.sum(1), torch.ones(len(m), dtype=m.dtype)) for m in mats)
+    box = spatial.resize_separable(field, mats)
+    assert torch.allclose(box, full[..., 2:10, 0:9, 4:11], atol=1e-12)
+    weight = torch.randn(box.shape, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (lambda f: spatial.resize_separable(f, mats),
+               lambda f: torch.nn.functional.interpolate(
+                   f, size=out_shape, mode='trilinear', align_corners=True)[..., 2:10, :, 4:11]):
+        f = field.clone().requires_grad_()
+        (fn(f) * weight).sum().backward()
+        grads.append(f.grad)
+    assert torch.allclose(*grads, atol=1e-12)
+    with pytest.raises(ValueError, match='rows 3:3'):
+        spatial.interpolation_matrix(4, 9, 3, 3)
+
+
 def test_world_voxel_field_round_trip():
     affine = np.array([[0, 0, 2.0, 1], [-2.0, 0, 0, 2], [0, 1.5, 0, 3], [0, 0, 0, 1]])
     field = torch.randn((1, 3, 4, 5, 6))

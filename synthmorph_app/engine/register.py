@@ -50,6 +50,7 @@ from ..errors import SynthMorphError
 from ..io.images import Geometry
 from ..io.transforms import Transform
 from . import DEFAULT_REFINE, DEFAULT_REFINE_LEVELS, spatial
+from .allocator import keep_freed_memory
 from .intensity import clean_intensities, clear_noisy_background, normalize_intensity
 
 LOGGER = logging.getLogger('synthmorph_app.engine.register')
@@ -279,6 +280,7 @@ def register(
     if init is not None and not init.is_linear:
         raise ValueError('the initial transform must be linear (affine or rigid)')
     device = resolve_device(device)
+    keep_freed_memory()  # the optimisers' large per-step tensors: no page faults each step
     weights = dict(weights or {})
     timer = _Timer()
     # the grids of the results: the images' own; the work runs on their voxels in LIA order

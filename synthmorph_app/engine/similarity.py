@@ -46,6 +46,7 @@ Choosing (:func:`choose_metric`)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -194,12 +195,39 @@ def lncc_map(a: torch.Tensor, b: torch.Tensor, radius: int = 2, eps: float = 1e-
     return torch.where(valid, cross * cross.abs() / denom, torch.zeros_like(cross))
 
 
+class WindowStats(NamedTuple):
+    """An image's means and variances over the windows of :func:`lncc`, and where it has
+    texture (local variance above ``eps`` times its global variance; see :func:`lncc_map`)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    textured: torch.Tensor
+
+
+def window_stats(image: torch.Tensor, radius: int | Sequence[int] = 2,
+                 eps: float = 1e-3) -> WindowStats:
+    """:class:`WindowStats` of ``image`` (B, C, X, Y, Z), no gradient.
+
+    For an image that stays fixed while the other moves (a registration's target): given to
+    :func:`lncc` as ``b_stats``, they spare it two of its five window sums at every step.
+    """
+    radii = _radii(radius)
+    with torch.no_grad():
+        sb, sbb = box_sum(image, radii), box_sum(image * image, radii)
+        inv_n = 1.0 / box_count(image.shape[2:], radii, image.device, image.dtype)
+        mean = sb * inv_n
+        var = sbb * inv_n - mean * mean
+        flat = eps * image.var(dim=tuple(range(2, image.ndim)), keepdim=True).clamp(min=1e-30)
+    return WindowStats(mean, var, var > flat)
+
+
 def lncc(
     a: torch.Tensor,
     b: torch.Tensor,
     radius: int = 2,
     weight: torch.Tensor | None = None,
     eps: float = 1e-3,
+    b_stats: WindowStats | None = None,
 ) -> torch.Tensor:
     """Mean signed squared local NCC of ``a`` and ``b`` (B, C, X, Y, Z); a scalar in [-1, 1].
 
@@ -207,6 +235,8 @@ def lncc(
     ``weight`` (B, 1, X, Y, Z) weights the mean over voxels (no gradient flows to it).
     The same value as ``weighted_mean(lncc_map(a, b), weight)``, with an analytic gradient
     (:class:`_LNCC`): four box sums instead of autograd's graph, about twice as fast.
+    ``b_stats`` (:func:`window_stats` of ``b`` with the same ``radius`` and ``eps``) spares the
+    window sums of a fixed ``b``, which then gets no gradient.
     """
     if a.shape != b.shape:
         raise ValueError(f'images must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}')
@@ -214,9 +244,15 @@ def lncc(
         weight = torch.ones_like(a[:, :1])
     weight = weight.detach().expand_as(a)
     radii = _radii(radius)
+    if b_stats is not None:
+        if b.requires_grad:
+            raise ValueError('b_stats are for a fixed b: b must not require a gradient')
+        if b_stats.mean.shape != b.shape:
+            raise ValueError(f'b_stats are of shape {tuple(b_stats.mean.shape)}, b of '
+                             f'{tuple(b.shape)}')
     if max(radii) > SHIFT_ADD_MAX_RADIUS:
         return weighted_mean(lncc_map(a, b, radius, eps), weight)
-    return _LNCC.apply(a, b, weight, radii, eps)
+    return _LNCC.apply(a, b, weight, radii, eps, b_stats)
 
 
 class _LNCC(torch.autograd.Function):
@@ -233,22 +269,23 @@ class _LNCC(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, b, weight, radii, eps):
+    def forward(ctx, a, b, weight, radii, eps, b_stats=None):
         with torch.no_grad():
-            ch = a.shape[1]
-            sums = box_sum(torch.cat([a, b, a * a, b * b, a * b], dim=1), radii)
-            sa, sb, saa, sbb, sab = sums.split(ch, dim=1)
             inv_n = 1.0 / box_count(a.shape[2:], radii, a.device, a.dtype)
-            mean_a, mean_b = sa * inv_n, sb * inv_n
+            if b_stats is None:
+                b_stats = window_stats(b, radii, eps)
+            # one moment at a time: no concatenated copy, and each sum's working set stays
+            # small (1.5-2 times faster than the five moments at once on 2 M voxels)
+            sa, saa, sab = (box_sum(m, radii) for m in (a, a * a, a * b))
+            mean_b = b_stats.mean
+            mean_a = sa * inv_n
             cross = sab * inv_n - mean_a * mean_b
             var_a = saa * inv_n - mean_a * mean_a
-            var_b = sbb * inv_n - mean_b * mean_b
             dims = tuple(range(2, a.ndim))
             flat_a = eps * a.var(dim=dims, keepdim=True).clamp(min=1e-30)
-            flat_b = eps * b.var(dim=dims, keepdim=True).clamp(min=1e-30)
-            valid = (var_a > flat_a) & (var_b > flat_b)
+            valid = (var_a > flat_a) & b_stats.textured
             var_a = torch.where(valid, var_a, torch.ones_like(var_a))
-            var_b = torch.where(valid, var_b, torch.ones_like(var_b))
+            var_b = torch.where(valid, b_stats.var, torch.ones_like(var_a))
             value = torch.where(valid, cross * cross.abs() / (var_a * var_b),
                                 torch.zeros_like(cross))
             total = weight.sum().clamp(min=1e-8)
@@ -273,11 +310,10 @@ class _LNCC(torch.autograd.Function):
                 grads.append(None)
                 continue
             beta = w * 2 * value / var_this * inv_n
-            boxes = box_sum(torch.cat([alpha, alpha * mean_other, beta, beta * mean_this], 1),
-                            ctx.radii)
-            ba, bab, bb, bbm = boxes.split(this.shape[1], dim=1)
+            ba, bab, bb, bbm = (box_sum(m, ctx.radii)
+                                for m in (alpha, alpha * mean_other, beta, beta * mean_this))
             grads.append(other * ba - bab - this * bb + bbm)
-        return grads[0], grads[1], None, None, None
+        return grads[0], grads[1], None, None, None, None
 
 
 def shift_volume(volume: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
