@@ -72,6 +72,22 @@ def test_mind_is_contrast_blind():
     assert float(similarity.mind_ncc(mx, other)) < 0.5
 
 
+def test_mind_channels_and_their_squared_difference_match_the_descriptor_tensor():
+    """The channel list the optimisers use is :func:`mind_ssc` split, and
+    :func:`mind_sq_diff` gives one map for tensors, lists or a mix."""
+    x, y = _phantom(), _phantom()
+    channels = similarity.mind_ssc_channels(x, 1, 2)
+    assert len(channels) == 12 and all(c.shape == (1, 1, *x.shape[2:]) for c in channels)
+    tensor = similarity.mind_ssc(x, 1, 2)
+    assert torch.equal(torch.cat(channels, 1), tensor)
+    other = similarity.mind_ssc(y, 1, 2)
+    plain = ((tensor - other) ** 2).mean(dim=1, keepdim=True)
+    for a, b in ((tensor, other), (channels, other), (channels, list(other.split(1, 1)))):
+        assert torch.allclose(similarity.mind_sq_diff(a, b), plain, atol=1e-7)
+    with pytest.raises(ValueError, match='12 and 11'):
+        similarity.mind_sq_diff(channels, channels[:11])
+
+
 def test_choose_metric():
     x = _phantom()
     assert similarity.choose_metric(x + 0.01 * torch.rand_like(x), x) == 'lncc'

@@ -81,7 +81,9 @@ from .similarity import (
     contrast_agreement,
     lncc,
     lncc_map,
+    mind_sq_diff,
     mind_ssc,
+    mind_ssc_channels,
     weighted_mean,
     window_stats,
 )
@@ -305,15 +307,19 @@ class _Dissimilarity:
         self.metric = metric
         self.dilation = max(1, round(MIND_DILATION_MM / voxel))
 
-    def features(self, image: torch.Tensor) -> torch.Tensor:
+    def features(self, image: torch.Tensor, split: bool = False):
+        """The image (LNCC) or its MIND-SSC descriptors: one tensor, or with ``split`` a list
+        of one-channel tensors (:func:`.similarity.mind_ssc_channels`; for large grids)."""
         if self.metric == 'mind':
+            if split:
+                return mind_ssc_channels(image, radius=1, dilation=self.dilation)
             return mind_ssc(image, radius=1, dilation=self.dilation)
         return image
 
-    def map(self, moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def map(self, moved, fixed) -> torch.Tensor:
         """Voxelwise dissimilarity (B, 1, X, Y, Z)."""
         if self.metric == 'mind':
-            return MIND_SCALE * ((moved - fixed) ** 2).mean(dim=1, keepdim=True)
+            return MIND_SCALE * mind_sq_diff(moved, fixed)
         return 1 - lncc_map(moved, fixed, LNCC_RADIUS)
 
     def fixed_stats(self, fixed: torch.Tensor):
@@ -1076,7 +1082,7 @@ def optimise_svf(
         # Features (MIND) of the warped images, recomputed each step: warping descriptors
         # instead biased the optimum by 0.3 voxel on a synthetic warp (local rotations and
         # shears change the descriptors).
-        ffeat = dissim.features(f_in)
+        ffeat = dissim.features(f_in, split=True)
         fstats = None if symmetric else dissim.fixed_stats(ffeat)
         fcat = torch.cat([f_l, w_l], dim=1)
         taper = _taper(vshape, vspacing, lo, hi, grid.shape, margin_mm, device)
@@ -1099,7 +1105,7 @@ def optimise_svf(
                 moved = spatial.sample_grid(mcat, pos + fwd)
                 # the weight rides along with the fixed image (one sampling, no gradient)
                 target = spatial.sample_grid(fcat, pos + bwd)
-                target, wt = dissim.features(target[:, :1]), target[:, 1:].detach()
+                target, wt = dissim.features(target[:, :1], split=True), target[:, 1:].detach()
                 stats = None
             else:
                 disp = level_disp(_exp(v, steps, exact_gradient))
@@ -1107,7 +1113,7 @@ def optimise_svf(
                 target, wt, stats = ffeat, w_in, fstats
             if mwroi is not None:
                 wt = wt * moved[:, 1:].detach()
-            moved = dissim.features(moved[:, :1])
+            moved = dissim.features(moved[:, :1], split=True)
             sim = dissim(moved, target, wt, stats)
             loss = (1 - lam_used) * sim + lam_used * SMOOTHNESS_SCALE * _smoothness(v, vspacing)
             (loss * scale).backward()
