@@ -14,10 +14,12 @@ Local NCC (:func:`lncc`)
     intensity-inverted copy, so it tells same-contrast pairs apart from inverted ones (the
     squared NCC of ``neurite.ncc``, ANTs and greedy is blind to the sign). We write it ourselves
     because ``ne.ncc`` is sign-blind, takes no weights and asserts on its range; the local sums use
-    a box filter by cumulative sums (:func:`box_sum`). Measured on one shared CPU thread, forward
-    and backward over the five moments of an 80x100x80 volume: 0.13 s against 0.43 s for the
-    separable average pooling of ``neurite.nn.functional.box_filter`` (5^3 windows), 0.18 s
-    against 0.60 s (9^3); on 1.8 M voxels both took about 1.2-1.5 s (memory-bound).
+    a separable box filter (:func:`box_sum`: shifted views added in place for small windows,
+    cumulative sums for large ones). Measured on one shared CPU thread when it used cumulative
+    sums only, forward and backward over the five moments of an 80x100x80 volume: 0.13 s against
+    0.43 s for the separable average pooling of ``neurite.nn.functional.box_filter`` (5^3
+    windows). The moments are summed one at a time, and a fixed image's two
+    (:func:`window_stats`) once per level of an optimisation.
 
 MIND-SSC (:func:`mind_ssc`)
     Modality-independent neighbourhood descriptors in their self-similarity-context form
