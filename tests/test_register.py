@@ -8,6 +8,7 @@ from torch import nn
 
 from synthmorph_app.engine import spatial
 from synthmorph_app.engine.register import (
+    _mid_field,
     _moving_fov,
     _velocity_factors,
     moved_image,
@@ -675,3 +676,23 @@ def test_cuda_registration_matches_cpu():
     points = rng.uniform([-60, -90, -40], [60, 60, 70], size=(2000, 3))  # MNI brain, mm
     gap = np.linalg.norm(cpu.map_points(points) - gpu.map_points(points), axis=1)
     assert float(np.median(gap)) < 0.5 and float(np.percentile(gap, 99)) < 2.0
+
+
+def test_mid_field_samples_a_box_of_the_mid_grid_directly():
+    """A displacement on a box of the mid-space grid (the refined field) gives the field that
+    the same displacement extended onto the whole grid gives, on the image's grid."""
+    mid = _grid('LIA', shape=(30, 32, 28), vox=2.0)
+    image = _grid('LPS', shape=(24, 26, 22), vox=2.5, rotate=10)
+    gen = torch.Generator().manual_seed(5)
+    box = torch.randn(1, 3, 18, 20, 15, generator=gen)
+    shift = np.eye(4)
+    shift[:3, 3] = [5, 4, 7]
+    lin = np.eye(4)
+    lin[:3, :3] = [[1.02, 0.03, 0], [-0.03, 0.99, 0], [0, 0, 1.01]]
+    to_mid = np.linalg.inv(lin)
+    whole = spatial.upsample_field(box, shift, mid.shape)
+    expected, grid = _mid_field(whole, mid, to_mid, lin, image)
+    out, grid_box = _mid_field(box, mid, to_mid, lin, image, disp_to_mid=shift)
+    assert grid_box == grid == image
+    assert np.abs(expected).max() > 1  # a real field, in mm
+    np.testing.assert_allclose(out, expected, atol=1e-4)

@@ -213,6 +213,38 @@ def blur(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     return out.reshape(b, c, *volume.shape[2:])
 
 
+def blur_matrix(n: int, sigma: float, device=None) -> torch.Tensor:
+    """The ``(n, n)`` matrix of :func:`blur` along one axis of ``n`` voxels (edge replicated;
+    the identity below a sigma of 0.2 voxel, where :func:`blur` leaves the axis alone)."""
+    if sigma < 0.2:
+        return torch.eye(n, device=device)
+    k = _gaussian_1d(float(sigma), 'cpu').double()
+    r = (k.numel() - 1) // 2
+    rows = torch.arange(n).view(-1, 1)
+    cols = (rows + torch.arange(-r, r + 1).view(1, -1)).clamp(0, n - 1)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    out.scatter_add_(1, cols, k.view(1, -1).expand(n, -1).contiguous())
+    return out.to(device, torch.float32)
+
+
+def blur_resize(volume: torch.Tensor, sigmas: Sequence[float], shape) -> torch.Tensor:
+    """``_resize(blur(volume, sigmas), shape)`` as one matrix per axis
+    (:func:`.spatial.resize_separable`): the Gaussian and the trilinear resizing
+    (``align_corners``) of an axis are one ``(m, n)`` matrix. For the coarse levels of a
+    1.5 mm box (144 x 132 x 164 voxels, one CPU thread) this took a few hundredths of a
+    second against 0.15 s a volume for the blur alone, whose kernels grow with the level.
+    """
+    n_in = tuple(volume.shape[2:])
+    if tuple(shape) == n_in and all(s < 0.2 for s in sigmas):
+        return volume
+    matrices = [
+        spatial.interpolation_matrix(n, m, device=volume.device) @ blur_matrix(
+            n, float(s), volume.device)
+        for n, m, s in zip(n_in, shape, sigmas)
+    ]
+    return spatial.resize_separable(volume, matrices)
+
+
 def _antialias_sigmas(source_vox, target_mm: float):
     """Blur (source voxels) before resampling from ``source_vox`` spacing to ``target_mm``."""
     return [0.4 * math.sqrt(max(target_mm**2 - v**2, 0.0)) / v for v in source_vox]
@@ -1036,8 +1068,8 @@ def optimise_svf(
         vshape = _level_shape(roi_shape, vox, float(level) * float(factor))
         vspacing = [v * (n - 1) / max(m - 1, 1) for v, n, m in zip(vox, roi_shape, vshape)]
         sig = _antialias_sigmas(vox, float(level))
-        m_l = _resize(blur(mov, sig), shape)
-        f_l = _resize(blur(fix, sig), shape)
+        m_l = blur_resize(mov, sig, shape)
+        f_l = blur_resize(fix, sig, shape)
         w_l = _resize(wroi, shape) if wroi is not None else torch.ones_like(f_l)
         # the moving image and its own weight, sampled together by each step's field
         mcat = m_l if mwroi is None else torch.cat([m_l, _resize(mwroi, shape)], dim=1)

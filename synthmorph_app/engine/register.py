@@ -457,9 +457,9 @@ def register(
                 velocity = velocity.detach()
 
         with timer('resample'):
-            disp = _integrate(velocity, steps, velocity_to_mid, mid.shape)
+            disp = spatial.integrate_svf(velocity, steps)
             field, field_grid = _mid_field(disp, mid, from_fixed, to_fixed, fixed_geom,
-                                           stored=fixed_out)
+                                           stored=fixed_out, disp_to_mid=velocity_to_mid)
 
     forward = Transform(
         affine=affine, field=field, field_geometry=field_grid,
@@ -468,9 +468,9 @@ def register(
 
     def make_inverse() -> Transform:
         with torch.inference_mode():
-            disp_inv = _integrate(-velocity, steps, velocity_to_mid, mid.shape)
+            disp_inv = spatial.integrate_svf(-velocity, steps)
             field, field_grid = _mid_field(disp_inv, mid, from_moving, to_moving, moving_geom,
-                                           stored=moving_out)
+                                           stored=moving_out, disp_to_mid=velocity_to_mid)
         return Transform(
             affine=np.linalg.inv(affine), field=field, field_geometry=field_grid,
             reference=moving_out, moving=fixed_out,
@@ -730,7 +730,8 @@ def _read_volume(image, geometry: Geometry, device, side: str, info: dict):
     return spatial.volume_tensor(cleared, device), grid
 
 
-def _mid_field(disp, mid, to_mid, lin, image, stored=None) -> tuple[np.ndarray, Geometry]:
+def _mid_field(disp, mid, to_mid, lin, image, stored=None,
+               disp_to_mid=None) -> tuple[np.ndarray, Geometry]:
     """A mid-space voxel displacement as a RAS field ``(X, Y, Z, 3)`` and its grid.
 
     The forward transform is ``A (x + F u(F^-1 x))`` (``to_mid`` = ``F^-1``, ``lin`` = ``F``,
@@ -741,11 +742,25 @@ def _mid_field(disp, mid, to_mid, lin, image, stored=None) -> tuple[np.ndarray, 
     mapped by ``lin``, with its vectors mapped by the same matrix: network resolution, no
     resampling onto a large (1 mm) image grid. ``image`` is the LIA-ordered grid the engine
     works on; a field on it is returned in the order of ``stored``, the image's own grid.
+
+    ``disp_to_mid`` (4x4): ``disp`` lives on another grid (the velocity's), this matrix from its
+    voxels to ``mid``'s. A box of ``mid`` (a shift: the refined field) is sampled onto the
+    image's grid directly, extended by its border values: the same values as through the
+    whole mid-space grid (:func:`.spatial.upsample_field`), without making that field (0.4 s
+    at 1.5 mm, one CPU thread). A coarser grid (the network's half resolution) goes through
+    ``mid`` as before: the two interpolations keep its forward and inverse closer together.
     """
-    world = spatial.field_voxel_to_world(disp, mid.affine)
+    to_mid_vox = np.eye(4) if disp_to_mid is None else np.asarray(disp_to_mid, dtype=float)
+    box = np.allclose(to_mid_vox[:3, :3], np.eye(3)) and np.allclose(
+        to_mid_vox[:3, 3], np.round(to_mid_vox[:3, 3]))
+    if disp_to_mid is not None and (not box or np.prod(image.shape) > 4 * np.prod(mid.shape)):
+        disp = spatial.upsample_field(disp, to_mid_vox, mid.shape)
+        to_mid_vox = np.eye(4)
+    # the displacement's own voxels, in RAS mm
+    world = spatial.field_voxel_to_world(disp, mid.affine @ to_mid_vox)
     lin_t = spatial.as_tensor(lin[:3, :3], disp.device)
     if np.prod(image.shape) <= 4 * np.prod(mid.shape):
-        vox = np.linalg.inv(mid.affine) @ to_mid @ image.affine
+        vox = np.linalg.inv(mid.affine @ to_mid_vox) @ to_mid @ image.affine
         coords = spatial.affine_coords(vox, image.shape, disp.device)
         world = spatial.sample_grid(world, coords, 'linear', padding='border')
         grid = image
