@@ -4,11 +4,14 @@ background of noise (MP2RAGE UNI) cleared."""
 import nibabel as nb
 import numpy as np
 import pytest
+import torch
 
 from synthmorph_app.engine.intensity import (
     SPIKE_FACTOR,
     clean_intensities,
     clear_noisy_background,
+    intensity_limits,
+    normalize_intensity,
 )
 
 RNG = np.random.default_rng(0)
@@ -143,3 +146,24 @@ def test_a_lesion_is_filled_from_the_tissue_around_it():
     assert np.array_equal(filled[~lesion], data[~lesion])
     assert np.abs(filled[lesion] - tissue[lesion]).mean() < 6  # the tissue's level, about 148
     assert filled[lesion].min() > 100
+
+
+def test_normalize_intensity_and_its_limits():
+    """Minimum to 0, the 99.9th percentile of the voxels above it to 1, clipped; a part of an
+    image scaled with the whole image's limits matches the whole image's result there."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 1, 40, 30, 20, generator=gen) * 300 + 20
+    x[:, :, :5] = 20.0  # background at the minimum
+    x[1] = 7.0  # one value throughout
+    limits = intensity_limits(x)
+    assert limits[1] is None
+    lo, hi = limits[0]
+    assert lo == pytest.approx(20.0)
+    fg = x[0][x[0] > 20.0]
+    assert hi == pytest.approx(float(torch.quantile(fg, 0.999)), rel=1e-3)
+    out = normalize_intensity(x)
+    assert float(out[0].min()) == 0.0 and float(out[0].max()) == 1.0
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    part = x[:, :, 10:30]
+    torch.testing.assert_close(normalize_intensity(part, limits=limits), out[:, :, 10:30])
+    assert not torch.allclose(normalize_intensity(part), out[:, :, 10:30])

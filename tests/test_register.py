@@ -11,6 +11,7 @@ from synthmorph_app.engine.register import (
     _mid_field,
     _moving_fov,
     _velocity_factors,
+    _weight_box,
     moved_image,
     register,
 )
@@ -696,3 +697,24 @@ def test_mid_field_samples_a_box_of_the_mid_grid_directly():
     assert grid_box == grid == image
     assert np.abs(expected).max() > 1  # a real field, in mm
     np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_weight_box_holds_the_resampled_weight_and_its_margin():
+    """The refinement's working box of the mid-space grid holds every voxel where the fixed
+    weight, resampled through a rotation, exceeds the threshold, with the margin around it;
+    it is smaller than the grid, and the whole grid where the weight is nowhere."""
+    fixed = _grid('LPS', shape=(40, 44, 36), vox=2.5)
+    mid = _grid('LIA', shape=(70, 72, 66), vox=2.0, rotate=20)
+    weight = torch.zeros(1, 1, *fixed.shape)
+    weight[0, 0, 12:25, 15:30, 10:22] = 1.0
+    matrix = np.eye(4)
+    matrix[:3, 3] = [3.0, -2.0, 4.0]
+    lo, hi = _weight_box(weight, fixed, mid, matrix, margin_mm=6.0)
+    resampled = spatial.resample_linear(weight, fixed, mid, matrix=matrix)[0, 0].numpy()
+    inside = np.argwhere(resampled > 0.01)
+    assert inside.size
+    pad = int(np.ceil(6.0 / 2.0))
+    assert np.all(inside.min(0) - pad >= lo) and np.all(inside.max(0) + 1 + pad <= hi)
+    assert np.prod(hi - lo) < 0.5 * np.prod(mid.shape)
+    lo0, hi0 = _weight_box(torch.zeros_like(weight), fixed, mid, matrix, margin_mm=6.0)
+    assert np.array_equal(lo0, [0, 0, 0]) and np.array_equal(hi0, mid.shape)

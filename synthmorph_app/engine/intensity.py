@@ -133,24 +133,42 @@ def fill_lesion(data: np.ndarray, keep: np.ndarray, voxel_sizes) -> np.ndarray:
     return out
 
 
-def normalize_intensity(volume: torch.Tensor, upper_percentile: float = 99.9) -> torch.Tensor:
-    """Scale ``volume`` (B, C, ...) to [0, 1] per item: minimum -> 0, the percentile -> 1, clip.
-
-    The percentile is taken over voxels above the minimum (background excluded), estimated on
-    at most about one million of them.
-    """
-    out = torch.empty_like(volume)
+def intensity_limits(volume: torch.Tensor, upper_percentile: float = 99.9) -> list:
+    """Per item of ``volume`` (B, C, ...), the ``(low, high)`` that :func:`normalize_intensity`
+    maps to 0 and 1: the minimum, and the percentile of the voxels above it (estimated on at
+    most about one million of them); None for an item that is one value throughout."""
+    out = []
     for b in range(volume.shape[0]):
         x = volume[b]
         lo = x.min()
         fg = x[x > lo]
         if fg.numel() == 0:
-            out[b] = 0
+            out.append(None)
             continue
         if fg.numel() > 1_000_000:
             fg = fg[:: fg.numel() // 1_000_000 + 1]
         hi = torch.quantile(fg.float(), upper_percentile / 100)
         if hi <= lo:
             hi = fg.max()
-        out[b] = ((x - lo) / (hi - lo)).clamp(0, 1)
+        out.append((float(lo), float(hi)))
+    return out
+
+
+def normalize_intensity(volume: torch.Tensor, upper_percentile: float = 99.9,
+                        limits: list | None = None) -> torch.Tensor:
+    """Scale ``volume`` (B, C, ...) to [0, 1] per item: minimum -> 0, the percentile -> 1, clip.
+
+    The percentile is taken over voxels above the minimum (background excluded), estimated on
+    at most about one million of them. ``limits`` (from :func:`intensity_limits`) gives the
+    two values instead: to scale part of an image as the whole of it would be.
+    """
+    if limits is None:
+        limits = intensity_limits(volume, upper_percentile)
+    out = torch.empty_like(volume)
+    for b, lim in enumerate(limits):
+        if lim is None:
+            out[b] = 0
+            continue
+        lo, hi = lim
+        out[b] = ((volume[b] - lo) / (hi - lo)).clamp(0, 1)
     return out

@@ -51,7 +51,12 @@ from ..io.images import Geometry
 from ..io.transforms import Transform
 from . import DEFAULT_REFINE, DEFAULT_REFINE_LEVELS, spatial
 from .allocator import keep_freed_memory
-from .intensity import clean_intensities, clear_noisy_background, normalize_intensity
+from .intensity import (
+    clean_intensities,
+    clear_noisy_background,
+    intensity_limits,
+    normalize_intensity,
+)
 
 LOGGER = logging.getLogger('synthmorph_app.engine.register')
 
@@ -97,6 +102,9 @@ FIELD_SPACING_PER_INPUT_VOXEL = 2.0
 #: The deformable refinement's similarity counts only this far (mm) inside the moving image's
 #: field of view.
 FOV_ERODE_MM = 4.0
+#: The refinement's margin around the fixed weight's box, over which the field tapers to zero
+#: (``optimise_svf``'s ``margin_mm``); the refinement's images are made on that box only.
+REFINE_MARGIN_MM = 16.0
 
 
 class RegistrationResult:
@@ -391,12 +399,13 @@ def register(
             from_fixed, from_moving = np.linalg.inv(to_fixed), np.linalg.inv(to_moving)
             centre = from_fixed[:3, :3] @ spatial.fov_center(fixed_geom) + from_fixed[:3, 3]
             mid = spatial.network_grid(fixed_geom, vox, shape, center=centre)
-            f_mid = normalize_intensity(
-                spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=to_fixed)
-            )
-            m_mid = normalize_intensity(
-                spatial.resample_linear(moving_t, moving_geom, mid, matrix=to_moving)
-            )
+            f_raw = spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=to_fixed)
+            m_raw = spatial.resample_linear(moving_t, moving_geom, mid, matrix=to_moving)
+            # kept for the refinement's grid, which scales its part of the images alike
+            limits = intensity_limits(f_raw), intensity_limits(m_raw)
+            f_mid = normalize_intensity(f_raw, limits=limits[0])
+            m_mid = normalize_intensity(m_raw, limits=limits[1])
+            del f_raw, m_raw
         velocity = init_velocity = None
         if not _skip_untrained(card, 'deform', refine, info):
             with timer('networks'):
@@ -423,35 +432,47 @@ def register(
                         fixed_geom, finer, [math.ceil(n * vox / finer) for n in shape],
                         center=centre,
                     )
-                    f_mid = normalize_intensity(
-                        spatial.resample_linear(fixed_t, fixed_geom, mid, matrix=to_fixed)
+                # the part of mid the refinement works on (the fixed weight's box and the
+                # field's margin): images, weights and the start made there only
+                lo, hi = _weight_box(fixed_w, fixed_geom, mid, to_fixed, REFINE_MARGIN_MM)
+                work = Geometry(tuple(int(n) for n in hi - lo),
+                                mid.affine @ _shift(lo))
+                if mid is net_grid:
+                    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+                    f_work, m_work = f_mid[(..., *box)], m_mid[(..., *box)]
+                else:
+                    f_work = normalize_intensity(
+                        spatial.resample_linear(fixed_t, fixed_geom, work, matrix=to_fixed),
+                        limits=limits[0],
                     )
-                    m_mid = normalize_intensity(
-                        spatial.resample_linear(moving_t, moving_geom, mid, matrix=to_moving)
+                    m_work = normalize_intensity(
+                        spatial.resample_linear(moving_t, moving_geom, work, matrix=to_moving),
+                        limits=limits[1],
                     )
                 if velocity is not None:
-                    to_mid = np.linalg.inv(mid.affine) @ net_grid.affine @ velocity_to_mid
-                    init_velocity = spatial.upsample_field(velocity, to_mid, mid.shape)
+                    to_work = np.linalg.inv(work.affine) @ net_grid.affine @ velocity_to_mid
+                    init_velocity = spatial.upsample_field(velocity, to_work, work.shape)
                 used = {}
-                mid_w = spatial.resample_linear(fixed_w, fixed_geom, mid, matrix=to_fixed)
-                mid_w = mid_w * _moving_fov(moving_t, moving_geom, mid, to_moving)
-                mid_keep = None
+                work_w = spatial.resample_linear(fixed_w, fixed_geom, work, matrix=to_fixed)
+                work_w = work_w * _moving_fov(moving_t, moving_geom, work, to_moving)
+                work_keep = None
                 if moving_keep is not None:  # warped with the moving image at every step
-                    mid_keep = spatial.resample_linear(moving_keep, moving_geom, mid,
-                                                       matrix=to_moving)
+                    work_keep = spatial.resample_linear(moving_keep, moving_geom, work,
+                                                        matrix=to_moving)
                 with torch.inference_mode(False):
                     # the velocity on its box (about 60 % of the 256 mm cube for a head):
                     # integrated there below, same result as on the whole grid
-                    velocity, velocity_to_mid = optimise_svf(
-                        m_mid.clone(), f_mid.clone(), mid,
+                    velocity, velocity_to_work = optimise_svf(
+                        m_work.clone(), f_work.clone(), work,
                         init_velocity=None if init_velocity is None else init_velocity.clone(),
                         lam=lam, steps=steps, metric=refine_metric, levels=levels,
-                        iterations=iterations, weight=mid_w.clone(),
-                        moving_weight=None if mid_keep is None else mid_keep.clone(),
+                        iterations=iterations, weight=work_w.clone(),
+                        moving_weight=None if work_keep is None else work_keep.clone(),
                         velocity_factor=_velocity_factors(levels, fixed_geom, moving_geom),
                         crop=True, cross_contrast=cross_contrast, report=used,
-                        verbose=LOGGER.isEnabledFor(logging.INFO),
+                        margin_mm=REFINE_MARGIN_MM, verbose=LOGGER.isEnabledFor(logging.INFO),
                     )
+                velocity_to_mid = _shift(lo) @ velocity_to_work
                 used['levels'] = [float(lev) for lev in levels]
                 info['refine']['deformable'] = used
                 velocity = velocity.detach()
@@ -576,6 +597,42 @@ def _lesion_keep(mask, volume: torch.Tensor, geometry: Geometry, side: str):
                        'moving_mask / fixed_mask)', what, 100 * share)
     as_tensor = partial(torch.as_tensor, device=volume.device, dtype=volume.dtype)
     return as_tensor(keep)[None, None], as_tensor(filled)[None, None]
+
+
+def _shift(offset) -> np.ndarray:
+    """The 4x4 voxel matrix adding ``offset`` (a box's corner) to voxel indices."""
+    out = np.eye(4)
+    out[:3, 3] = np.asarray(offset, dtype=float)
+    return out
+
+
+def _weight_box(weight, geometry: Geometry, grid: Geometry, matrix, margin_mm: float,
+                threshold: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """A voxel box ``(lo, hi)`` of ``grid`` that holds every voxel where ``weight`` (on
+    ``geometry``, resampled through ``matrix`` as :func:`.spatial.resample_linear` does)
+    exceeds ``threshold``, with ``margin_mm`` and a voxel more on each side, within the grid.
+
+    Linear interpolation exceeds the threshold only next to a voxel that does, so the box of
+    those voxels, one voxel wider, mapped corner by corner, holds them all: the refinement's
+    own box (:func:`.optimise.optimise_svf`, the same margin) then lies inside, away from the
+    sides it cuts. The whole grid where no voxel exceeds the threshold.
+    """
+    shape = np.asarray(grid.shape)
+    idx = torch.nonzero(weight[0, 0] > threshold)
+    if idx.numel() == 0:
+        return np.zeros(3, int), shape.copy()
+    first = idx.min(0).values.cpu().numpy() - 1.0
+    last = idx.max(0).values.cpu().numpy() + 1.0
+    corners = np.array([[(first, last)[k >> a & 1][a] for a in range(3)] + [1.0]
+                        for k in range(8)])
+    to_grid = np.linalg.inv(grid.affine) @ np.linalg.inv(matrix) @ geometry.affine
+    ijk = corners @ to_grid.T
+    pad = np.ceil(margin_mm / np.asarray(grid.voxel_sizes)).astype(int) + 1
+    lo = np.maximum(np.floor(ijk[:, :3].min(0)).astype(int) - pad, 0)
+    hi = np.minimum(np.ceil(ijk[:, :3].max(0)).astype(int) + 1 + pad, shape)
+    if np.any(hi <= lo):  # the weight lies outside the grid
+        return np.zeros(3, int), shape.copy()
+    return lo, hi
 
 
 def _moving_fov(moving_t, moving_geom, grid, matrix, erode_mm: float = FOV_ERODE_MM):
