@@ -467,3 +467,24 @@ def test_blur_resize_is_blur_then_trilinear_resize():
     m = blur_matrix(20, 1.5)
     torch.testing.assert_close(m.sum(1), torch.ones(20))  # rows keep a constant
     assert torch.equal(blur_matrix(5, 0.1), torch.eye(5))
+
+
+def test_blur_is_the_separable_gaussian_with_replicated_edges():
+    """Each axis convolved with the normalised Gaussian of ``ceil(3 sigma)`` taps a side, the
+    edge voxel repeated beyond the volume; an axis under 0.2 voxel left alone."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 1, 13, 6, 9, generator=gen, dtype=torch.float64).float()
+    sigmas = (1.3, 0.1, 0.7)
+    expected = x.double().numpy()
+    for axis, sigma in enumerate(sigmas):
+        if sigma < 0.2:
+            continue
+        r = max(1, int(np.ceil(3 * sigma)))
+        k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+        k /= k.sum()
+        padded = np.pad(expected, [(0, 0)] * (2 + axis) + [(r, r)] + [(0, 0)] * (2 - axis),
+                        mode='edge')
+        n = expected.shape[2 + axis]
+        expected = sum(w * np.take(padded, np.arange(j, j + n), axis=2 + axis)
+                       for j, w in enumerate(k))
+    np.testing.assert_allclose(blur(x, sigmas).numpy(), expected, atol=1e-6)

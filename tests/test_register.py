@@ -679,9 +679,10 @@ def test_cuda_registration_matches_cpu():
     assert float(np.median(gap)) < 0.5 and float(np.percentile(gap, 99)) < 2.0
 
 
-def test_mid_field_samples_a_box_of_the_mid_grid_directly():
+def test_mid_field_samples_a_box_of_the_mid_grid_directly(monkeypatch):
     """A displacement on a box of the mid-space grid (the refined field) gives the field that
-    the same displacement extended onto the whole grid gives, on the image's grid."""
+    the same displacement extended onto the whole grid gives, on the image's grid; in slabs of
+    rows as in one piece."""
     mid = _grid('LIA', shape=(30, 32, 28), vox=2.0)
     image = _grid('LPS', shape=(24, 26, 22), vox=2.5, rotate=10)
     gen = torch.Generator().manual_seed(5)
@@ -697,6 +698,9 @@ def test_mid_field_samples_a_box_of_the_mid_grid_directly():
     assert grid_box == grid == image
     assert np.abs(expected).max() > 1  # a real field, in mm
     np.testing.assert_allclose(out, expected, atol=1e-4)
+    monkeypatch.setattr('synthmorph_app.engine.register.FIELD_CHUNK_VOXELS', 3 * 26 * 22)
+    slabs, _ = _mid_field(box, mid, to_mid, lin, image, disp_to_mid=shift)
+    np.testing.assert_allclose(slabs, out, atol=1e-4)  # coordinates rounded from another origin
 
 
 def test_weight_box_holds_the_resampled_weight_and_its_margin():
