@@ -676,9 +676,7 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
 
     verbose = LOGGER.isEnabledFor(logging.INFO)
     with timer('refine'), torch.inference_mode(False):
-        # inference tensors cannot enter autograd: work on ordinary copies
-        moving_t, fixed_t = moving_t.clone(), fixed_t.clone()
-        weights = {'fixed_weight': fixed_w.clone(), 'moving_weight': moving_w.clone()}
+        weights = {'fixed_weight': fixed_w, 'moving_weight': moving_w}
         levels = JOINT_AFFINE_LEVELS if joint else AFFINE_LEVELS
         iterations = JOINT_AFFINE_ITERATIONS if joint else AFFINE_ITERATIONS
         search = {}
