@@ -119,6 +119,8 @@ VELOCITY_FACTOR = 2.0
 #: 0.6810; benchmarks/README.md, "Session 37"). The returned velocity is integrated as the
 #: caller chooses (``register``: 7 steps).
 LOOP_STEPS = 5
+#: The weight above which voxels belong to the deformable refinement's box (``optimise_svf``).
+ROI_THRESHOLD = 0.01
 
 
 # --------------------------------------------------------------------------------------------
@@ -942,7 +944,7 @@ def optimise_svf(
     loop_steps: int = LOOP_STEPS,
     lr: float = 0.2,
     margin_mm: float = 16.0,
-    roi_threshold: float = 0.01,
+    roi_threshold: float = ROI_THRESHOLD,
     velocity_factor: float | Sequence[float] = VELOCITY_FACTOR,
     exact_gradient: bool = False,
     crop: bool = False,

@@ -609,7 +609,7 @@ def _shift(offset) -> np.ndarray:
 
 
 def _weight_box(weight, geometry: Geometry, grid: Geometry, matrix, margin_mm: float,
-                threshold: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+                threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A voxel box ``(lo, hi)`` of ``grid`` that holds every voxel where ``weight`` (on
     ``geometry``, resampled through ``matrix`` as :func:`.spatial.resample_linear` does)
     exceeds ``threshold``, with ``margin_mm`` and a voxel more on each side, within the grid.
@@ -617,8 +617,12 @@ def _weight_box(weight, geometry: Geometry, grid: Geometry, matrix, margin_mm: f
     Linear interpolation exceeds the threshold only next to a voxel that does, so the box of
     those voxels, one voxel wider, mapped corner by corner, holds them all: the refinement's
     own box (:func:`.optimise.optimise_svf`, the same margin) then lies inside, away from the
-    sides it cuts. The whole grid where no voxel exceeds the threshold.
+    sides it cuts. The whole grid where no voxel exceeds the threshold (by default the
+    refinement's, :data:`.optimise.ROI_THRESHOLD`).
     """
+    from .optimise import ROI_THRESHOLD
+
+    threshold = ROI_THRESHOLD if threshold is None else threshold
     shape = np.asarray(grid.shape)
     idx = torch.nonzero(weight[0, 0] > threshold)
     if idx.numel() == 0:
@@ -821,14 +825,13 @@ def _mid_field(disp, mid, to_mid, lin, image, stored=None,
         return out, Geometry(mid.shape, lin @ mid.affine)
     # onto the image's grid in slabs of its first axis: a 256^3 grid's coordinates and their
     # copies peaked 0.9 GB above the field itself in one piece
-    vox = np.linalg.inv(mid.affine @ to_mid_vox) @ to_mid @ image.affine
+    disp_grid = Geometry(tuple(disp.shape[2:]), mid.affine @ to_mid_vox)
     out = np.empty((*image.shape, 3), dtype=np.float32)
     rows = max(1, FIELD_CHUNK_VOXELS // int(np.prod(image.shape[1:])))
     for start in range(0, image.shape[0], rows):
         stop = min(start + rows, image.shape[0])
-        coords = spatial.affine_coords(vox @ _shift((start, 0, 0)),
-                                       (stop - start, *image.shape[1:]), disp.device)
-        part = spatial.sample_grid(world, coords, 'linear', padding='border')[0]
+        part = spatial.resample_linear(world, disp_grid, spatial.row_slab(image, start, stop),
+                                       matrix=to_mid, padding='border')[0]
         out[start:stop] = torch.einsum('ij,j...->...i', lin_t, part).cpu().numpy()
     if stored is not None:
         return spatial.original_order(out, image, stored), stored

@@ -296,7 +296,7 @@ def transform_coords(xfm: Transform, target: Geometry, source: Geometry, device=
 CHUNK_VOXELS = 1 << 23
 
 
-def _slab(geometry: Geometry, start: int, stop: int) -> Geometry:
+def row_slab(geometry: Geometry, start: int, stop: int) -> Geometry:
     """Rows ``start:stop`` of the first voxel axis of ``geometry``, as a grid of their own."""
     shift = np.eye(4)
     shift[0, 3] = start
@@ -329,7 +329,7 @@ def apply_transform(
         stop = min(start + rows, target.shape[0])
         part, part_xfm = target, xfm
         if (start, stop) != (0, target.shape[0]):
-            part = _slab(target, start, stop)
+            part = row_slab(target, start, stop)
             if on_target:  # slice the field rather than interpolate it at its own voxels
                 part_xfm = replace(xfm, field=xfm.field[start:stop], field_geometry=part)
         coords = transform_coords(part_xfm, part, source, volume.device)
