@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synthmorph_app.engine import masks, optimise, spatial
+from synthmorph_app.engine import masks, optimise, similarity, spatial
 from synthmorph_app.engine.optimise import blur
 from synthmorph_app.io.images import Geometry, load_image
 
@@ -158,6 +158,29 @@ def test_svf_lambda_is_monotone(warped_pair):
         )
         spread.append(_log_jacobian_sd(spatial.integrate_svf(v), mask))
     assert spread[2] < spread[1] < spread[0]
+
+
+def test_svf_similarity_scale_acts_against_the_smoothness(warped_pair):
+    """``similarity_scale`` weighs the dissimilarity against the smoothness: 1 is the plain
+    call to the bit; 3 fits the images more closely with a rougher field, as a lower lambda
+    would."""
+    moving, fixed, _ = warped_pair
+    mask = _inside()
+    kwargs = {'lam': 0.5, 'metric': 'lncc', 'levels': (4, 2), 'iterations': (20, 10)}
+    plain = optimise.optimise_svf(moving, fixed, GRID, **kwargs)
+    same = optimise.optimise_svf(moving, fixed, GRID, similarity_scale=1.0, **kwargs)
+    assert torch.equal(plain, same)
+    sharper = optimise.optimise_svf(moving, fixed, GRID, similarity_scale=3.0, **kwargs)
+
+    def fit(v):
+        moved = spatial.warp_voxel(moving, spatial.integrate_svf(v))
+        return float(similarity.lncc(moved, fixed))
+
+    assert fit(sharper) > fit(plain)
+    spread = [_log_jacobian_sd(spatial.integrate_svf(v), mask) for v in (plain, sharper)]
+    assert spread[1] > 1.2 * spread[0]
+    with pytest.raises(ValueError, match='similarity_scale'):
+        optimise.optimise_svf(moving, fixed, GRID, similarity_scale=0.0, **kwargs)
 
 
 def test_cross_contrast_lambda():

@@ -949,6 +949,7 @@ def optimise_svf(
     exact_gradient: bool = False,
     crop: bool = False,
     cross_contrast: bool | None = None,
+    similarity_scale: float = 1.0,
     report: dict | None = None,
     verbose: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
@@ -1019,6 +1020,14 @@ def optimise_svf(
     cross_contrast
         Whether the images differ in contrast: True runs at :func:`cross_contrast_lambda`
         of ``lam``; None decides by the metric (MIND: different contrasts).
+    similarity_scale
+        Factor on the dissimilarity in the loss. The dissimilarity is a mean weighted by
+        ``weight``, so a voxel's pull on the field is its weight over the weights' sum: the
+        more of the image a weight covers, the weaker each voxel's pull against the
+        smoothness. ``register`` passes the weight's sum over that of the rough brain weight
+        lambda was calibrated with (:func:`.masks.brain_weight`), so that a weight covering
+        the whole of a skull-stripped brain smooths no more than the default
+        (:data:`.register.SIMILARITY_REFERENCE`).
     report
         A dict to fill with what was used: ``metric`` (the one ``'auto'`` chose),
         ``cross_contrast`` and ``lambda`` (the refinement's).
@@ -1032,6 +1041,8 @@ def optimise_svf(
         )
     if not 0 <= lam <= 1:
         raise ValueError(f'lam must lie in [0, 1], got {lam}')
+    if not similarity_scale > 0:
+        raise ValueError(f'similarity_scale must be positive, got {similarity_scale}')
     if metric not in METRICS:
         raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
     if len(levels) != len(iterations):
@@ -1159,7 +1170,8 @@ def optimise_svf(
                 wt = wt * moved[:, 1:].detach()
             moved = dissim.features(moved[:, :1], split=True)
             sim = dissim(moved, target, wt, stats)
-            loss = (1 - lam_used) * sim + lam_used * SMOOTHNESS_SCALE * _smoothness(v, vspacing)
+            loss = ((1 - lam_used) * similarity_scale * sim
+                    + lam_used * SMOOTHNESS_SCALE * _smoothness(v, vspacing))
             (loss * scale).backward()
             opt.step(_lr_schedule(lr, it, int(iters), final=0.2))
             last = float(sim.detach())

@@ -107,6 +107,16 @@ FOV_ERODE_MM = 4.0
 REFINE_MARGIN_MM = 16.0
 #: Voxels of the image grid a registration's field is sampled onto at once (a slab of rows).
 FIELD_CHUNK_VOXELS = 1 << 22
+#: The fixed weight with which lambda's balance of similarity and smoothness was calibrated
+#: (``--refine-weight``'s default). The deformable refinement's similarity is a weighted mean,
+#: so a weight that covers more (the whole brain of a skull-stripped image under ``head``, a
+#: brain mask with its cortex) pulled each voxel less against the smoothness, as if lambda were
+#: higher; the similarity is scaled by the weight's sum over this one's
+#: (``optimise_svf``'s ``similarity_scale``). Session 39 (benchmarks/README.md): with
+#: ``--refine-weight head``, bert -> fsaverage 0.787 -> 0.791, -> MNI152NLin6Asym 0.707 ->
+#: 0.705, -> the T2w template 0.692 -> 0.690; the BIDS-App's T1w job (the template's mask,
+#: scale 1.09) 0.678 -> 0.679.
+SIMILARITY_REFERENCE = 'brain'
 
 
 class RegistrationResult:
@@ -367,6 +377,9 @@ def register(
                 moving_w = masks.similarity_weight(
                     moving_t, moving_geom, refine_weight, mask=moving_mask,
                     what=_named(moving_mask, 'moving mask'), head=moving_head)
+                similarity_scale = _similarity_scale(
+                    fixed_w, fixed_t, fixed_geom, fixed_head,
+                    refine_weight == SIMILARITY_REFERENCE and fixed_mask is None)
                 if fixed_keep is not None:
                     fixed_w = fixed_w * fixed_keep
                 if moving_keep is not None:
@@ -384,7 +397,8 @@ def register(
                               'masks': [side for side, m in (('fixed', fixed_mask),
                                                              ('moving', moving_mask))
                                         if m is not None],
-                              'cross_contrast': cross_contrast}
+                              'cross_contrast': cross_contrast,
+                              'similarity_scale': similarity_scale}
 
         if mode in ('affine', 'rigid'):
             forward = Transform(affine=affine, reference=fixed_out, moving=moving_out)
@@ -472,6 +486,7 @@ def register(
                         moving_weight=None if work_keep is None else work_keep.clone(),
                         velocity_factor=_velocity_factors(levels, fixed_geom, moving_geom),
                         crop=True, cross_contrast=cross_contrast, report=used,
+                        similarity_scale=similarity_scale,
                         margin_mm=REFINE_MARGIN_MM, verbose=LOGGER.isEnabledFor(logging.INFO),
                     )
                 velocity_to_mid = _shift(lo) @ velocity_to_work
@@ -710,6 +725,18 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
             verbose=verbose, levels=levels, iterations=iterations,
             cross_contrast=cross_contrast, **weights,
         )
+
+
+def _similarity_scale(weight, volume, grid: Geometry, head, is_reference: bool) -> float:
+    """How many times the sum of the rough brain weight of the fixed image
+    (:data:`SIMILARITY_REFERENCE`) its refinement ``weight`` sums to (1 for that weight
+    itself, or where the image has no head to weigh)."""
+    if is_reference:
+        return 1.0
+    from . import masks
+
+    total = float(masks.similarity_weight(volume, grid, SIMILARITY_REFERENCE, head=head).sum())
+    return float(weight.sum()) / total if total > 0 else 1.0
 
 
 def _cut_head(volume: torch.Tensor, grid: Geometry, found=None) -> bool:
