@@ -114,8 +114,8 @@ FIELD_CHUNK_VOXELS = 1 << 22
 #: higher; the similarity is scaled by the weight's sum over this one's
 #: (``optimise_svf``'s ``similarity_scale``). Session 39 (benchmarks/README.md): with
 #: ``--refine-weight head``, bert -> fsaverage 0.787 -> 0.791, -> MNI152NLin6Asym 0.707 ->
-#: 0.705, -> the T2w template 0.692 -> 0.690; the BIDS-App's T1w job (the template's mask,
-#: scale 1.09) 0.678 -> 0.679.
+#: 0.706, -> the T2w template 0.692 either way; the BIDS-App's T1w job (the template's mask,
+#: scale 1.09) 0.678 -> 0.680. The default weight is its own reference (scale 1).
 SIMILARITY_REFERENCE = 'brain'
 
 
