@@ -183,6 +183,22 @@ def test_svf_similarity_scale_acts_against_the_smoothness(warped_pair):
         optimise.optimise_svf(moving, fixed, GRID, similarity_scale=0.0, **kwargs)
 
 
+def test_svf_auto_judges_the_contrasts_inside_the_metric_weight(warped_pair):
+    """``metric_weight`` is where ``'auto'`` judges the contrasts: one contrast in one half of
+    the fixed image and the inverted one in the other, the similarity weighing both halves."""
+    moving, fixed, _ = warped_pair
+    half = torch.zeros_like(fixed)
+    half[..., : fixed.shape[-1] // 2] = 1
+    mixed = torch.where(half > 0, fixed, 2 - fixed)
+    kwargs = {'metric': 'auto', 'levels': (4,), 'iterations': (1,)}
+    chosen = {}
+    for name, judge in (('same', half), ('inverted', 1 - half)):
+        report = {}
+        optimise.optimise_svf(moving, mixed, GRID, metric_weight=judge, report=report, **kwargs)
+        chosen[name] = report['metric']
+    assert chosen == {'same': 'lncc', 'inverted': 'mind'}
+
+
 def test_cross_contrast_lambda():
     """Across contrasts the smoothness weighs CROSS_CONTRAST_FACTOR times more: 0.5 acts as
     0.7, the ends stay, the order is kept."""

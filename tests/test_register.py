@@ -366,6 +366,9 @@ def test_refine_registers_real_cross_subject_pair(shared_data):
     # auto: two T1w are one contrast (local NCC, lambda as asked)
     assert res.info['refine']['deformable'] == {'metric': 'lncc', 'cross_contrast': False,
                                                 'lambda': 0.5, 'levels': [8.0, 4.0, 2.0, 1.5]}
+    # the deformable stage weighs the head (DEFORM_WEIGHT), more than the rough brain weight,
+    # at that weight's strength per voxel
+    assert 1.2 < res.info['refine']['similarity_scale'] < 3, res.info['refine']
     for kind, card in res.info['models'].items():  # random networks would be left out
         assert card['used'] is bool(card['trained']), kind
     pts = np.argwhere(flab.get_fdata() > 0)[::500] @ flab.affine[:3, :3].T + flab.affine[:3, 3]

@@ -139,14 +139,14 @@ def add_refine_arguments(p, init_files: bool = False) -> None:
                         'auto keep local NCC unless the intensities run opposite ways (an '
                         "infant's T1w gets MIND). Default auto")
     p.add_argument('--refine-weight', choices=('brain', 'head', 'none'), default='brain',
-                   help='where the refinement similarity counts: brain (a rough brain weight '
-                        'of our own, so neck and face do not pull; the BIDS-App weighs the '
-                        "template by the template's own brain mask instead), head or none "
-                        '(default brain). For two skull-stripped images head weighs the whole '
-                        'brain, cortex included (bert brain to fsaverage: Dice 0.791 against '
-                        '0.786; to MNI152NLin6Asym 0.706 against 0.703; benchmarks/README.md). '
-                        'A weight that covers more than the default counts each voxel as much '
-                        'as the default does, so lambda means the same')
+                   help='where the refinement similarity counts: brain (the affine stage '
+                        'weighs a rough brain weight of our own, so neck and face do not pull '
+                        "the whole alignment; the deformable stage the fixed image's head, "
+                        'which for a skull-stripped image is the brain with its cortex; the '
+                        "BIDS-App weighs the template by the template's own brain mask "
+                        'instead), head or none (default brain). A weight that covers more '
+                        'than the rough brain weight counts each voxel as strongly, so lambda '
+                        'means the same (benchmarks/README.md, "Session 39")')
 
 
 def _levels(text: str) -> tuple:

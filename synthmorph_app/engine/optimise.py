@@ -950,6 +950,7 @@ def optimise_svf(
     crop: bool = False,
     cross_contrast: bool | None = None,
     similarity_scale: float = 1.0,
+    metric_weight=None,
     report: dict | None = None,
     verbose: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
@@ -1028,6 +1029,10 @@ def optimise_svf(
         lambda was calibrated with (:func:`.masks.brain_weight`), so that a weight covering
         the whole of a skull-stripped brain smooths no more than the default
         (:data:`.register.SIMILARITY_REFERENCE`).
+    metric_weight
+        A weight on ``grid`` inside which ``'auto'`` judges the contrasts, in place of
+        ``weight`` (``register``: the rough brain weight, where the similarity counts the
+        whole head).
     report
         A dict to fill with what was used: ``metric`` (the one ``'auto'`` chose),
         ``cross_contrast`` and ``lambda`` (the refinement's).
@@ -1058,6 +1063,7 @@ def optimise_svf(
     device = fixed.device
     w = _weight_tensor(weight, grid.shape, device, 'weight')
     mw = _weight_tensor(moving_weight, grid.shape, device, 'moving_weight')
+    jw = _weight_tensor(metric_weight, grid.shape, device, 'metric_weight')
     if init_velocity is not None and tuple(init_velocity.shape) != (1, 3, *grid.shape):
         raise ValueError(
             f'init_velocity must be {(1, 3, *grid.shape)}, got {tuple(init_velocity.shape)}'
@@ -1072,6 +1078,7 @@ def optimise_svf(
     fix = fixed[(..., *sl)]
     wroi = w[(..., *sl)] if w is not None else None
     mwroi = mw[(..., *sl)] if mw is not None else None
+    jwroi = jw[(..., *sl)] if jw is not None else None
     mov = _normalise(mov, wroi)
     fix = _normalise(fix, wroi)
     vox = [float(v) for v in grid.voxel_sizes]
@@ -1126,7 +1133,8 @@ def optimise_svf(
                     )
                 else:
                     m_chk = mcat[(..., *inner)]
-                w_chk = w_in if mwroi is None else w_in * m_chk[:, 1:]
+                w_chk = w_in if jwroi is None else _resize(jwroi, shape)[(..., *inner)]
+                w_chk = w_chk if mwroi is None else w_chk * m_chk[:, 1:]
                 chosen = _resolve_metric(metric, m_chk[:, :1], f_in, w_chk, cross_contrast)
         if lam_used is None:
             across = (chosen == 'mind') if cross_contrast is None else bool(cross_contrast)

@@ -117,6 +117,14 @@ FIELD_CHUNK_VOXELS = 1 << 22
 #: 0.706, -> the T2w template 0.692 either way; the BIDS-App's T1w job (the template's mask,
 #: scale 1.09) 0.678 -> 0.680. The default weight is its own reference (scale 1).
 SIMILARITY_REFERENCE = 'brain'
+#: The fixed weight of the deformable refinement under the default ``--refine-weight brain``
+#: (no mask given): the head, cut to its top 140 mm (``masks.head_mask``), counted at the
+#: rough brain weight's strength per voxel (``SIMILARITY_REFERENCE``). The affine stage keeps
+#: the rough brain weight, where skull and scalp would pull the whole alignment; the
+#: deformable stage is local, and on a skull-stripped image the head is the brain, cortex
+#: included, which the rough weight counts at its floor. ``auto`` still judges the contrasts
+#: on the rough brain weight (over the head, scalp fat is bright in a PDw and a T1w alike).
+DEFORM_WEIGHT = 'head'
 
 
 class RegistrationResult:
@@ -246,8 +254,10 @@ def register(
         :data:`DEFAULT_REFINE_LEVELS`). A level finer than the network's grid (2 mm) makes the
         refinement run on a finer mid-space grid of the same extent.
     refine_weight
-        Where the similarity counts: ``'brain'`` (a rough brain weight of our own, so neck and
-        face do not pull), ``'head'`` or ``'none'``.
+        Where the similarity counts: ``'brain'`` (the affine stage weighs a rough brain weight
+        of our own, so neck and face do not pull; the deformable stage the fixed image's head,
+        :data:`DEFORM_WEIGHT`), ``'head'`` or ``'none'``. A weight that covers more than the
+        rough brain weight counts each voxel as strongly (:data:`SIMILARITY_REFERENCE`).
     fixed_mask, moving_mask
         Brain masks (3D images in the world space of ``fixed``/``moving``, any grid), in place
         of ``refine_weight`` for that image (:func:`.masks.mask_weight`): the similarity counts
@@ -377,11 +387,20 @@ def register(
                 moving_w = masks.similarity_weight(
                     moving_t, moving_geom, refine_weight, mask=moving_mask,
                     what=_named(moving_mask, 'moving mask'), head=moving_head)
-                similarity_scale = _similarity_scale(
-                    fixed_w, fixed_t, fixed_geom, fixed_head,
-                    refine_weight == SIMILARITY_REFERENCE and fixed_mask is None)
+                # the deformable stage's weight, and its sum against the default's
+                default = refine_weight == SIMILARITY_REFERENCE and fixed_mask is None
+                deform_w = fixed_w
+                if default and mode in ('joint', 'deform'):
+                    deform_w = masks.similarity_weight(
+                        fixed_t, fixed_geom, DEFORM_WEIGHT, head=fixed_head)
+                reference = fixed_w if default else masks.similarity_weight(
+                    fixed_t, fixed_geom, SIMILARITY_REFERENCE, head=fixed_head)
+                similarity_scale = _similarity_scale(deform_w, reference)
+                del reference
                 if fixed_keep is not None:
+                    same = deform_w is fixed_w
                     fixed_w = fixed_w * fixed_keep
+                    deform_w = fixed_w if same else deform_w * fixed_keep
                 if moving_keep is not None:
                     moving_w = moving_w * moving_keep
             if mode in ('joint', 'affine', 'rigid'):
@@ -399,6 +418,9 @@ def register(
                                         if m is not None],
                               'cross_contrast': cross_contrast,
                               'similarity_scale': similarity_scale}
+            # the affine stage's weight: now only where 'auto' judges the contrasts
+            judge_w = None if deform_w is fixed_w or refine_metric != 'auto' else fixed_w
+            fixed_w = deform_w
 
         if mode in ('affine', 'rigid'):
             forward = Transform(affine=affine, reference=fixed_out, moving=moving_out)
@@ -471,6 +493,10 @@ def register(
                 used = {}
                 work_w = spatial.resample_linear(fixed_w, fixed_geom, work, matrix=to_fixed)
                 work_w = work_w * _moving_fov(moving_t, moving_geom, work, to_moving)
+                work_judge = None  # the weight 'auto' judges the contrasts on
+                if judge_w is not None:
+                    work_judge = spatial.resample_linear(judge_w, fixed_geom, work,
+                                                         matrix=to_fixed)
                 work_keep = None
                 if moving_keep is not None:  # warped with the moving image at every step
                     work_keep = spatial.resample_linear(moving_keep, moving_geom, work,
@@ -486,7 +512,7 @@ def register(
                         moving_weight=None if work_keep is None else work_keep.clone(),
                         velocity_factor=_velocity_factors(levels, fixed_geom, moving_geom),
                         crop=True, cross_contrast=cross_contrast, report=used,
-                        similarity_scale=similarity_scale,
+                        similarity_scale=similarity_scale, metric_weight=work_judge,
                         margin_mm=REFINE_MARGIN_MM, verbose=LOGGER.isEnabledFor(logging.INFO),
                     )
                 velocity_to_mid = _shift(lo) @ velocity_to_work
@@ -727,15 +753,11 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
         )
 
 
-def _similarity_scale(weight, volume, grid: Geometry, head, is_reference: bool) -> float:
-    """How many times the sum of the rough brain weight of the fixed image
-    (:data:`SIMILARITY_REFERENCE`) its refinement ``weight`` sums to (1 for that weight
-    itself, or where the image has no head to weigh)."""
-    if is_reference:
-        return 1.0
-    from . import masks
-
-    total = float(masks.similarity_weight(volume, grid, SIMILARITY_REFERENCE, head=head).sum())
+def _similarity_scale(weight, reference) -> float:
+    """How many times the sum of ``reference`` (the fixed image's rough brain weight,
+    :data:`SIMILARITY_REFERENCE`) the deformable refinement's ``weight`` sums to (1 where the
+    image has no head to weigh)."""
+    total = float(reference.sum())
     return float(weight.sum()) / total if total > 0 else 1.0
 
 
