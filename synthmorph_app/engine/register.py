@@ -387,20 +387,15 @@ def register(
                 moving_w = masks.similarity_weight(
                     moving_t, moving_geom, refine_weight, mask=moving_mask,
                     what=_named(moving_mask, 'moving mask'), head=moving_head)
-                # the deformable stage's weight, and its sum against the default's
+                # the sum of the weight lambda was calibrated with, against the deformable
+                # stage's (SIMILARITY_REFERENCE); under the default, that stage weighs the head
                 default = refine_weight == SIMILARITY_REFERENCE and fixed_mask is None
-                deform_w = fixed_w
-                if default and mode in ('joint', 'deform'):
-                    deform_w = masks.similarity_weight(
-                        fixed_t, fixed_geom, DEFORM_WEIGHT, head=fixed_head)
-                reference = fixed_w if default else masks.similarity_weight(
-                    fixed_t, fixed_geom, SIMILARITY_REFERENCE, head=fixed_head)
-                similarity_scale = _similarity_scale(deform_w, reference)
-                del reference
+                head_stage = default and mode in ('joint', 'deform')
+                reference_sum = float((fixed_w if default else masks.similarity_weight(
+                    fixed_t, fixed_geom, SIMILARITY_REFERENCE, head=fixed_head)).sum())
+                similarity_scale = _similarity_scale(float(fixed_w.sum()), reference_sum)
                 if fixed_keep is not None:
-                    same = deform_w is fixed_w
                     fixed_w = fixed_w * fixed_keep
-                    deform_w = fixed_w if same else deform_w * fixed_keep
                 if moving_keep is not None:
                     moving_w = moving_w * moving_keep
             if mode in ('joint', 'affine', 'rigid'):
@@ -416,11 +411,22 @@ def register(
                               'masks': [side for side, m in (('fixed', fixed_mask),
                                                              ('moving', moving_mask))
                                         if m is not None],
-                              'cross_contrast': cross_contrast,
-                              'similarity_scale': similarity_scale}
-            # the affine stage's weight: now only where 'auto' judges the contrasts
-            judge_w = None if deform_w is fixed_w or refine_metric != 'auto' else fixed_w
-            fixed_w = deform_w
+                              'cross_contrast': cross_contrast}
+            judge_w = judge_geom = None
+            if head_stage:
+                with timer('refine'):
+                    # the rough weight, on the coarse grid it was made on, is now only where
+                    # 'auto' judges the contrasts; the head's weight is made once it is let go
+                    # (one full-size weight at a time: at 0.4 mm each is 276 MB)
+                    if refine_metric == 'auto':
+                        judge_w, judge_geom = _strided(fixed_w, fixed_geom, fixed_head.stride)
+                    fixed_w = None
+                    fixed_w = masks.similarity_weight(fixed_t, fixed_geom, DEFORM_WEIGHT,
+                                                      head=fixed_head)
+                    similarity_scale = _similarity_scale(float(fixed_w.sum()), reference_sum)
+                    if fixed_keep is not None:
+                        fixed_w = fixed_w * fixed_keep
+            info['refine']['similarity_scale'] = similarity_scale
 
         if mode in ('affine', 'rigid'):
             forward = Transform(affine=affine, reference=fixed_out, moving=moving_out)
@@ -495,7 +501,7 @@ def register(
                 work_w = work_w * _moving_fov(moving_t, moving_geom, work, to_moving)
                 work_judge = None  # the weight 'auto' judges the contrasts on
                 if judge_w is not None:
-                    work_judge = spatial.resample_linear(judge_w, fixed_geom, work,
+                    work_judge = spatial.resample_linear(judge_w, judge_geom, work,
                                                          matrix=to_fixed)
                 work_keep = None
                 if moving_keep is not None:  # warped with the moving image at every step
@@ -753,12 +759,18 @@ def _refine_affine(timer, moving_t, moving_geom, fixed_t, fixed_geom, fixed_w, m
         )
 
 
-def _similarity_scale(weight, reference) -> float:
-    """How many times the sum of ``reference`` (the fixed image's rough brain weight,
-    :data:`SIMILARITY_REFERENCE`) the deformable refinement's ``weight`` sums to (1 where the
+def _similarity_scale(weight_sum: float, reference_sum: float) -> float:
+    """How many times the sum of the fixed image's rough brain weight
+    (:data:`SIMILARITY_REFERENCE`) the deformable refinement's weight sums to (1 where the
     image has no head to weigh)."""
-    total = float(reference.sum())
-    return float(weight.sum()) / total if total > 0 else 1.0
+    return weight_sum / reference_sum if reference_sum > 0 else 1.0
+
+
+def _strided(weight: torch.Tensor, grid: Geometry, stride) -> tuple[torch.Tensor, Geometry]:
+    """``weight`` (1, 1, X, Y, Z) on ``grid`` at every ``stride``-th voxel, and that grid."""
+    s = [int(v) for v in stride]
+    small = weight[..., :: s[0], :: s[1], :: s[2]].contiguous()
+    return small, Geometry(tuple(small.shape[2:]), grid.affine @ np.diag([*s, 1.0]))
 
 
 def _cut_head(volume: torch.Tensor, grid: Geometry, found=None) -> bool:
