@@ -115,7 +115,7 @@ FIELD_CHUNK_VOXELS = 1 << 22
 #: (``optimise_svf``'s ``similarity_scale``). Session 39 (benchmarks/README.md): with
 #: ``--refine-weight head``, bert -> fsaverage 0.787 -> 0.791, -> MNI152NLin6Asym 0.707 ->
 #: 0.706, -> the T2w template 0.692 either way; the BIDS-App's T1w job (the template's mask,
-#: scale 1.09) 0.678 -> 0.680. The default weight is its own reference (scale 1).
+#: scale 1.09) 0.678 -> 0.680. The rough brain weight itself gets a scale of 1.
 SIMILARITY_REFERENCE = 'brain'
 #: The fixed weight of the deformable refinement under the default ``--refine-weight brain``
 #: (no mask given): the head, cut to its top 140 mm (``masks.head_mask``), counted at the
