@@ -243,16 +243,17 @@ def run_greedy(moving: str, fixed: str, metric: str = 'NCC 2x2x2', threads: int 
 
 
 def run_ants(moving: str, fixed: str, transform: str = 'SyN', threads: int = 1,
-             moving_mask: str | None = None, **kwargs) -> dict:
+             moving_mask: str | None = None, seed: int = 42, **kwargs) -> dict:
     """antspyx ``registration(fixed, moving, transform, **kwargs)`` (its defaults otherwise:
-    ``mattes`` MI for the affine and SyN stages), deterministic. ``moving_mask`` (a file) is
-    read and passed as antspyx's ``moving_mask`` for every stage (``mask_all_stages``)."""
+    ``mattes`` MI for the affine and SyN stages), deterministic: ``seed`` fixes the random
+    sampling of its affine metric (20 % of the voxels). ``moving_mask`` (a file) is read and
+    passed as antspyx's ``moving_mask`` for every stage (``mask_all_stages``)."""
     os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(threads)
     import ants
 
     from synthmorph_app.io.transforms import load_transform
 
-    ants.config.set_ants_deterministic(True, 42)
+    ants.config.set_ants_deterministic(True, seed)
     fimg, mimg = ants.image_read(str(fixed)), ants.image_read(str(moving))
     if moving_mask:
         kwargs.update(moving_mask=ants.image_read(str(moving_mask)), mask_all_stages=True)

@@ -109,6 +109,9 @@ def main(argv=None):
                         help='methods (default: all); none: no registration (the identity in '
                              'world space); greedy gives two rows (affine, affine + deformable)')
     parser.add_argument('--threads', type=int, default=1, help='threads of every method (1)')
+    parser.add_argument('--ants-seed', type=int, default=42,
+                        help="seed of ANTs' random metric sampling (42); another seed shows "
+                             "ANTs' own spread between runs")
     C.add_register_options(parser, '--ours-options', '--refine-levels 8,4,2,1.5')
     parser.add_argument('--json', default=str(C.REPO / 'benchmarks' / 'results' /
                                               'template_bench.json'), help='output JSON')
@@ -149,7 +152,7 @@ def main(argv=None):
                 elif method.startswith('ants'):
                     kind = 'Affine' if method == 'ants-affine' else 'SyN'
                     results[method] = C.in_child(C.run_ants, moving_path, fixed_path, kind,
-                                                 args.threads)
+                                                 args.threads, seed=args.ants_seed)
                 else:
                     res = C.in_child(C.run_greedy, moving_path, fixed_path,
                                      spec.get('greedy_metric', 'NCC 2x2x2'), args.threads)
