@@ -63,13 +63,17 @@ LOGGER = logging.getLogger('synthmorph_app.engine.register')
 MODES = ('joint', 'deform', 'affine', 'rigid')
 #: Default side of the network space in mm (``-e``): 256 mm holds any adult head.
 DEFAULT_EXTENT = 256.0
-#: Levels (mm) and Adam iterations of the affine refinement. The few steps at 2 mm sharpen
+#: Levels (mm) and Adam iterations of the affine refinement. The steps at 2 mm sharpen
 #: same-subject cross-contrast alignment (sub-chris PDw -> T1w: MIND-NCC in the brain 0.494 ->
-#: 0.516, greedy 0.512, ANTs 0.514) for a few seconds. Twelve rather than six of them bring
-#: the same-person pair sub-08 -> sub-09 from 0.768 to 0.772 Dice (greedy's affine 0.770-0.773
-#: over three runs), about 3 s more; every other T1w pair stays above greedy's affine.
+#: 0.516, greedy 0.512, ANTs 0.514). Twelve rather than six brought the same-person pair
+#: sub-08 -> sub-09 from 0.768 to 0.772 Dice; 24 rather than 12 let the level converge
+#: (session 40, benchmarks/README.md): images moved by known affines come back within 0.10 mm
+#: instead of 0.13 (28 of 32 closer), `-m rigid` slabs of bert 0.04-0.16 mm instead of
+#: 0.08-0.34, bert -> fsaverage 0.6715 -> 0.676 (ANTs Affine 0.672-0.677 over six seeds), for
+#: 1-2 s more; across people the rest moves within 0.003 either way (the BIDS-App's
+#: ``--mode affine`` job 0.530 -> 0.527). Joint mode stops at 4 mm and does not use it.
 AFFINE_LEVELS = (8.0, 4.0, 2.0)
-AFFINE_ITERATIONS = (60, 40, 12)
+AFFINE_ITERATIONS = (60, 40, 24)
 #: In joint mode the deformable step follows at 2 mm, so the affine stops at 4 mm: 2-3 s less
 #: per 2 mm pair (benchmarks/README.md, "Session 3 changes", has what it changes).
 JOINT_AFFINE_LEVELS = AFFINE_LEVELS[:2]
